@@ -1,0 +1,232 @@
+"""The one small shared module: config overrides, distributed set-up, checkpoint I/O, metric logging.
+
+Every script keeps its defaults as module-level globals at its top and calls `configure(globals())`, nanoGPT style:
+
+    python train_sft.py config/sft_emosynth.py --batch_size=8 --lr=3e-4
+"""
+import ast
+import json
+import os
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------------------------------------------------
+# config
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _config_keys(g):
+    return {k: v for k, v in g.items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
+
+
+def _coerce(key, value, default):
+    """Cast an override to the default's type; a mismatch is an error that names the key."""
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        return str(value) if value is None else _fail(key, value, default)
+    elif isinstance(default, (tuple, list)):
+        if isinstance(value, (tuple, list)):
+            return type(default)(value)
+    return _fail(key, value, default)
+
+
+def _fail(key, value, default):
+    raise ConfigError(f"config key '{key}': expected {type(default).__name__} (default {default!r}), got {value!r}")
+
+
+def _parse_literal(s):
+    try:
+        return ast.literal_eval(s)
+    except (ValueError, SyntaxError):
+        return s  # a bare string such as --out_dir=out
+
+
+def configure(g, argv=None):
+    """Apply config files and --key=value overrides to the globals dict `g` of the calling script.
+    Returns the resulting config as a plain dict (what gets logged and saved with checkpoints)."""
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = _config_keys(g)
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: {os.path.basename(sys.argv[0])} [config/file.py] [--key=value ...]\n\nkeys (default):")
+        for k, v in defaults.items():
+            print(f"  --{k}={v!r}")
+        sys.exit(0)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file not found: {arg}")
+            scope = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), scope)
+            for k, v in _config_keys(scope).items():
+                if k not in defaults:
+                    raise ConfigError(f"unknown config key '{k}' in {arg}")
+                g[k] = _coerce(k, v, defaults[k])
+        else:
+            if "=" not in arg:
+                # --flag alone means True for boolean keys
+                key, val = arg[2:], True
+            else:
+                key, val = arg[2:].split("=", 1)
+                val = _parse_literal(val)
+            if key not in defaults:
+                raise ConfigError(f"unknown config key '{key}' (see --help)")
+            g[key] = _coerce(key, val, defaults[key])
+    return {k: g[k] for k in defaults}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# distributed
+
+
+def setup_distributed(device="auto"):
+    """torchrun-aware set-up. Returns (rank, world_size, device). gloo on CPU, NCCL on CUDA."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+            device = f"cuda:{local_rank}"
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, torch.device(device)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x):
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= dist.get_world_size()
+    return x
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RNG state (for exact resume)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checkpoints: a directory = HF model + tokenizer + trainer_state.pt, written to a temporary name then renamed
+
+
+def save_checkpoint(path, model_state_fn, tokenizer=None, trainer_state=None, extra_files=None):
+    """`model_state_fn(dir)` writes the HF-format model into dir. Atomic at the directory level: a crash at any point
+    leaves either the previous checkpoint or the new one at `path`, never half of one."""
+    path = os.path.abspath(path)
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model_state_fn(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if trainer_state is not None:
+        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+    for name, obj in (extra_files or {}).items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(obj, f, indent=1)
+    with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+        f.write(time.strftime("%Y-%m-%d %H:%M:%S"))
+    _fsync_dir(tmp)
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path):
+    """The complete checkpoint at `path`, or the previous one left at `path.old` by a crash mid-swap, else None."""
+    for p in (path, path + ".old"):
+        if os.path.isfile(os.path.join(p, "COMPLETE")):
+            return p
+    return None
+
+
+def load_trainer_state(ckpt_dir):
+    return torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location="cpu", weights_only=False)
+
+
+def _fsync_dir(d):
+    for root, _, files in os.walk(d):
+        for fn in files:
+            with open(os.path.join(root, fn), "rb") as f:
+                os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# logging
+
+
+class MetricLog:
+    """Appends one JSON object per line to out_dir/<name>; also to wandb when installed and enabled."""
+
+    def __init__(self, path, wandb_project=None, config=None):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=wandb_project, config=config)
+            except ImportError:
+                print("wandb is not installed; logging to", path, "only")
+
+    def log(self, **row):
+        row = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(row)
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)

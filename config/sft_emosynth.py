@@ -1,0 +1,11 @@
+# The embedded default (what `python train_sft.py` runs with no arguments): a ~1M-param VidEmo from scratch on
+# EmoSynth, three-stage curriculum, 2 CPU cores in about 12 minutes. Listed here to edit and copy.
+out_dir = "out/sft_emosynth"
+init_from = "scratch"
+data_dir = "data/emosynth/build"
+fps = 4.0
+max_frames = 8
+max_pixels = 112 * 112
+curriculum = True
+batch_size = 16
+lr = 1e-3

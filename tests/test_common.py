@@ -1,0 +1,96 @@
+"""Config overrides and atomic checkpoints (common.py)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import common
+
+
+def defaults():
+    return {"batch_size": 16, "lr": 1e-3, "name": "out", "flag": False, "epochs": (1.0, 1.0), "opt": None}
+
+
+def test_overrides_and_types(tmp_path):
+    g = defaults()
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("batch_size = 4\nlr = 2e-4\n")
+    cfg = common.configure(g, [str(cfg_file), "--lr=3e-4", "--flag=True", "--epochs=(2, 0.5)", "--name=run1",
+                               "--opt=7"])
+    assert cfg == {"batch_size": 4, "lr": 3e-4, "name": "run1", "flag": True, "epochs": (2, 0.5), "opt": 7}
+    assert g["lr"] == 3e-4  # the script's globals are updated
+    assert isinstance(common.configure(defaults(), ["--lr=1"])["lr"], float)  # int literal is fine for a float
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--bacth_size=4"], "bacth_size"),  # typo: unknown key named
+    (["--batch_size=0.5"], "batch_size"),  # wrong type named
+    (["--flag=maybe"], "flag"),
+    (["--epochs=3"], "epochs"),
+    (["no_such_file.py"], "no_such_file.py"),
+])
+def test_bad_overrides_name_the_key(argv, needle):
+    with pytest.raises(common.ConfigError, match=needle):
+        common.configure(defaults(), argv)
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    f = tmp_path / "bad.py"
+    f.write_text("learning_rate = 1.0\n")
+    with pytest.raises(common.ConfigError, match="learning_rate"):
+        common.configure(defaults(), [str(f)])
+
+
+def test_help_lists_keys(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(os.path.dirname(common.__file__))!r})
+        import common
+        batch_size = 16
+        lr = 1e-3
+        common.configure(globals())
+    """))
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--batch_size=16" in out and "--lr=0.001" in out
+
+
+def write_files(n):
+    def fn(d):
+        for i in range(n):
+            with open(os.path.join(d, f"f{i}.txt"), "w") as f:
+                f.write(str(i))
+    return fn
+
+
+def test_checkpoint_atomic_swap(tmp_path):
+    path = str(tmp_path / "ckpt")
+    common.save_checkpoint(path, write_files(2), trainer_state={"step": 1})
+    assert common.find_checkpoint(path) == path
+    assert common.load_trainer_state(path)["step"] == 1
+    common.save_checkpoint(path, write_files(3), trainer_state={"step": 2})
+    assert common.load_trainer_state(path)["step"] == 2
+    assert not os.path.exists(path + ".tmp") and not os.path.exists(path + ".old")
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
+    """A process killed in the middle of writing a checkpoint leaves the previous one complete and loadable."""
+    path = str(tmp_path / "ckpt")
+    common.save_checkpoint(path, write_files(1), trainer_state={"step": 5})
+    script = tmp_path / "killer.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys; sys.path.insert(0, {str(os.path.dirname(common.__file__))!r})
+        import common
+        def half_written(d):
+            open(os.path.join(d, "model.safetensors"), "w").write("partial")
+            os._exit(9)  # killed mid-write
+        common.save_checkpoint({path!r}, half_written, trainer_state={{"step": 6}})
+    """))
+    r = subprocess.run([sys.executable, str(script)])
+    assert r.returncode == 9
+    found = common.find_checkpoint(path)
+    assert found == path and common.load_trainer_state(found)["step"] == 5
+    # and the next save still works
+    common.save_checkpoint(path, write_files(1), trainer_state={"step": 7})
+    assert common.load_trainer_state(common.find_checkpoint(path))["step"] == 7
