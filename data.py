@@ -1,0 +1,761 @@
+"""VidEmo data: video -> Qwen2.5-VL pixel patches, Emo-CFG records -> token ids + labels, curriculum sampler.
+
+    frames, ts = load_video("clip.mp4")                       # uint8 [T, H, W, 3], seconds [T]  (2 fps, <=16 frames)
+    pv, grid, spg = patchify_video(frames, fps=2.0)           # [N, 1176] float32, [[t, h, w]], [2/fps]
+    tok = load_tokenizer("path/to/Qwen2.5-VL-3B-Instruct")
+    item = encode_record(record, tok, video_root, max_seq_len=4096, video_kwargs={})
+    loader = DataLoader(EmoDataset(records, tok, root, 4096, {}), batch_sampler=CurriculumSampler(levels, 8),
+                        collate_fn=functools.partial(collate, pad_token_id=tok.pad_token_id), num_workers=2)
+
+Frame sampling and resizing follow qwen_vl_utils (what VidEmo's ms-swift inference uses): n = duration * fps frames,
+clamped to [min_frames, max_frames] and the clip's frame count, floored to a multiple of 2, spread evenly over the
+clip (by presentation time, so variable-frame-rate clips sample evenly in seconds); frames are resized with bicubic +
+antialias to `smart_resize` (sides multiples of 28, area within [min_pixels, max_pixels], aspect kept). Patch layout
+is exactly transformers' Qwen2-VL image/video processor's.
+"""
+import bisect
+import collections
+import glob
+import json
+import math
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with DataLoader workers instead
+
+import av  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------------------------
+# constants (Qwen2.5-VL vision front end)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2  # qwen_vl_utils' FRAME_FACTOR
+IGNORE_INDEX = -100
+# video_kwargs defaults: VidEmo's inference recipe (2 fps, <=16 frames, <=128*28*28 pixels per frame)
+VIDEO_DEFAULTS = dict(fps=2.0, max_frames=16, min_frames=4, min_pixels=4 * 28 * 28, max_pixels=128 * 28 * 28)
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>", "<|im_start|>", "<|im_end|>")
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+IM_END = "<|im_end|>"
+STAGES = ("attribute", "expression", "emotion")
+
+
+class VideoError(ValueError):
+    """A video (or image) that is missing, empty, truncated or not decodable. The message names the path."""
+
+
+class SkipRecord(Exception):
+    """A record that cannot be used (missing field, bad video, too long). Counted and logged, never fatal."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# video / image -> uint8 frames
+
+
+def smart_resize(height, width, factor=28, min_pixels=4 * 28 * 28, max_pixels=128 * 28 * 28):
+    """Qwen2.5-VL's target size: both sides multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
+    if min(height, width) <= 0 or max(height, width) / min(height, width) > 200:
+        raise ValueError(f"bad frame size {height}x{width} (empty, or aspect ratio above 200)")
+    h = round(height / factor) * factor  # Python's round (half to even), as Qwen's reference
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def _resize(frame, h, w):
+    """uint8 [T, H, W, 3] -> uint8 [T, h, w, 3]: bicubic with antialias, rounded back to uint8 (torchvision's tensor
+    resize, which qwen_vl_utils uses for videos)."""
+    if frame.shape[1] == h and frame.shape[2] == w:
+        return frame
+    x = frame.permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+    x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _check_file(path):
+    if not os.path.isfile(path):  # also keeps FIFOs/devices (which could block) away from ffmpeg
+        raise VideoError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise VideoError(f"{path}: empty file")
+
+
+def _packet_times(container, stream):
+    """Presentation times (stream ticks, sorted) of the frames the file shows, from the demuxer alone (cheap: no
+    decoding). Edit-list-discarded packets (pts before the start, e.g. encoder priming) are left out. Also returns
+    the last frame's duration in ticks (0 if unknown)."""
+    pts, last, last_dur = [], None, 0
+    for packet in container.demux(stream):
+        if packet.pts is None or packet.size == 0 or packet.is_discard:
+            continue
+        pts.append(packet.pts)
+        if last is None or packet.pts >= last:
+            last, last_dur = packet.pts, packet.duration or 0
+    pts.sort()
+    return pts, last_dur
+
+
+def _plan(times, last_dur, fps, min_frames, max_frames):
+    """Pick n frame times evenly over the clip (qwen_vl_utils' smart_nframes, in seconds). times: sorted seconds,
+    relative to the first frame. Returns (target times [n], sampling fps)."""
+    num = len(times)
+    if last_dur <= 0:  # unknown: the typical frame interval
+        last_dur = float(np.median(np.diff(times))) if num > 1 else 1.0 / 25
+    duration = times[-1] + last_dur  # = frames / fps for a constant frame rate
+    f = TEMPORAL_PATCH_SIZE
+    lo = math.ceil(min_frames / f) * f
+    hi = math.floor(max_frames / f) * f
+    n = min(max(duration * fps, lo), hi, num)
+    n = math.floor(n / f) * f
+    if n < f:  # a one-frame clip: keep it (padded to 2 later)
+        n = min(num, f)
+    return np.linspace(0.0, times[-1], n), n / duration
+
+
+def _pick_nearest(frames, targets, time_of, max_decoded):
+    """Stream decoded frames (presentation order) and keep, for each sorted target time, the nearest frame.
+    Returns [(time, av.VideoFrame)] per target; the last frame fills targets past the end. Bounded work."""
+    picked, prev, prev_t, j = [], None, None, 0
+    for k, frame in enumerate(frames):
+        t = time_of(frame, k)
+        while j < len(targets) and t >= targets[j]:
+            near_prev = prev is not None and targets[j] - prev_t <= t - targets[j]
+            picked.append((prev_t, prev) if near_prev else (t, frame))
+            j += 1
+        if j == len(targets):
+            break
+        if k >= max_decoded:
+            raise VideoError(f"decoded {k} frames without reaching {targets[j]:.3f}s")
+        prev, prev_t = frame, t
+    if prev is not None:
+        picked += [(prev_t, prev)] * (len(targets) - j)
+    return picked
+
+
+def _frames(container, stream, keep_pts):
+    """Decoded frames in presentation order, never decoding disposable packets (frames no other frame references,
+    flagged by the container, e.g. phone HEVC) unless they are wanted: up to ~2x less work on such files."""
+    for packet in container.demux(stream):
+        if keep_pts is not None and packet.is_disposable and packet.pts not in keep_pts:
+            continue
+        yield from packet.decode()
+
+
+def _decode(path, fps, max_frames, min_frames, min_pixels, max_pixels, seek_over=3000):
+    """Returns (uint8 [T, H, W, 3], seconds [T] float64, sampling fps). Raises VideoError naming the path."""
+    _check_file(path)
+    try:
+        # pass 1: demux only, for the frame times
+        with av.open(path, metadata_errors="ignore") as container:
+            if not container.streams.video:
+                raise VideoError("no video stream")
+            stream = container.streams.video[0]
+            tb = float(stream.time_base) if stream.time_base else 1.0
+            rate = float(stream.average_rate or 25)
+            ticks, last_dur = _packet_times(container, stream)
+        # a frame's time: its pts, or (no timestamps, e.g. raw streams) its index over the average rate
+        abs_time = lambda frame, k: frame.pts * tb if frame.pts is not None else k / rate  # noqa: E731
+        if not ticks:  # no packet timestamps: one extra decode pass to count the frames
+            with av.open(path, metadata_errors="ignore") as container:
+                times_abs = [abs_time(fr, k) for k, fr in enumerate(container.decode(video=0))]
+            if not times_abs:
+                raise VideoError("no video frames")
+            t0, times, last_dur = times_abs[0], np.array(times_abs) - times_abs[0], 1.0 / rate
+        else:
+            t0 = ticks[0] * tb
+            times, last_dur = np.array(ticks, dtype=np.float64) * tb - t0, last_dur * tb
+        targets, sample_fps = _plan(times, last_dur, fps, min_frames, max_frames)
+        time_of = lambda frame, k: abs_time(frame, k) - t0  # noqa: E731
+        if len(times) > 1:  # index of the frame nearest each target, to know which disposable packets to skip
+            right = np.clip(np.searchsorted(times, targets), 1, len(times) - 1)
+            nearest = np.where(targets - times[right - 1] <= times[right] - targets, right - 1, right)
+        else:
+            nearest = [0] * len(targets)
+        keep = {ticks[i] for i in nearest} if ticks else None  # None: no timestamps, decode everything
+        # pass 2: decode, converting only the picked frames
+        with av.open(path, metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            if len(times) <= seek_over:  # short clip: one sequential pass
+                picked = _pick_nearest(_frames(container, stream, keep), targets, time_of, 4 * len(times) + 100)
+            else:  # long clip: seek to the keyframe before each target, decode forward to it
+                picked = []
+                for target in targets:
+                    container.seek(int((target + t0) / tb), stream=stream, backward=True)
+                    picked += _pick_nearest(_frames(container, stream, keep), [target], time_of, 2000)
+            if not picked:
+                raise VideoError("no decodable video frames")
+            size, out, ts, rgb_of = None, [], [], {}
+            for t, frame in picked:
+                if id(frame) not in rgb_of:  # one frame can be nearest to two targets (variable frame rate)
+                    rgb = torch.from_numpy(frame.to_ndarray(format="rgb24"))[None]  # [1, H, W, 3]
+                    if size is None:
+                        size = smart_resize(rgb.shape[1], rgb.shape[2], PATCH_SIZE * MERGE_SIZE, min_pixels,
+                                            max_pixels)
+                    rgb_of[id(frame)] = _resize(rgb, *size)  # resize at once: never hold many full-size frames
+                out.append(rgb_of[id(frame)])
+                ts.append(t)
+    except VideoError as e:
+        raise VideoError(f"{path}: {e}") from None
+    except Exception as e:  # whatever FFmpeg/PyAV raises on a broken file becomes a VideoError naming it
+        raise VideoError(f"{path}: cannot decode ({type(e).__name__}: {e})") from None
+    frames = torch.cat(out)  # [T, h, w, 3]
+    ts = torch.tensor(ts, dtype=torch.float64)
+    if len(frames) % TEMPORAL_PATCH_SIZE:  # very short clips: repeat the last frame so T is even (>= 2)
+        pad = TEMPORAL_PATCH_SIZE - len(frames) % TEMPORAL_PATCH_SIZE
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
+        ts = torch.cat([ts, ts[-1:].expand(pad)])
+    return frames, ts, sample_fps
+
+
+def load_video(path, fps=2.0, max_frames=16, min_pixels=4 * 28 * 28, max_pixels=128 * 28 * 28, min_frames=4,
+               seek_over=3000):
+    """Decode `path` with PyAV, sampling ~`fps` frames per second (at most `max_frames`, even count >= 2), resized to
+    Qwen2.5-VL's smart_resize. Returns (frames uint8 [T, H, W, 3], timestamps_sec float64 [T], seconds from the first
+    frame). Clips with more than `seek_over` frames are read by seeking (bounded work). Raises VideoError."""
+    frames, ts, _ = _decode(str(path), fps, max_frames, min_frames, min_pixels, max_pixels, seek_over)
+    return frames, ts
+
+
+def load_image(path, min_pixels=4 * 28 * 28, max_pixels=128 * 28 * 28):
+    """A still image -> uint8 [H, W, 3] at smart_resize size (PIL bicubic, as qwen_vl_utils and the HF processor;
+    transparency composited on white). Raises VideoError naming the path."""
+    from PIL import Image
+    path = str(path)
+    _check_file(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode != "RGB":
+                rgba = im.convert("RGBA")
+                im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+            h, w = smart_resize(im.height, im.width, PATCH_SIZE * MERGE_SIZE, min_pixels, max_pixels)
+            if (h, w) != (im.height, im.width):
+                im = im.resize((w, h), resample=Image.Resampling.BICUBIC)
+            return torch.from_numpy(np.array(im, dtype=np.uint8))
+    except Exception as e:
+        raise VideoError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# uint8 frames -> Qwen2.5-VL patches
+
+
+def _patchify(frames, temporal_patch_size, patch_size, merge_size, mean, std):
+    """uint8 [T, H, W, 3] -> float32 [t*h*w, 3*tp*p*p] in transformers' Qwen2-VL order, and (t, h, w)."""
+    x = torch.as_tensor(frames)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected frames [T, H, W, 3], got {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2).float()  # [T, C, H, W]
+    x = (x / 255.0 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    if pad := -x.shape[0] % temporal_patch_size:  # repeat the last frame up to a whole temporal patch
+        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+    T, C, H, W = x.shape
+    if H % (patch_size * merge_size) or W % (patch_size * merge_size):
+        raise ValueError(f"frame size {H}x{W} is not a multiple of {patch_size * merge_size} (smart_resize first)")
+    t, h, w = T // temporal_patch_size, H // patch_size, W // patch_size
+    m, p, tp = merge_size, patch_size, temporal_patch_size
+    x = x.view(t, tp, C, h // m, m, p, w // m, m, p)
+    # -> (t, h/m, w/m, m, m | C, tp, p, p): the 2x2 patches a merger fuses are adjacent rows
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(t * h * w, C * tp * p * p).contiguous(), (t, h, w)
+
+
+def patchify_video(frames, fps=2.0, temporal_patch_size=2, patch_size=14, merge_size=2, mean=CLIP_MEAN, std=CLIP_STD):
+    """uint8 frames [T, H, W, 3] (sides multiples of 28) sampled at `fps` ->
+    (pixel_values_videos float32 [N, 1176], video_grid_thw long [1, 3], second_per_grid_ts float32 [1])."""
+    pv, thw = _patchify(frames, temporal_patch_size, patch_size, merge_size, mean, std)
+    return pv, torch.tensor([thw], dtype=torch.long), torch.tensor([temporal_patch_size / fps], dtype=torch.float32)
+
+
+def patchify_image(image, temporal_patch_size=2, patch_size=14, merge_size=2, mean=CLIP_MEAN, std=CLIP_STD):
+    """uint8 image [H, W, 3] -> (pixel_values float32 [N, 1176], image_grid_thw long [1, 3] with t = 1)."""
+    img = torch.as_tensor(image)
+    pv, thw = _patchify(img[None].expand(temporal_patch_size, -1, -1, -1), temporal_patch_size, patch_size,
+                        merge_size, mean, std)
+    return pv, torch.tensor([thw], dtype=torch.long)
+
+
+class VideoCache:
+    """LRU of decoded uint8 frames per (file, mtime, size, kwargs), bounded in bytes. Per process (each DataLoader
+    worker has its own); pickles empty. Worth it when many records share a clip (EmoSynth: ~15 tasks per clip)."""
+
+    def __init__(self, max_mb=256):
+        self.max_bytes = int(max_mb * 2**20)
+        self.items, self.nbytes, self.hits, self.misses = collections.OrderedDict(), 0, 0, 0
+
+    def __getstate__(self):
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state):
+        self.__init__(state["max_bytes"] / 2**20)
+
+    def get(self, key, make):
+        if key in self.items:
+            self.items.move_to_end(key)
+            self.hits += 1
+            return self.items[key]
+        self.misses += 1
+        value = make()
+        size = value[0].numel()
+        if size <= self.max_bytes:
+            self.items[key] = value
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, old = self.items.popitem(last=False)
+                self.nbytes -= old[0].numel()
+        return value
+
+
+def video_inputs(path, video_kwargs=None, cache=None):
+    """A video file -> dict(pixel_values_videos, video_grid_thw, second_per_grid_ts) ready for the model, with
+    second_per_grid_ts from the actual sampling rate (frames / duration), as qwen_vl_utils reports it."""
+    kw = {**VIDEO_DEFAULTS, **(video_kwargs or {})}
+    if unknown := set(kw) - set(VIDEO_DEFAULTS) - {"seek_over"}:
+        raise ValueError(f"unknown video_kwargs {sorted(unknown)}; known: {sorted(VIDEO_DEFAULTS)} + seek_over")
+    path = str(path)
+    make = lambda: _decode(path, **kw)  # noqa: E731
+    if cache is None:
+        frames, _, sample_fps = make()
+    else:
+        _check_file(path)
+        st = os.stat(path)
+        frames, _, sample_fps = cache.get((os.path.realpath(path), st.st_mtime_ns, st.st_size,
+                                           tuple(sorted(kw.items()))), make)
+    pv, grid, spg = patchify_video(frames, fps=sample_fps)
+    return {"pixel_values_videos": pv, "video_grid_thw": grid, "second_per_grid_ts": spg}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tokenizer and records
+
+
+def load_tokenizer(path):
+    """Any Hugging Face tokenizer directory that has Qwen's chat tokens and vision tokens."""
+    from transformers import AutoTokenizer
+    path = str(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ValueError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from None
+    missing = [t for t in VISION_TOKENS if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)
+               or len(tok.encode(t, add_special_tokens=False)) != 1]
+    if missing:
+        raise ValueError(f"tokenizer {path} lacks Qwen special tokens {missing}")
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"tokenizer {path} has no chat_template (tokenizer_config.json / chat_template.jinja)")
+    if tok.pad_token_id is None:
+        tok.pad_token = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else IM_END
+    return tok
+
+
+def load_records(path, skipped=None):
+    """Emo-CFG records from a .json (a list) or .jsonl file, or every such file under a folder (sorted, recursive).
+    Malformed lines/entries are skipped with 'file:line: reason', appended to `skipped` if given, else summarised on
+    stderr. Each record gets `_src` = 'file:line' (video paths resolve against that file's folder by default)."""
+    path = str(path)
+    if os.path.isdir(path):
+        files = sorted(f for ext in ("json", "jsonl") for f in glob.glob(os.path.join(path, "**", f"*.{ext}"),
+                                                                        recursive=True))
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"records path {path} does not exist")
+    records, bad = [], []
+
+    def add(obj, where):
+        if isinstance(obj, dict):
+            obj["_src"] = where
+            records.append(obj)
+        else:
+            bad.append(f"{where}: not a JSON object")
+
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+        if f.endswith(".json"):
+            try:
+                obj = json.loads(text)
+                for i, r in enumerate(obj if isinstance(obj, list) else [obj]):
+                    add(r, f"{f}:[{i}]")
+                continue
+            except json.JSONDecodeError:
+                pass  # maybe JSON lines saved as .json
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                add(json.loads(line), f"{f}:{n}")
+            except json.JSONDecodeError as e:
+                bad.append(f"{f}:{n}: bad JSON ({e.msg})")
+    if skipped is not None:
+        skipped.extend(bad)
+    elif bad:
+        print(f"load_records: skipped {len(bad)} malformed entries in {path} (first: {bad[0]})", file=sys.stderr)
+    return records
+
+
+def _messages(record):
+    """Validated chat messages [{'role', 'content': str}] with `<video>`/`<image>` replaced by vision placeholders,
+    and the video/image path lists."""
+    if not isinstance(record, dict):
+        raise SkipRecord("record is not a JSON object")
+    msgs = record.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise SkipRecord("missing field 'messages' (a non-empty list)")
+    media = {}
+    for key in ("videos", "images"):
+        v = record.get(key) or []
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
+            raise SkipRecord(f"field '{key}' must be a list of paths")
+        media[key] = v
+    out = []
+    if isinstance(record.get("system"), str) and msgs[0].get("role") != "system":
+        out.append({"role": "system", "content": record["system"]})
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise SkipRecord(f"messages[{i}] needs role system/user/assistant")
+        if not isinstance(m.get("content"), str):
+            raise SkipRecord(f"messages[{i}] lacks string 'content'")
+        out.append({"role": m["role"], "content": m["content"]})
+    for tag, key in (("<video>", "videos"), ("<image>", "images")):
+        count = sum(m["content"].count(tag) for m in out)
+        if count == 0 and media[key]:  # ms-swift's convention: untagged media go first in the first user turn
+            first = next((m for m in out if m["role"] == "user"), None)
+            if first is None:
+                raise SkipRecord("no user turn")
+            first["content"] = tag * len(media[key]) + first["content"]
+        elif count != len(media[key]):
+            raise SkipRecord(f"{count} {tag} tags but {len(media[key])} {key}")
+    for m in out:
+        if m["role"] == "assistant" and ("<video>" in m["content"] or "<image>" in m["content"]):
+            raise SkipRecord("an assistant turn holds a <video>/<image> tag")
+        if any(t in m["content"] for t in VISION_TOKENS):
+            raise SkipRecord(f"a {m['role']} turn holds a raw special token")
+        m["content"] = m["content"].replace("<video>", VIDEO_PLACEHOLDER).replace("<image>", IMAGE_PLACEHOLDER)
+    return out, media["videos"], media["images"]
+
+
+def _render(tokenizer, messages, add_generation_prompt):
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:
+        raise SkipRecord(f"chat template failed: {type(e).__name__}: {e}") from None
+    return text
+
+
+def _pieces(tokenizer, messages, add_generation_prompt):
+    """The rendered chat as [(text, is_target)]: each assistant turn's content + its <|im_end|> is a target piece.
+    The boundaries come from rendering the prefix before each assistant turn with the generation prompt, so the
+    prompt pieces are byte-identical to what generation sees, whatever the template (Qwen2.5-VL, Qwen3, ...)."""
+    full = _render(tokenizer, messages, add_generation_prompt)
+    pieces, pos = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        if i == 0:
+            raise SkipRecord("conversation starts with an assistant turn")
+        prefix = _render(tokenizer, messages[:i], True)
+        if not full.startswith(prefix) or len(prefix) < pos:
+            raise SkipRecord(f"chat template is not prefix-consistent at assistant turn {i}")
+        end = full.find(IM_END, len(prefix))
+        if end < 0:
+            raise SkipRecord(f"assistant turn {i} is not closed by {IM_END}")
+        end += len(IM_END)
+        pieces += [(full[pos:len(prefix)], False), (full[len(prefix):end], True)]
+        pos = end
+    pieces.append((full[pos:], False))
+    return [(t, target) for t, target in pieces if t]
+
+
+def _resolve(path, record, video_root):
+    if os.path.isabs(path):
+        return path
+    root = video_root or os.path.dirname(str(record.get("_src", "")).rsplit(":", 1)[0])
+    return os.path.join(root, path)
+
+
+def _encode(record, tokenizer, video_root, max_seq_len, video_kwargs, cache, prompt_only):
+    messages, videos, images = _messages(record)
+    answer = None
+    if prompt_only:
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is not None:
+            answer = messages[last]["content"]
+            messages = messages[:last]
+        if not any(m["role"] == "user" for m in messages):
+            raise SkipRecord("no user turn before the answer")
+    elif not any(m["role"] == "assistant" for m in messages):
+        raise SkipRecord("no assistant turn to learn from")
+    # vision first: its token counts decide the length
+    out = {}
+    vids = []
+    for p in videos:
+        try:
+            vids.append(video_inputs(_resolve(p, record, video_root), video_kwargs, cache))
+        except VideoError as e:
+            raise SkipRecord(f"video {p}: {e}") from None
+    if vids:
+        out["pixel_values_videos"] = torch.cat([v["pixel_values_videos"] for v in vids])  # [N, 1176]
+        out["video_grid_thw"] = torch.cat([v["video_grid_thw"] for v in vids])  # [nv, 3]
+        out["second_per_grid_ts"] = torch.cat([v["second_per_grid_ts"] for v in vids])  # [nv]
+    ims = []
+    for p in images:
+        kw = {k: v for k, v in (video_kwargs or {}).items() if k in ("min_pixels", "max_pixels")}
+        try:
+            ims.append(patchify_image(load_image(_resolve(p, record, video_root), **kw)))
+        except VideoError as e:
+            raise SkipRecord(f"image {p}: {e}") from None
+    if ims:
+        out["pixel_values"] = torch.cat([pv for pv, _ in ims])
+        out["image_grid_thw"] = torch.cat([g for _, g in ims])
+    # text: tokenize piecewise (targets separately, so prompt ids equal generation's), then expand vision pads
+    ids, labels = [], []
+    for text, target in _pieces(tokenizer, messages, add_generation_prompt=prompt_only):
+        t = tokenizer.encode(text, add_special_tokens=False)
+        ids += t
+        labels += t if target else [IGNORE_INDEX] * len(t)
+    ids = torch.tensor(ids, dtype=torch.long)
+    labels = torch.tensor(labels, dtype=torch.long)
+    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    repeats = torch.ones_like(ids)
+    for pad_id, grids, name in ((video_id, out.get("video_grid_thw"), "video"),
+                                (image_id, out.get("image_grid_thw"), "image")):
+        where = (ids == pad_id).nonzero().flatten()
+        n = 0 if grids is None else len(grids)
+        if len(where) != n:
+            raise SkipRecord(f"{len(where)} {name} placeholders in the tokens but {n} {name}s")
+        if n:
+            repeats[where] = grids.prod(-1) // MERGE_SIZE**2  # one token per merged 2x2 patch
+    if (labels[(ids == video_id) | (ids == image_id)] != IGNORE_INDEX).any():
+        raise SkipRecord("a vision placeholder fell inside an assistant target")
+    ids, labels = ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)
+    if max_seq_len and len(ids) > max_seq_len:
+        raise SkipRecord(f"{len(ids)} tokens > max_seq_len {max_seq_len}")
+    mm = torch.zeros_like(ids)  # 0 text, 1 image, 2 video: transformers' Qwen2.5-VL processor convention
+    mm[ids == image_id] = 1
+    mm[ids == video_id] = 2
+    out.update(input_ids=ids, mm_token_type_ids=mm)
+    if prompt_only:
+        out["answer"] = answer
+    else:
+        out["labels"] = labels
+    return out
+
+
+def encode_record(record, tokenizer, video_root=None, max_seq_len=None, video_kwargs=None, cache=None):
+    """An Emo-CFG record -> dict(input_ids [L], labels [L] (-100 except assistant content + its <|im_end|>),
+    mm_token_type_ids [L], and for records with videos pixel_values_videos [N, 1176], video_grid_thw [nv, 3],
+    second_per_grid_ts [nv]; with images pixel_values, image_grid_thw). Relative media paths resolve against
+    `video_root` (default: the folder of the record's source file). Raises SkipRecord(reason)."""
+    return _encode(record, tokenizer, video_root, max_seq_len, video_kwargs, cache, prompt_only=False)
+
+
+def encode_prompt(record, tokenizer, video_root=None, video_kwargs=None, max_seq_len=None, cache=None):
+    """The prompt for generation: everything before the final assistant turn plus the generation prompt
+    ('<|im_start|>assistant\\n'); its ids equal the first ids of encode_record's. Returns the same dict without
+    labels, plus 'answer' (the final assistant turn's text, None if the record has none)."""
+    return _encode(record, tokenizer, video_root, max_seq_len, video_kwargs, cache, prompt_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# dataset and collate
+
+
+class EmoDataset(torch.utils.data.Dataset):
+    """Encodes records on the fly (decoding in DataLoader workers). A bad record yields {'skip': reason, 'index': i},
+    which collate drops and reports; prompt_only=True gives generation prompts (for eval / RL)."""
+
+    def __init__(self, records, tokenizer, video_root=None, max_seq_len=None, video_kwargs=None, prompt_only=False,
+                 cache_mb=256):
+        self.records, self.tokenizer, self.video_root = records, tokenizer, video_root
+        self.max_seq_len, self.video_kwargs, self.prompt_only = max_seq_len, dict(video_kwargs or {}), prompt_only
+        self.cache = VideoCache(cache_mb) if cache_mb else None
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        rec = self.records[i]
+        try:
+            if self.prompt_only:
+                item = encode_prompt(rec, self.tokenizer, self.video_root, self.video_kwargs, self.max_seq_len,
+                                     self.cache)
+            else:
+                item = encode_record(rec, self.tokenizer, self.video_root, self.max_seq_len, self.video_kwargs,
+                                     self.cache)
+        except SkipRecord as e:
+            src = rec.get("_src", f"record {i}") if isinstance(rec, dict) else f"record {i}"
+            return {"skip": f"{src}: {e}", "index": i}
+        meta = rec if isinstance(rec, dict) else {}
+        item.update(index=i, task=meta.get("task"), level=meta.get("level"))
+        return item
+
+
+def _cat(items, key):
+    xs = [it[key] for it in items if key in it]
+    return torch.cat(xs) if xs else None
+
+
+def _collate(batch, pad_token_id, left):
+    items = [b for b in batch if "skip" not in b]
+    B, L = len(items), max((len(it["input_ids"]) for it in items), default=0)
+    out = {
+        "input_ids": torch.full((B, L), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros(B, L, dtype=torch.long),
+        "mm_token_type_ids": torch.zeros(B, L, dtype=torch.long),
+    }
+    if not left:
+        out["labels"] = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    for b, it in enumerate(items):
+        n = len(it["input_ids"])
+        sl = slice(L - n, L) if left else slice(0, n)
+        out["input_ids"][b, sl] = it["input_ids"]
+        out["attention_mask"][b, sl] = 1
+        out["mm_token_type_ids"][b, sl] = it["mm_token_type_ids"]
+        if not left:
+            out["labels"][b, sl] = it["labels"]
+    for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "pixel_values", "image_grid_thw"):
+        out[key] = _cat(items, key)  # None when no item in the batch has that modality
+    out["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+    out["task"] = [it.get("task") for it in items]
+    out["level"] = [it.get("level") for it in items]
+    if left:
+        out["answer"] = [it.get("answer") for it in items]
+    out["skipped"] = [b["skip"] for b in batch if "skip" in b]
+    return out
+
+
+def collate(batch, pad_token_id):
+    """Right-pad a list of EmoDataset items into a batch. Skipped items are dropped and their reasons returned in
+    batch['skipped'] (the main process counts and logs them); B may be 0 if every item was skipped."""
+    return _collate(batch, pad_token_id, left=False)
+
+
+def collate_prompts(batch, pad_token_id):
+    """Left-pad prompts (encode_prompt items) for batched generation; adds batch['answer']."""
+    return _collate(batch, pad_token_id, left=True)
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Video files -> video_inputs dicts (decode + patchify in DataLoader workers), e.g. for sample.py or bench.py.
+    A bad file yields {'skip': reason, 'index': i}."""
+
+    def __init__(self, paths, video_kwargs=None):
+        self.paths, self.video_kwargs = [str(p) for p in paths], dict(video_kwargs or {})
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return {**video_inputs(self.paths[i], self.video_kwargs), "index": i}
+        except VideoError as e:
+            return {"skip": str(e), "index": i}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# curriculum sampler
+
+
+class CurriculumSampler:
+    """Batches of record indices (a DataLoader batch_sampler): stage by stage (attribute -> expression -> emotion),
+    each stage `stage_epochs[s]` passes over its level's records, later-stage batches mixing in a `replay` fraction
+    drawn from earlier stages; or, with mix=True, the same samples in one shuffled mix (the baseline).
+
+    The schedule is built once from the seed: batch(step) is a pure function of (seed, step), so resuming from
+    state_dict() replays exactly the uninterrupted run's batches. Every rank builds the same global batch
+    (batch_size * world_size) and takes its slice. Records whose level is not a stage are not sampled (n_excluded).
+
+    With DataLoader workers the sampler runs ahead of training by the prefetch depth: checkpoint with
+    state_dict(step=<batches consumed>)."""
+
+    def __init__(self, levels, batch_size, stages=STAGES, stage_epochs=(1, 1, 1), replay=0.0, mix=False, seed=0,
+                 rank=0, world_size=1, drop_last=True):
+        if len(stage_epochs) != len(stages):
+            raise ValueError(f"stage_epochs {tuple(stage_epochs)} needs one value per stage {tuple(stages)}")
+        if not 0.0 <= replay < 1.0:
+            raise ValueError(f"replay must be in [0, 1), got {replay}")
+        if not 0 <= rank < world_size or batch_size < 1:
+            raise ValueError(f"bad rank {rank} / world_size {world_size} / batch_size {batch_size}")
+        self.stages, self.batch_size, self.rank, self.world_size = tuple(stages), batch_size, rank, world_size
+        self.seed, self.mix, self.step = seed, mix, 0
+        G = batch_size * world_size
+        pools = [np.array([i for i, lv in enumerate(levels) if lv == s], dtype=np.int64) for s in self.stages]
+        self.n_excluded = len(levels) - sum(len(p) for p in pools)
+        rng = np.random.default_rng(seed)
+
+        def passes(pool, epochs):  # `epochs` shuffled passes over pool; a fractional last pass is a random subset
+            full = int(math.floor(epochs))
+            seq = [rng.permutation(pool) for _ in range(full)]
+            seq.append(rng.permutation(pool)[:int(round((epochs - full) * len(pool)))])
+            return np.concatenate(seq)
+
+        def chunks(seq, k):  # k-sized chunks; the tail is dropped or filled by wrapping to the stage start
+            n = len(seq) // k if drop_last else -(-len(seq) // k)
+            if n and not drop_last and len(seq) % k:
+                seq = np.concatenate([seq, np.resize(seq, n * k - len(seq))])
+            return [seq[i * k:(i + 1) * k] for i in range(n)]
+
+        samples = [passes(p, e) for p, e in zip(pools, stage_epochs)]
+        batches, bounds = [], []
+        if mix:
+            bounds.append(("mix", 0))
+            batches = chunks(rng.permutation(np.concatenate(samples)), G)
+        else:
+            for s, seq in enumerate(samples):
+                bounds.append((self.stages[s], len(batches)))
+                earlier = np.concatenate(pools[:s]) if s else np.zeros(0, dtype=np.int64)
+                r = int(round(replay * G)) if len(earlier) else 0
+                for chunk in chunks(seq, G - r):
+                    old = rng.choice(earlier, r, replace=len(earlier) < r) if r else earlier[:0]
+                    batches.append(rng.permutation(np.concatenate([chunk, old])))  # replay spread over all ranks
+        self.schedule = np.stack(batches) if batches else np.zeros((0, G), dtype=np.int64)  # [steps, G]
+        self.bounds = bounds  # [(stage, first step)]
+
+    def __len__(self):
+        return len(self.schedule)
+
+    def batch(self, step):
+        """This rank's record indices at `step`."""
+        B = self.batch_size
+        return self.schedule[step, self.rank * B:(self.rank + 1) * B].tolist()
+
+    def __iter__(self):
+        if self.step >= len(self):
+            self.step = 0
+        while self.step < len(self):
+            self.step += 1
+            yield self.batch(self.step - 1)
+
+    def stage_of(self, step):
+        """The stage name ('mix' for the baseline) that `step` belongs to."""
+        starts = [b for _, b in self.bounds]
+        return self.bounds[max(bisect.bisect_right(starts, step) - 1, 0)][0] if self.bounds else None
+
+    def state_dict(self, step=None):
+        return {"step": self.step if step is None else int(step), "seed": self.seed, "steps": len(self),
+                "global_batch": self.schedule.shape[1], "mix": self.mix}
+
+    def load_state_dict(self, sd):
+        for key, mine in (("seed", self.seed), ("steps", len(self)), ("global_batch", self.schedule.shape[1]),
+                          ("mix", self.mix)):
+            if key in sd and sd[key] != mine:
+                raise ValueError(f"sampler state has {key}={sd[key]!r} but this sampler has {mine!r}: the data, seed "
+                                 "or batch config changed, so the schedule would differ")
+        self.step = int(sd["step"])

@@ -1,0 +1,817 @@
+"""The VidEmo network: the Qwen2.5-VL architecture written out in one file.
+
+    pixels [N, 3*2*14*14] --VisionTower--> merged video/image tokens [n, D]
+    input_ids [B, L] --embed_tokens--> [B, L, D], placeholders <|video_pad|>/<|image_pad|> replaced by those tokens
+    3-D M-RoPE positions [3, B, L] (temporal, height, width) from input_ids + grids (like HF's get_rope_index)
+    optional keep-mask: dropped video tokens leave the sequence, survivors keep their positions
+    Qwen2 decoder (GQA, q/k/v bias, RMSNorm, SwiGLU) -> final norm -> lm_head logits [B, L, V]
+
+Checkpoints are Hugging Face Qwen2.5-VL directories (config.json + safetensors), so Qwen2.5-VL-3B/7B-Instruct
+and the released VidEmo checkpoints load, and what we save loads back into transformers.
+Generation: batched, static KV cache, greedy or temperature/top-k/top-p sampling, stop on EOS.
+"""
+
+import functools
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+try:  # optional: packed variable-length attention for the vision tower on GPU
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
+
+# -----------------------------------------------------------------------------
+# config: accept both the transformers-4 layout (text keys at top level) and the transformers-5 layout
+
+
+def text_settings(config):
+    """The text-decoder settings as one flat dict, whichever layout the config.json uses."""
+    tc = {k: v for k, v in config.items() if k not in ("vision_config", "text_config")}
+    tc.update(config.get("text_config") or {})
+    rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
+    heads = tc.get("num_attention_heads", 64)
+    return dict(
+        vocab_size=tc.get("vocab_size", 152064),
+        hidden_size=tc.get("hidden_size", 8192),
+        intermediate_size=tc.get("intermediate_size", 29568),
+        num_hidden_layers=tc.get("num_hidden_layers", 80),
+        num_attention_heads=heads,
+        num_key_value_heads=tc.get("num_key_value_heads") or heads,
+        hidden_act=tc.get("hidden_act", "silu"),
+        rms_norm_eps=tc.get("rms_norm_eps", 1e-5),
+        rope_theta=rope.get("rope_theta", tc.get("rope_theta", 1000000.0)),
+        mrope_section=list(rope.get("mrope_section", [16, 24, 24])),
+        initializer_range=tc.get("initializer_range", 0.02),
+        # pre-v5 saves put tie_word_embeddings inside text_config; transformers honours either place
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False) or
+                                 (config.get("text_config") or {}).get("tie_word_embeddings", False)),
+    )
+
+
+def vision_settings(config):
+    vc = dict(config.get("vision_config") or {})
+    rope = vc.get("rope_parameters") or {}
+    return dict(
+        depth=vc.get("depth", 32),
+        hidden_size=vc.get("hidden_size", 3584),
+        hidden_act=vc.get("hidden_act", "silu"),
+        intermediate_size=vc.get("intermediate_size", 3420),
+        num_heads=vc.get("num_heads", 16),
+        in_channels=vc.get("in_channels", vc.get("in_chans", 3)),
+        patch_size=vc.get("patch_size", 14),
+        spatial_merge_size=vc.get("spatial_merge_size", 2),
+        temporal_patch_size=vc.get("temporal_patch_size", 2),
+        tokens_per_second=vc.get("tokens_per_second", 4),
+        window_size=vc.get("window_size", 112),
+        out_hidden_size=vc.get("out_hidden_size", 3584),
+        fullatt_block_indexes=list(vc.get("fullatt_block_indexes", [7, 15, 23, 31])),
+        rope_theta=rope.get("rope_theta", 10000.0),
+        initializer_range=vc.get("initializer_range", 0.02),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def inv_freq(dim, theta, device):
+    """RoPE inverse frequencies for rotary dimension `dim` (cached per device; never written to)."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))  # [dim/2]
+
+
+def apply_rope(x, cos, sin_signed):
+    """Rotary embedding in the rotate-half layout: x*cos + rotate_half(x)*sin, with rotate_half(x)*sin written
+    as roll(x)*[-sin, sin] (the same products, fewer kernels). cos/sin_signed broadcast against x [..., hd]."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
+
+
+def rope_tables(freqs, dtype):
+    """freqs [..., hd/2] -> cos [..., hd], sin_signed [..., hd] (= [-sin, sin] per half) in `dtype`."""
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # same arithmetic, fewer kernels
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)  # statistics in fp32
+        return self.weight * x.to(dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden, act="silu", bias=False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        if act not in ACT:
+            raise ValueError(f"config: hidden_act {act!r} is not supported (known: {', '.join(ACT)})")
+        self.act = ACT[act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+# -----------------------------------------------------------------------------
+# vision tower: patch embed -> blocks (window / full attention, 2-D rotary) -> 2x2 patch merger
+
+
+class PatchEmbed(nn.Module):
+    """A Conv3d with kernel == stride is a linear map over each flattened (C, 2, 14, 14) patch. The weight keeps
+    HF's Conv3d shape [D, C, t, p, p] so checkpoints load as they are."""
+
+    def __init__(self, vs):
+        super().__init__()
+        p, t = vs["patch_size"], vs["temporal_patch_size"]
+        self.proj = nn.Module()
+        self.proj.weight = nn.Parameter(torch.empty(vs["hidden_size"], vs["in_channels"], t, p, p))
+
+    def forward(self, x):  # x [N, C*t*p*p]
+        w = self.proj.weight
+        return F.linear(x.to(w.dtype), w.view(w.shape[0], -1))  # [N, D]
+
+
+def segment_plan(cu_seqlens, device):
+    """Group the segments of a packed sequence by length, so that each group is one batched SDPA call.
+    Returns (groups, inverse): groups = [(length, index [n, length] or None when the whole sequence is one
+    run of equal segments)], inverse = permutation that puts the concatenated group outputs back in order."""
+    cu = torch.as_tensor(cu_seqlens).tolist()
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:]) if b > a]
+    starts = [a for a, b in zip(cu[:-1], cu[1:]) if b > a]
+    if len(set(lens)) == 1:
+        return [(lens[0], None)], None
+    groups, order = [], []
+    for n in sorted(set(lens)):
+        s = torch.tensor([a for a, m in zip(starts, lens) if m == n], device=device)
+        idx = s[:, None] + torch.arange(n, device=device)  # [n_seg, n]
+        groups.append((n, idx))
+        order.append(idx.flatten())
+    return groups, torch.argsort(torch.cat(order))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, vs):
+        super().__init__()
+        dim = vs["hidden_size"]
+        self.n_head = vs["num_heads"]
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x, cos, sin, plan, cu_seqlens):  # x [N, D], cos/sin [N, hd] fp32
+        N = x.shape[0]
+        q, k, v = self.qkv(x).view(N, 3, self.n_head, -1).unbind(1)  # each [N, H, hd]
+        # rotary in fp32 (as the reference does), then back to the activation dtype
+        c, s = cos[:, None], sin[:, None]
+        q = apply_rope(q.float(), c, s).to(x.dtype)
+        k = apply_rope(k.float(), c, s).to(x.dtype)
+        if flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            max_len = max(n for n, _ in plan[0])  # the longest segment
+            y = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)  # [N, H, hd]
+        else:
+            groups, inverse = plan
+            outs = []
+            for n, idx in groups:  # segments of equal length attend in one batched call
+                qs, ks, vs_ = (t.view(-1, n, *t.shape[1:]) if idx is None else t[idx] for t in (q, k, v))
+                o = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs_.transpose(1, 2))
+                outs.append(o.transpose(1, 2).reshape(-1, *q.shape[1:]))  # [n_seg*n, H, hd]
+            y = outs[0] if inverse is None else torch.cat(outs)[inverse]
+        return self.proj(y.reshape(N, -1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, vs):
+        super().__init__()
+        self.norm1 = RMSNorm(vs["hidden_size"], eps=1e-6)
+        self.norm2 = RMSNorm(vs["hidden_size"], eps=1e-6)
+        self.attn = VisionAttention(vs)
+        self.mlp = SwiGLU(vs["hidden_size"], vs["intermediate_size"], vs["hidden_act"], bias=True)
+
+    def forward(self, x, cos, sin, plan, cu_seqlens):
+        x = x + self.attn(self.norm1(x), cos, sin, plan, cu_seqlens)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """RMSNorm each patch, concatenate each 2x2 group (consecutive in the input order), MLP to the LLM width."""
+
+    def __init__(self, vs):
+        super().__init__()
+        self.group_dim = vs["hidden_size"] * vs["spatial_merge_size"] ** 2
+        self.ln_q = RMSNorm(vs["hidden_size"], eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(self.group_dim, self.group_dim), nn.GELU(),
+                                 nn.Linear(self.group_dim, vs["out_hidden_size"]))
+
+    def forward(self, x):  # [N, d] -> [N/4, D]
+        return self.mlp(self.ln_q(x).view(-1, self.group_dim))
+
+
+class VisionTower(nn.Module):
+    def __init__(self, vs):
+        super().__init__()
+        self.vs = vs
+        self.patch_embed = PatchEmbed(vs)
+        self.blocks = nn.ModuleList([VisionBlock(vs) for _ in range(vs["depth"])])
+        self.merger = PatchMerger(vs)
+
+    def layout(self, grid_thw):
+        """Per-patch (h, w) rotary positions, the window reordering and the attention segments.
+        Patches arrive block-major: the 4 patches of each 2x2 merge group are consecutive."""
+        m = self.vs["spatial_merge_size"]
+        win = self.vs["window_size"] // m // self.vs["patch_size"]  # window side, in merged tokens
+        pos, window_index, cu_win, cu_full = [], [], [0], [0]
+        offset = 0
+        for t, h, w in grid_thw.tolist():
+            hh = torch.arange(h)[:, None].expand(h, w).reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
+            ww = torch.arange(w)[None, :].expand(h, w).reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
+            pos.append(torch.stack([hh, ww], -1).repeat(t, 1))  # [t*h*w, 2]
+            gh, gw = h // m, w // m
+            grid = torch.arange(gh * gw).view(gh, gw)
+            windows = [grid[i:i + win, j:j + win].flatten() for i in range(0, gh, win) for j in range(0, gw, win)]
+            for f in range(t):  # windows never cross frames
+                for wnd in windows:
+                    window_index.append(wnd + offset + f * gh * gw)
+                    cu_win.append(cu_win[-1] + wnd.numel() * m * m)
+                cu_full.append(cu_full[-1] + h * w)  # full attention is still per frame
+            offset += t * gh * gw
+        return torch.cat(pos), torch.cat(window_index), cu_win, cu_full
+
+    def forward(self, pixels, grid_thw, grad_ckpt=False):  # pixels [N, C*t*p*p], grid_thw [n, 3]
+        dev = pixels.device
+        pos, window_index, cu_win, cu_full = self.layout(grid_thw.cpu())
+        pos, window_index = pos.to(dev), window_index.to(dev)
+        unit = self.vs["spatial_merge_size"] ** 2
+        x = self.patch_embed(pixels)  # [N, d]
+        N, d = x.shape
+        if N != pos.shape[0]:
+            raise ValueError(f"pixel rows ({N}) do not match the grids {grid_thw.tolist()} ({pos.shape[0]} patches)")
+        # reorder merge groups so that every window is a contiguous run
+        x = x.view(N // unit, unit, d)[window_index].view(N, d)
+        hd = d // self.vs["num_heads"]
+        freqs = (pos[..., None].float() * inv_freq(hd // 2, self.vs["rope_theta"], dev)).flatten(1)  # [N, hd/2]
+        freqs = freqs.view(N // unit, unit, -1)[window_index].view(N, -1)
+        cos, sin = rope_tables(freqs, torch.float32)  # [N, hd]
+        plans = {name: (segment_plan(cu, dev), torch.tensor(cu, dtype=torch.int32, device=dev))
+                 for name, cu in (("full", cu_full), ("window", cu_win))}
+        for i, blk in enumerate(self.blocks):
+            plan, cu = plans["full" if i in self.vs["fullatt_block_indexes"] else "window"]
+            if grad_ckpt:
+                x = checkpoint(blk, x, cos, sin, plan, cu, use_reentrant=False)
+            else:
+                x = blk(x, cos, sin, plan, cu)
+        x = self.merger(x)  # [N/4, D]
+        return x[torch.argsort(window_index)]  # back to the original token order
+
+# -----------------------------------------------------------------------------
+# Qwen2 decoder
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers [B, kv_heads, max_len, hd]. The prefill may run on B/expand rows
+    (one per prompt); its keys/values are copied to the `expand` rows of each prompt's completions."""
+
+    def __init__(self, n_layer, batch, n_kv, max_len, hd, dtype, device, expand=1):
+        self.k = [torch.empty(batch, n_kv, max_len, hd, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.empty(batch, n_kv, max_len, hd, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.expand, self.len = expand, 0
+
+    def update(self, i, k, v):  # k, v [b, n_kv, T, hd] -> keys/values to attend over
+        T, s = k.shape[2], self.len
+        if s == 0:  # prefill: store (copied per completion), attend over the fresh keys
+            if self.expand > 1:
+                self.k[i][:, :, :T] = k.repeat_interleave(self.expand, 0)
+                self.v[i][:, :, :T] = v.repeat_interleave(self.expand, 0)
+            else:
+                self.k[i][:, :, :T] = k
+                self.v[i][:, :, :T] = v
+            return k, v
+        self.k[i][:, :, s:s + T] = k
+        self.v[i][:, :, s:s + T] = v
+        return self.k[i][:, :, :s + T], self.v[i][:, :, :s + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, ts):
+        super().__init__()
+        D = ts["hidden_size"]
+        self.n_head, self.n_kv = ts["num_attention_heads"], ts["num_key_value_heads"]
+        self.hd = D // self.n_head
+        self.q_proj = nn.Linear(D, self.n_head * self.hd, bias=True)
+        self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=True)
+        self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.hd, D, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):  # x [B, T, D], cos/sin [B, 1, T, hd]
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        gqa = self.n_kv != self.n_head
+        if gqa and mask is not None and x.is_cuda:  # CUDA's masked SDPA kernels lack GQA: repeat the kv heads
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv, 1) for t in (k, v))
+            gqa = False
+        # mask None: no padding, plain causal (a single decode query sees the whole cache)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, ts):
+        super().__init__()
+        self.input_layernorm = RMSNorm(ts["hidden_size"], ts["rms_norm_eps"])
+        self.self_attn = Attention(ts)
+        self.post_attention_layernorm = RMSNorm(ts["hidden_size"], ts["rms_norm_eps"])
+        self.mlp = SwiGLU(ts["hidden_size"], ts["intermediate_size"], ts["hidden_act"])
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+# -----------------------------------------------------------------------------
+# the whole model
+
+
+class VidEmo(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.ts, self.vs = ts, vs = text_settings(config), vision_settings(config)
+        self.video_token_id = config.get("video_token_id", 151656)
+        self.image_token_id = config.get("image_token_id", 151655)
+        hd = ts["hidden_size"] // ts["num_attention_heads"]
+        if sum(ts["mrope_section"]) * 2 != hd:
+            raise ValueError(f"config: mrope_section {ts['mrope_section']} must sum to head_dim/2 = {hd // 2}")
+        if vs["out_hidden_size"] != ts["hidden_size"]:
+            raise ValueError(f"config: vision_config.out_hidden_size {vs['out_hidden_size']} != "
+                             f"hidden_size {ts['hidden_size']}")
+        self.visual = VisionTower(vs)
+        self.embed_tokens = nn.Embedding(ts["vocab_size"], ts["hidden_size"])
+        self.layers = nn.ModuleList([DecoderLayer(ts) for _ in range(ts["num_hidden_layers"])])
+        self.norm = RMSNorm(ts["hidden_size"], ts["rms_norm_eps"])
+        self.lm_head = nn.Linear(ts["hidden_size"], ts["vocab_size"], bias=False)
+        if ts["tie_word_embeddings"]:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False
+        if self.embed_tokens.weight.device.type != "meta":
+            self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        std = self.ts["initializer_range"]
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, PatchEmbed):
+            nn.init.normal_(module.proj.weight, std=self.vs["initializer_range"])
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def num_params(self, exclude_embeddings=False):
+        n = sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
+        return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
+
+    # --- vision -------------------------------------------------------------
+
+    def encode_video(self, pixel_values_videos, video_grid_thw):
+        """[N_patches, C*2*14*14] pixels -> [n_merged, D] video tokens (in placeholder order)."""
+        grid = torch.as_tensor(video_grid_thw).view(-1, 3)
+        return self.visual(pixel_values_videos, grid, self.gradient_checkpointing and torch.is_grad_enabled())
+
+    def encode_image(self, pixel_values, image_grid_thw):
+        grid = torch.as_tensor(image_grid_thw).view(-1, 3)
+        return self.visual(pixel_values, grid, self.gradient_checkpointing and torch.is_grad_enabled())
+
+    # --- positions ----------------------------------------------------------
+
+    def rope_index(self, input_ids, attention_mask=None, video_grid_thw=None, image_grid_thw=None,
+                   second_per_grid_ts=None):
+        """3-D M-RoPE positions, as transformers' get_rope_index. Text advances all three axes by 1; a vision
+        run of t*h*w/4 tokens gets (start + t*interval, start + row, start + col), interval = tokens_per_second *
+        seconds-per-grid for videos (1 for images), and the text after it starts at start + max(h, w)/2.
+        Padding gets 0. Returns (positions [3, B, L] long, next_position [B] = max position + 1)."""
+        B, L = input_ids.shape
+        dev = input_ids.device
+        m = self.vs["spatial_merge_size"]
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        pos = torch.zeros(3, B, L, dtype=torch.long, device=dev)
+        grids = {self.video_token_id: iter([] if video_grid_thw is None else torch.as_tensor(video_grid_thw).tolist()),
+                 self.image_token_id: iter([] if image_grid_thw is None else torch.as_tensor(image_grid_thw).tolist())}
+        if second_per_grid_ts is not None:
+            second_per_grid_ts = torch.as_tensor(second_per_grid_ts).flatten().cpu()
+        n_video = 0
+        next_pos = torch.zeros(B, dtype=torch.long, device=dev)
+        ids_cpu, real_cpu = input_ids.cpu(), real.cpu()
+        for b in range(B):
+            ids = ids_cpu[b][real_cpu[b]]
+            kind = torch.where((ids == self.video_token_id) | (ids == self.image_token_id), ids, -1)
+            bounds = [0] + (torch.nonzero(kind[1:] != kind[:-1]).flatten() + 1).tolist() + [len(ids)]
+            parts, cur = [], 0
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                tok = int(kind[s])
+                if tok == -1:  # text
+                    parts.append(torch.arange(cur, cur + e - s).expand(3, -1))
+                    cur += e - s
+                    continue
+                name = "video" if tok == self.video_token_id else "image"
+                try:
+                    t, h, w = next(grids[tok])
+                except StopIteration:
+                    raise ValueError(f"input_ids hold more {name} placeholder runs than {name}_grid_thw "
+                                     "rows") from None
+                if (e - s) * m * m != t * h * w:
+                    raise ValueError(f"{name} placeholder run of {e - s} tokens does not match grid {[t, h, w]} "
+                                     f"({t * h * w // (m * m)} merged tokens)")
+                if tok == self.video_token_id:  # same arithmetic (and dtype) as the reference
+                    sec = 1 if second_per_grid_ts is None else second_per_grid_ts[n_video]
+                    interval = self.vs["tokens_per_second"] * sec
+                    n_video += 1
+                else:
+                    interval = 1
+                tt = (torch.arange(t) * interval).long() + cur
+                hh, ww = torch.arange(h // m) + cur, torch.arange(w // m) + cur
+                tt, hh, ww = torch.meshgrid(tt, hh, ww, indexing="ij")
+                parts.append(torch.stack([tt, hh, ww]).reshape(3, -1))
+                cur += max(h, w) // m
+            p = torch.cat(parts, 1) if parts else torch.zeros(3, 0, dtype=torch.long)
+            pos[:, b, real[b]] = p.to(dev)
+            next_pos[b] = int(p.max()) + 1 if p.numel() else 0
+        return pos, next_pos
+
+    def mrope(self, pos, dtype):
+        """cos, sin_signed [B, 1, L, hd] from 3-D positions [3, B, L]: the rotary frequency bands are split into
+        mrope_section chunks that take the temporal, height and width position in turn."""
+        hd = self.ts["hidden_size"] // self.ts["num_attention_heads"]
+        freqs = pos[..., None].float() * inv_freq(hd, self.ts["rope_theta"], pos.device)  # [3, B, L, hd/2]
+        chunks = freqs.split(self.ts["mrope_section"], dim=-1)
+        freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], -1)  # [B, L, hd/2]
+        return rope_tables(freqs[:, None], dtype)
+
+    # --- keep-mask (token compression) ---------------------------------------
+
+    @staticmethod
+    def _compact(keep, left):
+        """Move the kept tokens of each row together (order preserved), padded on the left or right to the
+        longest row. Pad slots point at dropped or padding positions. -> index [B, L'], new mask [B, L'] bool."""
+        B, L = keep.shape
+        n = int(keep.sum(1).max())
+        if n == 0:
+            raise ValueError("keep-mask leaves no token in any row")
+        ar = torch.arange(L, device=keep.device)
+        if left:
+            index = (keep.long() * L + ar).argsort(1)[:, L - n:]
+        else:
+            index = ((~keep).long() * L + ar).argsort(1)[:, :n]
+        return index, keep.gather(1, index)
+
+    def keep_index(self, input_ids, attention_mask, video_keep_mask, padding_side=None):
+        """The compaction the forward applies for a video keep-mask (bool over the batch's merged video tokens,
+        in placeholder order): index [B, L'] into the original sequence and the new attention mask [B, L']
+        (same dtype as attention_mask; long when it is None). Padding side follows the input (left if any row
+        starts with padding) unless given. Use `labels.gather(1, index)` to line labels up with the outputs."""
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        keep = real.clone()
+        is_video = input_ids == self.video_token_id
+        if video_keep_mask is not None:
+            video_keep_mask = video_keep_mask.to(device=input_ids.device, dtype=torch.bool).flatten()
+            if video_keep_mask.numel() != int(is_video.sum()):
+                raise ValueError(f"video_keep_mask has {video_keep_mask.numel()} entries but input_ids hold "
+                                 f"{int(is_video.sum())} video placeholders")
+            keep[is_video] = keep[is_video] & video_keep_mask
+        if padding_side is None:
+            padding_side = "left" if attention_mask is not None and not bool(real[:, 0].all()) else "right"
+        index, new_mask = self._compact(keep, padding_side == "left")
+        return index, new_mask.to(torch.long if attention_mask is None else attention_mask.dtype)
+
+    # --- forward --------------------------------------------------------------
+
+    def _prepare(self, input_ids, attention_mask, pixel_values_videos, video_grid_thw, second_per_grid_ts,
+                 pixel_values, image_grid_thw, video_embeds, video_keep_mask, padding_side=None):
+        """Token + vision embeddings, 3-D positions, optional compaction. -> x [B, L', D], pos [3, B, L'],
+        attention mask [B, L'] bool (or None when nothing is padded), next position [B]."""
+        x = self.embed_tokens(input_ids)  # [B, L, D]
+        for kind, ids, pixels, grid, embeds, enc in (
+                ("video", self.video_token_id, pixel_values_videos, video_grid_thw, video_embeds, self.encode_video),
+                ("image", self.image_token_id, pixel_values, image_grid_thw, None, self.encode_image)):
+            where = input_ids == ids  # [B, L]
+            if embeds is None and pixels is not None:
+                if grid is None:
+                    raise ValueError(f"{kind} pixels given without {kind}_grid_thw")
+                embeds = enc(pixels, grid)
+            if embeds is None:
+                if bool(where.any()):
+                    raise ValueError(f"input_ids hold {int(where.sum())} {kind} placeholders but no {kind} was given")
+                continue
+            if embeds.shape[0] != int(where.sum()):
+                raise ValueError(f"{kind} tokens ({embeds.shape[0]}) and {kind} placeholders in input_ids "
+                                 f"({int(where.sum())}) do not match")
+            x = x.masked_scatter(where[..., None], embeds.to(x.dtype))
+        pos, _ = self.rope_index(input_ids, attention_mask, video_grid_thw, image_grid_thw, second_per_grid_ts)
+        real = None if attention_mask is None else attention_mask.bool()
+        if video_keep_mask is not None or padding_side is not None:
+            index, real = self.keep_index(input_ids, real, video_keep_mask, padding_side)
+            real = real.bool()
+            x = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+            pos = pos.gather(2, index[None].expand(3, -1, -1))
+        next_pos = pos.amax(0)
+        if real is not None:
+            next_pos = next_pos.masked_fill(~real, -1)
+        next_pos = next_pos.amax(1) + 1  # [B]
+        if real is not None and bool(real.all()):
+            real = None
+        return x, pos, real, next_pos
+
+    def _layers(self, x, cos, sin, mask, cache=None):
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            if ckpt:
+                x = checkpoint(layer, x, cos, sin, mask, cache, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.len += x.shape[1]
+        return x
+
+    @staticmethod
+    def _prefill_mask(real):
+        """Causal mask with key padding, [B, 1, L, L] bool; padded queries see themselves (no empty rows)."""
+        if real is None:
+            return None
+        L = real.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=real.device).tril()
+        return (causal & real[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=real.device)
+
+    def forward(self, input_ids, attention_mask=None, pixel_values_videos=None, video_grid_thw=None,
+                second_per_grid_ts=None, pixel_values=None, image_grid_thw=None, video_embeds=None,
+                video_keep_mask=None, return_hidden=False):
+        """-> logits [B, L, V] (or final hidden states [B, L, D] with return_hidden). With video_keep_mask the
+        sequence is compacted to [B, L', ...] (see keep_index)."""
+        x, pos, real, _ = self._prepare(input_ids, attention_mask, pixel_values_videos, video_grid_thw,
+                                        second_per_grid_ts, pixel_values, image_grid_thw, video_embeds,
+                                        video_keep_mask)
+        cos, sin = self.mrope(pos, x.dtype)
+        h = self.norm(self._layers(x, cos, sin, self._prefill_mask(real)))
+        return h if return_hidden else self.lm_head(h)
+
+    # --- generation -----------------------------------------------------------
+
+    @staticmethod
+    def _sample(logits, temperature, top_k, top_p, generator, want_logp=True):
+        """-> token [B], log-prob [B]. The log-prob is taken from the full tempered distribution
+        log_softmax(logits / temperature) (plain logits when greedy), before top-k/top-p filtering, like TRL,
+        so that it equals what a teacher-forced forward computes."""
+        logits = logits.float()
+        if temperature <= 0:
+            tok = logits.argmax(-1)
+        else:
+            logits = logits / temperature
+            probs = VidEmo.filter_logits(logits, top_k, top_p).softmax(-1)
+            tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        if not want_logp:
+            return tok, None
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+
+    @staticmethod
+    def filter_logits(scaled, top_k=0, top_p=1.0):
+        """top-k, then top-p (nucleus) filtering of tempered logits [B, V]: removed tokens get -inf."""
+        if top_k > 0:
+            kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), -1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if top_p < 1.0:
+            srt, order = scaled.sort(-1, descending=True)
+            p = srt.softmax(-1)
+            drop = (p.cumsum(-1) - p) >= top_p  # keep the smallest prefix whose mass reaches top_p
+            scaled = scaled.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return scaled
+
+    def generate(self, input_ids, attention_mask=None, pixel_values_videos=None, video_grid_thw=None,
+                 second_per_grid_ts=None, pixel_values=None, image_grid_thw=None, video_embeds=None,
+                 video_keep_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, eos_token_id=None,
+                 pad_token_id=None, num_return_sequences=1, return_logprobs=False, generator=None):
+        """Batched generation with a static KV cache. Prompts may be left or right padded (they are compacted to
+        left padding). The vision tower and the prefill run once per prompt; their keys/values are copied to the
+        num_return_sequences completions (rows b*n .. b*n+n-1 belong to prompt b). Decode positions continue from
+        each prompt's max M-RoPE position + 1, as transformers does. temperature 0 = greedy.
+        -> (new tokens [B*n, T] long, pad_token_id after EOS; log-probs [B*n, T] float (0 after EOS) or None).
+        Log-probs are log_softmax(logits / temperature) at the chosen token, from the unfiltered distribution
+        (top-k/top-p only decide what is sampled), like TRL: they match a teacher-forced forward."""
+        with torch.inference_mode():  # cheaper per op than no_grad; the outputs are cloned back to normal tensors
+            tokens, logps = self._generate(input_ids, attention_mask, pixel_values_videos, video_grid_thw,
+                                           second_per_grid_ts, pixel_values, image_grid_thw, video_embeds,
+                                           video_keep_mask, max_new_tokens, temperature, top_p, top_k,
+                                           eos_token_id, pad_token_id, num_return_sequences, return_logprobs,
+                                           generator)
+        return tokens.clone(), (logps.clone() if logps is not None else None)
+
+    def _generate(self, input_ids, attention_mask, pixel_values_videos, video_grid_thw, second_per_grid_ts,
+                  pixel_values, image_grid_thw, video_embeds, video_keep_mask, max_new_tokens, temperature, top_p,
+                  top_k, eos_token_id, pad_token_id, num_return_sequences, return_logprobs, generator):
+        n = num_return_sequences
+        eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
+                              device=input_ids.device).flatten()
+        if pad_token_id is None:
+            pad_token_id = int(eos[0]) if eos.numel() else 0
+        x, pos, real, next_pos = self._prepare(input_ids, attention_mask, pixel_values_videos, video_grid_thw,
+                                               second_per_grid_ts, pixel_values, image_grid_thw, video_embeds,
+                                               video_keep_mask, padding_side="left")
+        B, L, _ = x.shape
+        cache = KVCache(len(self.layers), B * n, self.ts["num_key_value_heads"], L + max_new_tokens,
+                        self.layers[0].self_attn.hd, x.dtype, x.device, expand=n)
+        cos, sin = self.mrope(pos, x.dtype)
+        h = self._layers(x, cos, sin, self._prefill_mask(real), cache)
+        logits = self.lm_head(self.norm(h[:, -1])).repeat_interleave(n, 0)  # [B*n, V]; left padded: last is real
+        key_bias = None
+        if real is not None:  # decode attends over the prompt's real tokens + everything generated; an additive
+            # float mask built once (SDPA would convert a bool mask in every layer of every step)
+            key_bias = torch.zeros(B * n, 1, 1, L + max_new_tokens, dtype=x.dtype, device=x.device)
+            key_bias[:, 0, 0, :L].masked_fill_(~real.repeat_interleave(n, 0), float("-inf"))
+        # decode rotary table over every position a step can reach (text tokens: same position on all three
+        # axes); each step then only looks rows up
+        base = int(next_pos.min())
+        span = int(next_pos.max()) - base + max_new_tokens
+        freq = inv_freq(self.layers[0].self_attn.hd, self.ts["rope_theta"], x.device)
+        tcos, tsin = rope_tables(torch.arange(base, base + span, device=x.device).float()[:, None] * freq, x.dtype)
+        rows = next_pos.repeat_interleave(n) - base  # [B*n]
+        tokens = torch.full((B * n, max_new_tokens), pad_token_id, dtype=torch.long, device=x.device)
+        logps = torch.zeros(B * n, max_new_tokens, device=x.device) if return_logprobs else None
+        done = torch.zeros(B * n, dtype=torch.bool, device=x.device)
+        T = 0
+        for t in range(max_new_tokens):
+            tok, lp = self._sample(logits, temperature, top_k, top_p, generator, return_logprobs)
+            if eos.numel():
+                tok = tok.masked_fill(done, pad_token_id)
+            tokens[:, t] = tok
+            if return_logprobs:
+                logps[:, t] = lp.masked_fill(done, 0.0)
+            T = t + 1
+            if eos.numel():
+                done |= torch.isin(tok, eos)
+                if bool(done.all()):
+                    break
+            if t == max_new_tokens - 1:
+                break
+            mask = None if key_bias is None else key_bias[..., :cache.len + 1]
+            r = rows + t
+            h = self._layers(self.embed_tokens(tok)[:, None], tcos[r][:, None, None], tsin[r][:, None, None],
+                             mask, cache)
+            logits = self.lm_head(self.norm(h[:, 0]))
+        return tokens[:, :T], (logps[:, :T] if return_logprobs else None)
+
+    # --- checkpoints ----------------------------------------------------------
+
+    @staticmethod
+    def _internal_name(key):
+        """HF checkpoint key (transformers-4 or -5 naming) -> our parameter name, or None if unknown."""
+        for prefix, new in (("model.visual.", "visual."), ("model.language_model.", ""), ("visual.", "visual."),
+                            ("model.", ""), ("lm_head.", "lm_head.")):
+            if key.startswith(prefix):
+                return new + key[len(prefix):]
+        return None
+
+    @staticmethod
+    def _hf_name(name):  # ours -> the Hub's (transformers-4) naming, which every transformers version loads
+        return name if name.startswith(("visual.", "lm_head.")) else "model." + name
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        """Load a Hugging Face Qwen2.5-VL directory (config.json + model.safetensors, or shards + index).
+        Every tensor is checked (known key, right shape, none missing) before the model is returned."""
+        from safetensors import safe_open
+        path = str(path)
+        if not os.path.isdir(path):
+            if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+                raise FileNotFoundError(f"{path}: not a checkpoint directory")
+            from huggingface_hub import snapshot_download  # a Hub repo id: only then touch the network
+            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"{cfg_file}: missing (a Qwen2.5-VL checkpoint directory needs config.json)")
+        try:
+            with open(cfg_file) as f:
+                config = json.load(f)
+            if not isinstance(config, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise ValueError(f"{cfg_file}: not a valid config ({e})") from None
+        index_file = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index_file):
+            try:
+                with open(index_file) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{index_file}: not a valid safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(os.path.join(path, "model.safetensors")):
+            weight_map, files = None, ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                    "(pickled .bin checkpoints are not read)")
+        for fn in files:
+            if not os.path.isfile(os.path.join(path, fn)):
+                raise FileNotFoundError(f"{os.path.join(path, fn)}: shard listed in the index is missing")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        if dtype is None:
+            name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+            dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
+
+        with torch.device("meta"):
+            model = cls(config)
+        tied = model.ts["tie_word_embeddings"]
+        expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        state = {}
+        for fn in files:
+            full = os.path.join(path, fn)
+            try:
+                with safe_open(full, framework="pt", device=str(device or "cpu")) as f:
+                    keys = list(f.keys())
+                    for key in keys:
+                        name = cls._internal_name(key)
+                        if name == "lm_head.weight" and tied:
+                            continue  # tied: the head is the embedding
+                        if name not in expected:
+                            raise ValueError(f"{full}: unknown tensor '{key}' for this config")
+                        shape = tuple(f.get_slice(key).get_shape())
+                        if shape != tuple(expected[name]):
+                            raise ValueError(f"{full}: tensor '{key}' has shape {list(shape)}, the config "
+                                             f"expects {list(expected[name])}")
+                        if name in state:
+                            raise ValueError(f"{full}: tensor '{key}' appears twice in the checkpoint")
+                        t = f.get_tensor(key)
+                        if t.is_floating_point():
+                            dtype = dtype or t.dtype  # no dtype asked for or in config.json: as stored
+                            t = t.to(dtype)
+                        state[name] = t
+                    if weight_map is not None:
+                        for key, wf in weight_map.items():
+                            if wf == fn and key not in keys:
+                                raise ValueError(f"{full}: tensor '{key}' listed in the index is not in the shard")
+            except (ValueError, FileNotFoundError, torch.OutOfMemoryError):
+                raise
+            except Exception as e:  # safetensors raises its own error types for unreadable files
+                raise ValueError(f"{full}: cannot read safetensors ({type(e).__name__}: {e})") from None
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            shown = ", ".join(cls._hf_name(k) for k in missing[:5])
+            raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {shown}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+        if tied:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if tied:  # assign replaced the parameter objects: re-tie
+            model.lm_head.weight = model.embed_tokens.weight
+        return model.eval()
+
+    def save_pretrained(self, path, max_shard_size=4 * 2 ** 30):
+        """Write config.json + safetensors (sharded with an index when larger than max_shard_size bytes) in
+        the Hub layout that transformers' Qwen2_5_VLForConditionalGeneration.from_pretrained reads."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        for fn in os.listdir(path):  # stale weights from an earlier save would shadow the new ones
+            if fn == "model.safetensors" or fn == "model.safetensors.index.json" or \
+                    (fn.startswith("model-") and fn.endswith(".safetensors")):
+                os.remove(os.path.join(path, fn))
+        tied = self.ts["tie_word_embeddings"]
+        tensors = {self._hf_name(k): v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                   if not (tied and k == "lm_head.weight")}
+        config = dict(self.config)
+        config.setdefault("model_type", "qwen2_5_vl")
+        config.setdefault("architectures", ["Qwen2_5_VLForConditionalGeneration"])
+        dname = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
+        present = [k for k in ("dtype", "torch_dtype") if k in config]
+        for key in present or ["torch_dtype"]:
+            config[key] = dname
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        shards, size = [{}], 0
+        for k, v in tensors.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(path, fn), metadata={"format": "pt"})
+            weight_map.update({k: fn for k in shard})
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -1,0 +1,483 @@
+"""GRPO maths of train_rl.py against an independent float64 reference written from DESIGN §5 with explicit loops,
+plus (when model/data/reward/EmoSynth are present) an end-to-end smoke run and an exact-resume check."""
+import itertools
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from train_rl import grpo_advantages, grpo_loss
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALES = ("group", "batch", "none")
+EPS_LOW, EPS_HIGH = 0.2, 0.28
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reference implementation: python loops over groups / sequences / tokens, float64, straight from the formulas
+
+
+def ref_advantages(rewards, G, scale):
+    r = [float(x) for x in rewards]
+    n = len(r)
+
+    def unbiased_std(xs):
+        m = sum(xs) / len(xs)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+    batch_std = unbiased_std(r)
+    out = []
+    for b in range(n // G):
+        grp = r[b * G:(b + 1) * G]
+        mean = sum(grp) / G
+        std = unbiased_std(grp) if scale == "group" else batch_std
+        for x in grp:
+            out.append(x - mean if scale == "none" else (x - mean) / (std + 1e-4))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def ref_loss(logps, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, t_max=None, num_items=None):
+    """Differentiable w.r.t. logps (autograd through the scalar ops); returns (loss, stats)."""
+    N, T = logps.shape
+    t_max = T if t_max is None else t_max
+    seq_terms, total, count = [], 0.0, 0
+    kl_sum, n_low, n_high, ratio_sum = 0.0, 0, 0, 0.0
+    for i in range(N):
+        s, c = 0.0, 0
+        a = float(adv[i])
+        for t in range(T):
+            if mask[i, t] == 0:
+                continue
+            r = torch.exp(logps[i, t] - old[i, t])
+            if r < 1 - eps_low:
+                r_clip = torch.tensor(1 - eps_low, dtype=torch.float64)  # constant: no gradient through the clip
+            elif r > 1 + eps_high:
+                r_clip = torch.tensor(1 + eps_high, dtype=torch.float64)
+            else:
+                r_clip = r
+            surrogate = r * a if r * a <= r_clip * a else r_clip * a  # the pessimistic (min) one
+            L = -surrogate
+            if beta != 0:
+                d = ref[i, t] - logps[i, t]
+                k3 = torch.exp(d) - d - 1
+                L = L + beta * k3
+                kl_sum += k3.item()
+            n_low += int(r.item() < 1 - eps_low and a < 0)
+            n_high += int(r.item() > 1 + eps_high and a > 0)
+            ratio_sum += r.item()
+            s = s + L
+            c += 1
+        seq_terms.append(s / max(c, 1))
+        total = total + s
+        count += c
+    if loss_type == "grpo":
+        loss = sum(seq_terms) / N
+    elif loss_type in ("bnpo",):
+        loss = total / max(count, 1)
+    elif loss_type == "dapo":
+        loss = total / (max(count, 1) if num_items is None else num_items)
+    elif loss_type == "dr_grpo":
+        loss = total / (N * t_max)
+    stats = {"kl": kl_sum / max(count, 1), "clip_low": n_low / max(count, 1), "clip_high": n_high / max(count, 1),
+             "clip_region": (n_low + n_high) / max(count, 1), "ratio": ratio_sum / max(count, 1)}
+    return loss, stats
+
+
+def random_batch(seed, B=3, G=4, T=7, mu_gt_1=False, beta=0.04, zero_std_group=True, empty_row=False):
+    g = torch.Generator().manual_seed(seed)
+    N = B * G
+    logps = -torch.rand(N, T, generator=g, dtype=torch.float64) * 3  # log-probs in (-3, 0]
+    if mu_gt_1:  # behaviour policy differs: ratios spread well beyond [0.8, 1.28]
+        old = logps + torch.randn(N, T, generator=g, dtype=torch.float64) * 0.4
+    else:
+        old = logps.clone()  # stands for logps.detach(): ratio 1
+    ref = logps + torch.randn(N, T, generator=g, dtype=torch.float64) * 0.5 if beta else None
+    lengths = torch.randint(1, T + 1, (N,), generator=g)
+    if empty_row:
+        lengths[0] = 0
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()  # variable completion lengths
+    rewards = torch.rand(N, generator=g, dtype=torch.float64).round(decimals=1)
+    if zero_std_group:
+        rewards[:G] = 0.5  # one group with all-equal rewards
+    return logps, old, ref, mask, rewards
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# advantages
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_advantages_match_formula(scale):
+    for seed in range(5):
+        G = 2 + seed  # group sizes 2..6
+        rewards = torch.rand(4 * G, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        rewards[G:2 * G] = 0.25  # a zero-std group
+        got = grpo_advantages(rewards, G, scale)
+        want = ref_advantages(rewards, G, scale)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert torch.all(got[G:2 * G] == 0), "zero-std group must get advantage 0"
+        # the per-group mean is always removed
+        torch.testing.assert_close(got.view(-1, G).sum(1), torch.zeros(4, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_advantages_all_equal_batch_and_errors():
+    for scale in SCALES:
+        assert torch.all(grpo_advantages(torch.full((8,), 3.0), 4, scale) == 0)
+    with pytest.raises(ValueError, match="group_size"):
+        grpo_advantages(torch.zeros(4), 1)
+    with pytest.raises(ValueError, match="groups of 3"):
+        grpo_advantages(torch.zeros(4), 3)
+    with pytest.raises(ValueError, match="scale_rewards"):
+        grpo_advantages(torch.zeros(4), 2, "std")
+
+
+def test_advantages_group_differs_from_batch():
+    r = torch.tensor([0.0, 1.0, 0.0, 0.1])
+    g, b = grpo_advantages(r, 2, "group"), grpo_advantages(r, 2, "batch")
+    assert not torch.allclose(g, b)
+    torch.testing.assert_close(g[:2], torch.tensor([-0.5, 0.5]) / (2 ** -0.5 + 1e-4))  # std of {0, 1} = 1/sqrt(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# loss and its gradient
+
+
+@pytest.mark.parametrize("loss_type,scale,beta,mu_gt_1",
+                         list(itertools.product(LOSS_TYPES, SCALES, (0.0, 0.04), (False, True))))
+def test_loss_and_grad_match_reference(loss_type, scale, beta, mu_gt_1):
+    for seed in range(3):
+        case = 1000 * seed + 10 * LOSS_TYPES.index(loss_type) + SCALES.index(scale)
+        logps, old, ref, mask, rewards = random_batch(case, mu_gt_1=mu_gt_1, beta=beta, empty_row=seed == 2)
+        adv = grpo_advantages(rewards, 4, scale)
+        torch.testing.assert_close(adv, ref_advantages(rewards, 4, scale), rtol=1e-12, atol=1e-12)
+        x = logps.clone().requires_grad_(True)
+        # mu = 1: old is logps.detach() (ratio exactly 1 in value, gradient of a plain policy gradient)
+        old_in = x.detach() if not mu_gt_1 else old
+        loss, stats = grpo_loss(x, old_in, ref, adv, mask, beta, EPS_LOW, EPS_HIGH, loss_type, return_stats=True)
+        (grad,) = torch.autograd.grad(loss, x)
+
+        y = logps.clone().requires_grad_(True)
+        want, want_stats = ref_loss(y, old_in, ref, adv, mask, beta, EPS_LOW, EPS_HIGH, loss_type)
+        (want_grad,) = torch.autograd.grad(want, y)
+        torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
+        for k, v in want_stats.items():
+            assert stats[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+        assert (grad[mask == 0] == 0).all(), "padding must get no gradient"
+        if mu_gt_1:
+            assert stats["clip_region"] > 0, "test inputs should exercise the clip"
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("beta", (0.0, 0.04))
+def test_on_policy_gradient_closed_form(loss_type, beta):
+    """mu = 1: r = 1, so dL/dl_it = w_it * (-A_i + beta * (1 - exp(l_ref - l))) with the aggregation weight w."""
+    logps, _, ref, mask, rewards = random_batch(7, beta=beta)
+    adv = grpo_advantages(rewards, 4, "group")
+    x = logps.clone().requires_grad_(True)
+    loss = grpo_loss(x, x.detach(), ref, adv, mask, beta, EPS_LOW, EPS_HIGH, loss_type)
+    (grad,) = torch.autograd.grad(loss, x)
+    N, T = logps.shape
+    m = mask.double()
+    w = {"grpo": m / (N * m.sum(1, keepdim=True)), "bnpo": m / m.sum(), "dapo": m / m.sum(),
+         "dr_grpo": m / (N * T)}[loss_type]
+    per = -adv[:, None] + (beta * (1 - torch.exp(ref - logps)) if beta else 0.0)
+    torch.testing.assert_close(grad, w * per, rtol=1e-10, atol=1e-12)
+    # the value: with r = 1 and no KL, the loss is -(aggregated advantage), i.e. ~0 for grpo but not 0 in general
+    # (the "why is my GRPO loss 0?" question: the gradient is what matters)
+    if beta == 0:
+        want = {"grpo": -(adv * (m.sum(1) > 0)).sum() / N, "bnpo": -(m * adv[:, None]).sum() / m.sum(),
+                "dapo": -(m * adv[:, None]).sum() / m.sum(), "dr_grpo": -(m * adv[:, None]).sum() / (N * T)}
+        torch.testing.assert_close(loss, want[loss_type], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_grpo_improves_a_bandit(loss_type):
+    """The sign and scale end to end: a categorical policy over 6 tokens (3-token completions, reward = count of
+    token 0) trained with grpo_advantages + grpo_loss (mu = 2, KL to the initial policy) learns to emit token 0."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.zeros(6, requires_grad=True)
+    ref = torch.log_softmax(torch.zeros(6), -1)
+    opt = torch.optim.Adam([logits], lr=0.1)
+    B, G, T = 4, 8, 3
+    for _ in range(30):
+        with torch.no_grad():
+            tokens = torch.multinomial(torch.softmax(logits, -1), B * G * T, replacement=True, generator=g)
+            tokens = tokens.view(B * G, T)
+            old = torch.log_softmax(logits, -1)[tokens]  # [B*G, T]
+        adv = grpo_advantages((tokens == 0).sum(1).float(), G, "group")
+        mask = torch.ones(B * G, T)
+        for _ in range(2):
+            logps = torch.log_softmax(logits, -1)[tokens]
+            loss = grpo_loss(logps, old, ref[tokens], adv, mask, 0.01, 0.2, 0.28, loss_type)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert torch.softmax(logits, -1)[0] > 0.9  # from 1/6
+
+
+def test_dr_grpo_max_len_and_dapo_num_items():
+    logps, old, ref, mask, rewards = random_batch(3, mu_gt_1=True)
+    adv = grpo_advantages(rewards, 4, "none")
+    for kw, ref_kw, lt in (({"max_completion_length": 32}, {"t_max": 32}, "dr_grpo"),
+                           ({"num_items": 123.0}, {"num_items": 123.0}, "dapo")):
+        x = logps.clone().requires_grad_(True)
+        got = grpo_loss(x, old, ref, adv, mask, 0.04, EPS_LOW, EPS_HIGH, lt, **kw)
+        y = logps.clone().requires_grad_(True)
+        want, _ = ref_loss(y, old, ref, adv, mask, 0.04, EPS_LOW, EPS_HIGH, lt, **ref_kw)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, y)[0],
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_loss_errors_and_float32():
+    logps, old, ref, mask, rewards = random_batch(5)
+    adv = grpo_advantages(rewards, 4)
+    with pytest.raises(ValueError, match="ref_logps"):
+        grpo_loss(logps, old, None, adv, mask, 0.04, 0.2, 0.2, "grpo")
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo_loss(logps, old, ref, adv, mask, 0.04, 0.2, 0.2, "ppo")
+    # float32 inputs (what the loop feeds) agree with the float64 path
+    l32 = grpo_loss(logps.float(), old.float(), ref.float(), adv.float(), mask.bool(), 0.04, 0.2, 0.28, "grpo")
+    l64 = grpo_loss(logps, old, ref, adv, mask, 0.04, 0.2, 0.28, "grpo")
+    assert l32.dtype == torch.float32
+    assert abs(l32.item() - l64.item()) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the training-side plumbing: completion log-probs of a group batch == an unpadded forward of each row alone
+
+
+def _tiny_model(seed=0):
+    from model import VidEmo
+    from tiny import tiny_config
+    torch.manual_seed(seed)
+    return VidEmo(tiny_config()).eval()
+
+
+@pytest.mark.parametrize("pruned", (False, True))
+def test_completion_logps_match_unpadded_forward(monkeypatch, pruned):
+    import train_rl
+    from tiny import IM_END, IMAGE_PAD, PAD, VIDEO_PAD, fake_video_inputs
+    model = _tiny_model()
+    tau, G, Tc = 0.7, 2, 6
+    monkeypatch.setattr(train_rl, "temperature", tau)
+    inp = fake_video_inputs([(2, 4, 4), (4, 4, 6)], side="left", seconds=[0.5, 1.0])  # two prompts, left padded
+    with torch.no_grad():
+        embeds = model.encode_video(inp["pixel_values_videos"], inp["video_grid_thw"])  # [4*... , D]
+    keep = torch.rand(embeds.shape[0], generator=torch.Generator().manual_seed(1)) > 0.4 if pruned else None
+    g = torch.Generator().manual_seed(2)
+    seqs = torch.randint(0, 500, (2 * G, Tc), generator=g)
+    lengths = [Tc, 3, 1, 5]  # row 0 truncated (no EOS), the others end with EOS, pad after
+    for j, n in enumerate(lengths):
+        if j:
+            seqs[j, n - 1] = IM_END
+            seqs[j, n:] = PAD
+    seqs[3, 3] = VIDEO_PAD  # a sampled placeholder ends the completion (scored, never fed back as a video token)
+    lengths[3] = 4
+    mb = train_rl.group_batch(inp["input_ids"], inp["attention_mask"], seqs, embeds, inp["video_grid_thw"],
+                              inp["second_per_grid_ts"], keep, G, 2, IM_END, PAD, (VIDEO_PAD, IMAGE_PAD))
+    assert mb["lengths"].tolist() == lengths and mb["truncated"].tolist() == [True, False, False, False]
+    counts = (inp["video_grid_thw"].prod(-1) // 4).tolist()
+    for fused in (False, True):
+        monkeypatch.setattr(train_rl, "use_fused_logprobs", fused)
+        got, ent = train_rl.completion_logps(model, mb, with_entropy=True)  # [B*G, Tc]
+        for j, n in enumerate(lengths):
+            b = j // G
+            prompt = inp["input_ids"][b][inp["attention_mask"][b] == 1]
+            ids = torch.cat([prompt, seqs[j, :n - 1]])[None]  # the last target is never an input
+            seg = embeds.split(counts)[b]
+            kseg = keep.split(counts)[b] if pruned else None
+            with torch.no_grad():
+                logits = model(ids, video_embeds=seg, video_grid_thw=inp["video_grid_thw"][b:b + 1],
+                               second_per_grid_ts=inp["second_per_grid_ts"][b:b + 1], video_keep_mask=kseg)
+            logp_all = torch.log_softmax(logits[0, -n:].double() / tau, -1)  # the completion sits at the end
+            want = logp_all.gather(-1, seqs[j, :n, None])[:, 0]
+            torch.testing.assert_close(got[j, :n].double(), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ent[j, :n].double(), -(logp_all.exp() * logp_all).sum(-1), rtol=1e-5, atol=1e-5)
+            assert (got[j, n:] == 0).all()
+
+
+def test_completion_logps_gradient_fused_equals_plain(monkeypatch):
+    import train_rl
+    from tiny import IM_END, PAD, fake_video_inputs
+    model = _tiny_model(1).train()
+    inp = fake_video_inputs([(2, 4, 4), (2, 4, 4)], side="left")
+    with torch.no_grad():
+        embeds = model.encode_video(inp["pixel_values_videos"], inp["video_grid_thw"])
+    seqs = torch.randint(0, 500, (4, 5), generator=torch.Generator().manual_seed(3))
+    seqs[1, 2] = IM_END
+    mb = train_rl.group_batch(inp["input_ids"], inp["attention_mask"], seqs, embeds, inp["video_grid_thw"],
+                              inp["second_per_grid_ts"], None, 2, 2, IM_END, PAD)
+    grads = []
+    for fused in (False, True):
+        monkeypatch.setattr(train_rl, "use_fused_logprobs", fused)
+        model.zero_grad()
+        logps, _ = train_rl.completion_logps(model, mb)
+        (logps * torch.linspace(-1, 1, logps.numel()).view_as(logps)).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert grads[0].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# end to end: a few GRPO steps of a tiny random VidEmo on a tiny EmoSynth build (single process, in-test)
+
+
+@pytest.fixture(scope="module")
+def emosynth_tiny(tmp_path_factory):
+    """A tiny EmoSynth build and a tiny random VidEmo checkpoint (with the build's tokenizer) to start from."""
+    import importlib.util
+
+    import data as D
+    from model import VidEmo
+    from tiny import tiny_config
+    root = tmp_path_factory.mktemp("rl")
+    spec = importlib.util.spec_from_file_location("emosynth_prepare", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "emosynth", "prepare.py"))
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    build = root / "build"
+    prep.prepare(build, num_train=24, num_val=4, num_test=8, workers=1, verbose=False)
+    tok = D.load_tokenizer(build / "tokenizer")
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (
+        ("bos_token_id", "<|endoftext|>"), ("pad_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>"),
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    torch.manual_seed(0)
+    model = VidEmo(tiny_config(vocab_size=len(tok), **ids))
+    init = root / "init"
+    model.save_pretrained(init)
+    tok.save_pretrained(init)
+    return build, init
+
+
+def _args(build, init, out, **kw):
+    base = dict(init_from=init, data_dir=build, out_dir=out, num_generations=4, prompts_per_step=2, grad_accum=2,
+                max_completion_length=12, max_steps=2, warmup_steps=0, lr=1e-3, sample_table_every=1,
+                eval_at_end=False, tasks=())
+    base.update(kw)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def _vowel_reward(completion, record, weights=None, lam=1.0):
+    """A synthetic reward with spread on a random model (real rewards are all 0 there, so every group is zero-std)."""
+    v = sum(ch in "aeiou" for ch in completion) / max(1, len(completion))
+    return {"accuracy": v, "format": 0.0, "total": v}
+
+
+def test_e2e_real_rewards_checkpoint_and_eval(emosynth_tiny, tmp_path):
+    import train_rl
+    build, init = emosynth_tiny
+    out = tmp_path / "out"
+    rows = train_rl.train(_args(build, init, out, eval_at_end=True, eval_max_new_tokens=8, eval_batch_size=4,
+                                eval_max_records=4, grad_accum=1))
+    assert [r["step"] for r in rows] == [1, 2]
+    logged = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert len(logged) == 2
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_region", "completion_len_mean",
+                "completion_len_min", "completion_len_max", "t_generate", "t_score", "t_update", "rollout_tok_per_s",
+                "grad_norm", "loss"):
+        assert key in logged[-1] and math.isfinite(logged[-1][key]), key
+    assert any(k.startswith("reward/") for k in logged[-1])
+    # the KV-cache sampler and the teacher-forced training forward see the same policy
+    assert logged[0]["rollout_logp_diff"] < 1e-4
+    assert os.path.isfile(out / "ckpt" / "COMPLETE") and os.path.isfile(out / "ckpt" / "trainer_state.pt")
+    result = json.load(open(out / "eval.json"))
+    assert result["n"] > 0
+
+
+def test_missing_sft_checkpoint_and_bad_config_errors(emosynth_tiny, tmp_path):
+    import train_rl
+    build, init = emosynth_tiny
+    with pytest.raises(FileNotFoundError, match="train_sft.py"):
+        train_rl.train(_args(build, tmp_path / "no_such_ckpt", tmp_path / "out"))
+    with pytest.raises(ValueError, match="unknown task"):
+        train_rl.train(_args(build, init, tmp_path / "out", tasks=("emotion_singel",)))
+    with pytest.raises(ValueError, match="prompts_per_step"):
+        train_rl.train(_args(build, init, tmp_path / "out", prompts_per_step=3))
+    with pytest.raises(FileNotFoundError, match="resume"):
+        train_rl.train(_args(build, init, tmp_path / "fresh", resume=True))
+
+
+# every option that changes the update path at once: KL to the reference, mu = 2 (old != current), EVS pruning (one
+# keep-mask shared by all passes), dynamic sampling, batch-level reward scaling; one prompt per micro-batch
+RUN_KW = dict(beta=0.04, num_iterations=2, video_prune_rate=0.5, dynamic_sampling=True, scale_rewards="batch",
+              prompts_per_step=2, grad_accum=2, max_completion_length=8, sample_table_every=0)
+COMPARE = ("loss", "grad_norm", "kl", "reward", "reward_std", "entropy", "clip_region", "completion_len_mean")
+
+
+@pytest.fixture(scope="module")
+def straight_run(emosynth_tiny, tmp_path_factory):
+    """Two uninterrupted steps with a synthetic reward (so groups have spread): (metric rows, out_dir)."""
+    import reward
+    import train_rl
+    build, init = emosynth_tiny
+    out = tmp_path_factory.mktemp("straight")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(reward, "score", _vowel_reward)
+    try:
+        rows = train_rl.train(_args(build, init, out, **RUN_KW))
+    finally:
+        mp.undo()
+    return rows, out
+
+
+def test_e2e_learning_signal_and_exact_resume(emosynth_tiny, straight_run, tmp_path, monkeypatch):
+    import reward
+    import train_rl
+    from model import VidEmo
+    monkeypatch.setattr(reward, "score", _vowel_reward)
+    build, init = emosynth_tiny
+    straight, out = straight_run
+    assert straight[0]["frac_reward_zero_std"] < 1 and straight[0]["grad_norm"] > 0
+    assert straight[0]["rollout_logp_diff"] < 1e-4  # pruned video tokens: same keep-mask in every pass
+    assert straight[1]["kl"] > 0  # the policy moved away from the reference
+    a = VidEmo.from_pretrained(out / "ckpt")
+    b = VidEmo.from_pretrained(init)
+    moved = [n for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()) if not torch.equal(p, q)]
+    assert moved and not any(n.startswith("visual.") for n in moved)  # the vision tower is frozen in RL
+    # killed after step 1, resumed: the same rollouts and updates as the straight run
+    first = train_rl.train(_args(build, init, tmp_path / "b", stop_at_step=1, **RUN_KW))
+    second = train_rl.train(_args(build, init, tmp_path / "b", resume=True, **RUN_KW))
+    assert [r["step"] for r in first + second] == [1, 2]
+    for want, got in zip(straight, first + second):
+        for k in COMPARE:
+            assert got[k] == pytest.approx(want[k], abs=1e-6), k
+
+
+DDP_DRIVER = """
+import json, sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+import reward, train_rl, test_grpo
+reward.score = test_grpo._vowel_reward
+rows = train_rl.train(sys.argv[2:])
+if rows:
+    json.dump(rows, open(sys.argv[1], "w"))
+"""
+
+
+def test_e2e_ddp_two_ranks_equal_one_process(emosynth_tiny, straight_run, tmp_path):
+    """torchrun (gloo, 2 CPU ranks, 1 prompt each) reproduces one process accumulating both micro-batches: the
+    same rollouts, advantages (batch std gathered over ranks), dapo/grpo normalisation and DDP-reduced gradients
+    (the LM-head scoring runs inside the wrapped forward)."""
+    import subprocess
+    import sys
+    build, init = emosynth_tiny
+    straight, _ = straight_run
+    tests = os.path.dirname(os.path.abspath(__file__))
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER.format(root=os.path.dirname(tests), tests=tests))
+    out_json = tmp_path / "rows.json"
+    args = _args(build, init, tmp_path / "ddp", **dict(RUN_KW, grad_accum=1))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(driver), str(out_json)] + args, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = json.load(open(out_json))
+    assert [r["step"] for r in ddp] == [1, 2]
+    for want, got in zip(straight, ddp):
+        for k in COMPARE:
+            assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
