@@ -4,7 +4,7 @@
     python bench.py --section=all
     python bench.py --section=generate --batch=4 --new_tokens=32 --threads=2
 
-Overrides are --key=value for the keys in DEFAULTS (types follow the defaults).
+Overrides are --key=value for the keys at the top (types follow the defaults), as in every script.
 """
 
 import os
@@ -14,29 +14,16 @@ import time
 
 import torch
 
-DEFAULTS = dict(
-    section="all",
-    threads=2,  # torch CPU threads
-    repeats=3,  # timed runs per measurement (the fastest is reported: least disturbed by other load)
-    clock="wall",  # wall | cpu (process CPU time: steadier on a shared machine; use with threads=1)
-    # generate section
-    batch=8,  # prompts
-    frames=4,  # video frames per prompt (2 frames per temporal patch)
-    size=112,  # frame side in pixels
-    new_tokens=64,  # decode length (no EOS: every row runs the whole length)
-)
-
-
-def parse_args(argv):
-    cfg = dict(DEFAULTS)
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bad argument {arg!r}: expected --key=value")
-        key, val = arg[2:].split("=", 1)
-        if key not in cfg:
-            raise SystemExit(f"unknown key {key!r}; known: {', '.join(cfg)}")
-        cfg[key] = type(cfg[key])(val)
-    return cfg
+# defaults (override with --key=value or a config file, as in every VidEmo script; --help lists them)
+section = "all"  # generate | data | kernels | sft | rl | all
+threads = 2  # torch CPU threads
+repeats = 3  # timed runs per measurement (the fastest is reported: least disturbed by other load)
+clock = "wall"  # wall | cpu (process CPU time: steadier on a shared machine; use with threads=1)
+# generate section
+batch = 8  # prompts
+frames = 4  # video frames per prompt (2 frames per temporal patch)
+size = 112  # frame side in pixels
+new_tokens = 64  # decode length (no EOS: every row runs the whole length)
 
 
 def timed(fn, repeats, clock="wall"):
@@ -345,10 +332,111 @@ def bench_kernels(cfg):
     return res
 
 
-SECTIONS = {"generate": bench_generate, "data": bench_data, "kernels": bench_kernels}
+# peak dense bf16 tensor FLOP/s (no sparsity), for MFU
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+QWEN25VL_3B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "vocab_size": 151936,
+    "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+    "num_key_value_heads": 2, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "max_position_embeddings": 128000,
+    "tie_word_embeddings": True, "image_token_id": 151655, "video_token_id": 151656,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653, "eos_token_id": 151645, "bos_token_id": 151643,
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                      "hidden_act": "silu", "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2, "tokens_per_second": 2, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "out_hidden_size": 2048},
+}
+
+
+def _sft_batch(config, batch, frames, size, text_len, device):
+    """Random SFT batch: each sample = a video (frames x size x size) + text_len text tokens, all supervised."""
+    vs = config["vision_config"]
+    t, h, w = frames // 2, size // 14, size // 14
+    n_video = t * h * w // 4
+    seq = []
+    for _ in range(batch):
+        ids = [config["vision_start_token_id"]] + [config["video_token_id"]] * n_video + \
+              [config["vision_end_token_id"]] + torch.randint(0, 1000, (text_len,)).tolist()
+        seq.append(ids)
+    input_ids = torch.tensor(seq, device=device)
+    labels = input_ids.clone()
+    labels[:, :n_video + 2] = -100
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+            "pixel_values_videos": torch.randn(batch * t * h * w, 3 * 2 * 14 * 14, device=device),
+            "video_grid_thw": torch.tensor([[t, h, w]] * batch, device=device),
+            "second_per_grid_ts": torch.ones(batch, device=device)}
+
+
+def _train_flops(model, config, batch_inputs):
+    """6 * params * tokens for the decoder and the ViT (per patch), plus causal attention 6 * L * T^2 * D per layer."""
+    vis = sum(p.numel() for n, p in model.named_parameters() if n.startswith("visual."))
+    dec = sum(p.numel() for p in model.parameters()) - vis  # tied weights are counted once by parameters()
+    if not config.get("tie_word_embeddings"):
+        dec -= model.embed_tokens.weight.numel()  # untied: the input embedding is a lookup, not a matmul
+    B, T = batch_inputs["input_ids"].shape
+    n_patches = batch_inputs["pixel_values_videos"].shape[0]
+    D, L = config["hidden_size"], config["num_hidden_layers"]
+    return 6 * dec * B * T + 6 * vis * n_patches + 6 * L * B * T * T * D
+
+
+def bench_sft(cfg):
+    """SFT training throughput: tokens/s of forward + backward + AdamW step, and MFU on GPU."""
+    from model import VidEmo
+    from train_sft import SFTLoss, model_inputs
+    torch.set_num_threads(cfg["threads"])
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    shapes = [("tiny (EmoSynth default)", None, 16, 8, 112, 40)]
+    if cuda:
+        shapes.append(("Qwen2.5-VL-3B shape", QWEN25VL_3B, 4, 16, 308, 256))
+    peak = None
+    if cuda:
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    print(f"| model | params | batch | tokens/step | step ms | tokens/s | MFU |\n|---|---|---|---|---|---|---|")
+    for label, config, batch, frames, size, text_len in shapes:
+        if config is None:
+            import train_sft
+            class _Tok:  # the EmoSynth special-token layout, vocab 1024
+                def __len__(self):
+                    return 1024
+                def convert_tokens_to_ids(self, t):
+                    return {"<|vision_start|>": 1000, "<|vision_end|>": 1001, "<|image_pad|>": 1002,
+                            "<|video_pad|>": 1003, "<|im_end|>": 1004, "<|endoftext|>": 1005}[t]
+            config = train_sft.scratch_config(_Tok())
+        torch.manual_seed(0)
+        model = VidEmo(config).to(device)
+        model.gradient_checkpointing = cuda and config["hidden_size"] > 1024
+        loss_mod = SFTLoss(model, fused=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+        inputs = _sft_batch(config, batch, frames, size, text_len, device)
+        tokens = inputs["input_ids"].numel()
+
+        def step():
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+                logp, _ = loss_mod(**model_inputs(inputs))
+            (-logp.mean()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step()  # warm-up (allocations, kernel selection)
+        if cuda:
+            torch.cuda.synchronize()
+        sec = timed(lambda: (step(), torch.cuda.synchronize() if cuda else None), cfg["repeats"], cfg["clock"])
+        mfu = f"{_train_flops(model, config, inputs) / sec / peak:.1%}" if peak else "n/a (CPU)" if not cuda else "?"
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"| {label} | {n_params / 1e6:.1f}M | {batch} | {tokens} | {sec * 1e3:.0f} | {tokens / sec:,.0f} | {mfu} |")
+        del model, opt, loss_mod
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+SECTIONS = {"generate": bench_generate, "data": bench_data, "kernels": bench_kernels, "sft": bench_sft}
 
 if __name__ == "__main__":
-    cfg = parse_args(sys.argv[1:])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import common
+    cfg = common.configure(globals())
     torch.set_num_threads(cfg["threads"])
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     names = list(SECTIONS) if cfg["section"] == "all" else [cfg["section"]]

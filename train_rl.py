@@ -30,6 +30,7 @@ import torch.nn as nn
 import common
 import data as D
 import reward as R
+from kernels.logprobs import token_logprobs
 from model import VidEmo
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -218,7 +219,6 @@ def completion_logps(model, batch, with_entropy=False):
     targets = batch["targets"][valid]  # [n], the same order
     weight = model.lm_head.weight  # [V, D]
     if use_fused_logprobs:  # never builds the [n, V] logits
-        from kernels.logprobs import token_logprobs
         out = token_logprobs(h, weight, targets, temperature=temperature, return_entropy=with_entropy)
         logp, ent = out if with_entropy else (out, None)
     else:
@@ -428,6 +428,7 @@ def train(argv=None):
         common.set_rng_state(state["rng"])
         start_step, stream.pos = state["step"], state["data_pos"][rank]
     merge = policy.vs["spatial_merge_size"]
+    placeholders = (policy.video_token_id, policy.image_token_id)  # a sampled one ends the completion (group_batch)
     common.print0(f"GRPO: {sum(p.numel() for p in params) / 1e6:.2f}M trainable params | {len(records)} records "
                   f"of {len(set(r.get('task') for r in records))} tasks | {prompts_per_step} prompts x G={G} per step "
                   f"| world {world} | beta {beta} | loss {loss_type} | init {init_dir}")
@@ -472,11 +473,11 @@ def train(argv=None):
             seqs, gen_logps = policy.generate(
                 ids, attention_mask=attn, video_embeds=video_embeds, video_grid_thw=grid, second_per_grid_ts=sec,
                 video_keep_mask=keep, max_new_tokens=max_completion_length, temperature=temperature, top_p=top_p,
-                top_k=top_k, eos_token_id=eos_id, pad_token_id=pad_id, num_return_sequences=G,
+                top_k=top_k, eos_token_id=[eos_id, *placeholders], pad_token_id=pad_id, num_return_sequences=G,
                 return_logprobs=True, generator=gen)  # [B*G, Tc]: sample j of prompt b is row b*G + j
         t_gen = time.time() - t0
-        mb = group_batch(ids, attn, seqs, video_embeds, grid, sec, keep, G, merge, eos_id, pad_id,
-                         (policy.video_token_id, policy.image_token_id), mask_truncated_completions)
+        mb = group_batch(ids, attn, seqs, video_embeds, grid, sec, keep, G, merge, eos_id, pad_id, placeholders,
+                         mask_truncated_completions)
         # score: decode each completion (up to and including EOS) and apply the rule-based rewards
         t0 = time.time()
         texts = tokenizer.batch_decode([s[:n].tolist() for s, n in zip(seqs.cpu(), mb["lengths"].tolist())],
@@ -513,7 +514,8 @@ def train(argv=None):
         mine = slice(rank * n_local, (rank + 1) * n_local)
         total_all = gather_rows(total_local.to(dev)).cpu()  # [world * n_local], rank-major, groups contiguous
         adv = grpo_advantages(total_all, G, scale_rewards)[mine]
-        zero_std = total_all.view(-1, G).std(1) == 0  # [groups]: all G rewards equal, advantage 0
+        group_std = total_all.view(-1, G).std(1)  # [groups]
+        zero_std = torch.isclose(group_std, torch.zeros_like(group_std))  # all G rewards equal: advantage ~0 (TRL)
         keep_rows = (~zero_std).repeat_interleave(G)[mine]  # dynamic sampling keeps the other groups
         offset = 0
         for mb in micro:

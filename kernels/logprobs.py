@@ -363,7 +363,7 @@ def _fwd_torch(hidden, weight, targets, inv_tau, entropy, ignore_index):
     N, D = hidden.shape
     V = weight.shape[0]
     rows, cols = _blocks(N, V)
-    h32 = hidden.float()  # [N, D]
+    h32 = hidden.float() * inv_tau if inv_tau != 1.0 else hidden.float()  # [N, D]; z = (h / tau) @ W.T
     m = torch.full((N,), NEG, device=hidden.device)  # running max, sum exp(z - m), sum exp(z - m) * (z - m)
     s = torch.zeros(N, device=hidden.device)
     a = torch.zeros(N, device=hidden.device)
@@ -371,7 +371,7 @@ def _fwd_torch(hidden, weight, targets, inv_tau, entropy, ignore_index):
         w32 = weight[v0:v0 + cols].float()  # [c, D]
         for n0 in range(0, N, rows):
             sl = slice(n0, n0 + rows)
-            z = (h32[sl] @ w32.T).mul_(inv_tau)  # [r, c]
+            z = h32[sl] @ w32.T  # [r, c]
             m_new = torch.maximum(m[sl], z.amax(1))
             scale = torch.exp(m[sl] - m_new)
             z -= m_new[:, None]
@@ -384,7 +384,7 @@ def _fwd_torch(hidden, weight, targets, inv_tau, entropy, ignore_index):
     t = torch.where(valid, targets, 0)
     zt = torch.empty(N, device=hidden.device)
     for n0 in range(0, N, rows):  # target logits, a row block of W[target] at a time
-        zt[n0:n0 + rows] = (h32[n0:n0 + rows] * weight[t[n0:n0 + rows]].float()).sum(1) * inv_tau
+        zt[n0:n0 + rows] = (h32[n0:n0 + rows] * weight[t[n0:n0 + rows]].float()).sum(1)
     log_s = torch.log(s)
     lse = m + log_s
     logp = torch.where(valid, zt - lse, 0.0)
@@ -412,7 +412,7 @@ def _bwd_torch(hidden, weight, targets, lse, c, g_lp, g_ent, inv_tau, need_h, ne
     N, D = hidden.shape
     V = weight.shape[0]
     rows, cols = _blocks(N, V)
-    h32 = hidden.float()
+    h32 = hidden.float() * inv_tau if inv_tau != 1.0 else hidden.float()  # [N, D]; z = (h / tau) @ W.T
     grad_h = torch.zeros(N, D, device=hidden.device) if need_h else None
     grad_w = torch.empty_like(weight) if need_w else None
     for v0 in range(0, V, cols):
@@ -420,16 +420,17 @@ def _bwd_torch(hidden, weight, targets, lse, c, g_lp, g_ent, inv_tau, need_h, ne
         gw = torch.zeros_like(w32) if need_w else None
         for n0 in range(0, N, rows):
             sl = slice(n0, n0 + rows)
-            z = (h32[sl] @ w32.T).mul_(inv_tau)  # [r, c]
+            z = h32[sl] @ w32.T  # [r, c]
             d = _dlogits_torch(z, lse[sl], None if c is None else c[sl], g_lp[sl],
-                               None if g_ent is None else g_ent[sl], targets[sl], v0).mul_(inv_tau)
-            del z
+                               None if g_ent is None else g_ent[sl], targets[sl], v0)  # d/dz, in z's storage
             if need_h:
-                grad_h[sl].addmm_(d, w32)
+                grad_h[sl].addmm_(d, w32)  # times 1/tau at the end
             if need_w:
-                gw.addmm_(d.T, h32[sl])
+                gw.addmm_(d.T, h32[sl])  # h32 already carries the 1/tau
         if need_w:
             grad_w[v0:v0 + cols] = gw
+    if need_h and inv_tau != 1.0:
+        grad_h *= inv_tau
     return grad_h, grad_w
 
 

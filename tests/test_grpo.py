@@ -1,5 +1,6 @@
-"""GRPO maths of train_rl.py against an independent float64 reference written from DESIGN §5 with explicit loops,
-plus (when model/data/reward/EmoSynth are present) an end-to-end smoke run and an exact-resume check."""
+"""train_rl.py: the GRPO maths against an independent float64 reference written from DESIGN §5 with explicit loops;
+the training-side log-probs against an unpadded per-row forward; end-to-end runs of a tiny random VidEmo on a tiny
+EmoSynth build (real rewards + checkpoint + eval, exact resume, torchrun DDP == one process)."""
 import itertools
 import json
 import math
@@ -13,6 +14,16 @@ from train_rl import grpo_advantages, grpo_loss
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
 EPS_LOW, EPS_HIGH = 0.2, 0.28
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run far faster (and steadier on a busy 2-core machine: no spinning thread barriers) on one
+    intra-op thread; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -446,6 +457,9 @@ def test_e2e_learning_signal_and_exact_resume(emosynth_tiny, straight_run, tmp_p
     for want, got in zip(straight, first + second):
         for k in COMPARE:
             assert got[k] == pytest.approx(want[k], abs=1e-6), k
+    c = VidEmo.from_pretrained(tmp_path / "b" / "ckpt")  # and the same weights after the second update
+    for (n, p), (_, q) in zip(a.named_parameters(), c.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
 
 
 DDP_DRIVER = """

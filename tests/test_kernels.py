@@ -9,7 +9,9 @@ from kernels.token_compress import frame_similarity, keep_indices, prune_video_t
 
 # the interpreter evaluates both sides of tl.where (e.g. 0 * -inf on padded columns): harmless numpy warnings
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-BACKENDS = ["torch", "triton"]
+# Triton on CPU tensors needs the interpreter; `TRITON_INTERPRET=0 pytest tests/test_kernels.py` on a GPU machine
+# runs the compiled kernels in test_cuda_compiled instead
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not lp.INTERPRET, reason="needs TRITON_INTERPRET=1"))]
 N, D, V = 37, 29, 1013  # not multiples of any block size
 
 
@@ -263,3 +265,36 @@ def test_video_keep_mask_multi_video(backend):
         video_keep_mask(embeds[:-1], grids, rate=0.5, backend=backend)
     with pytest.raises(ValueError, match="exactly one"):
         video_keep_mask(embeds, grids, rate=0.5, threshold=0.1, backend=backend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or lp.INTERPRET, reason="compiled Triton kernels need CUDA")
+def test_cuda_compiled():
+    """Compiled kernels (autotuned configs) on realistic-ish shapes vs fp64 references."""
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    n, d, v = 1000, 384, 50_000 + 17
+    for dtype, val_tol, grad_tol in [(torch.bfloat16, 1e-4, 2e-2), (torch.float32, 1e-4, 1e-3)]:
+        h = torch.randn(n, d, device=dev, generator=g).to(dtype).requires_grad_()
+        w = (0.1 * torch.randn(v, d, device=dev, generator=g)).to(dtype).requires_grad_()
+        t = torch.randint(0, v, (n,), device=dev, generator=g)
+        t[::7] = -100
+        g_lp, g_ent = torch.randn(n, device=dev, generator=g), torch.randn(n, device=dev, generator=g)
+        h64, w64 = h.double().detach().requires_grad_(), w.double().detach().requires_grad_()
+        logits64 = h64 @ w64.T
+        r_lp, r_ent = ref_logprobs(logits64, t, 0.7)
+        (r_lp * g_lp + r_ent * g_ent).sum().backward()
+        logp, ent = token_logprobs(h, w, t, 0.7, return_entropy=True, backend="triton")
+        (logp * g_lp + ent * g_ent).sum().backward()
+        assert (logp.double() - r_lp).abs().max() <= val_tol and (ent.double() - r_ent).abs().max() <= val_tol
+        assert rel(h.grad, h64.grad) <= grad_tol and rel(w.grad, w64.grad) <= grad_tol
+        x = logits64.detach().to(dtype).requires_grad_()
+        x64 = x.double().detach().requires_grad_()
+        r_lp, r_ent = ref_logprobs(x64, t, 0.7)
+        (r_lp * g_lp + r_ent * g_ent).sum().backward()
+        logp, ent = logits_logprobs(x, t, 0.7, return_entropy=True, backend="triton")
+        (logp * g_lp + ent * g_ent).sum().backward()
+        assert (logp.double() - r_lp).abs().max() <= val_tol and (ent.double() - r_ent).abs().max() <= val_tol
+        assert rel(x.grad, x64.grad) <= grad_tol
+    x = video(9, 300, 1280, seed=1).to(dev)
+    for kw in [dict(rate=0.6), dict(threshold=0.3)]:
+        assert torch.equal(prune_video_tokens(x, backend="triton", **kw).cpu(), ref_keep(x.cpu(), **kw))

@@ -142,7 +142,7 @@ CHAT_TEMPLATE = (
 )
 
 # Fraction of clips of each kind (each kind feeds its own tasks)
-KIND_FRACTIONS = {"attr": 0.26, "identity": 0.08, "expr": 0.40, "blend": 0.08, "micro": 0.09, "transition": 0.09}
+KIND_FRACTIONS = {"attr": 0.30, "identity": 0.07, "expr": 0.37, "blend": 0.08, "micro": 0.09, "transition": 0.09}
 
 
 def au_label(code):
@@ -507,7 +507,7 @@ def split_records(rng, specs, videos):
 
 SKINS = [(250, 222, 196), (232, 186, 146), (192, 136, 96), (152, 102, 70)]
 HAIR_RGB = {"black": (30, 28, 28), "brown": (116, 70, 34), "blonde": (240, 206, 100), "red": (206, 70, 34),
-            "gray": (172, 172, 172)}
+            "gray": (140, 140, 146)}
 BACKGROUND = (205, 225, 240)
 BACKGROUNDS = [(205, 225, 240), (235, 230, 205), (215, 240, 215), (240, 215, 225), (225, 225, 225), (200, 205, 240)]
 DARK = (28, 22, 20)
@@ -613,30 +613,34 @@ def render_frame(spec, t, size):
     if au[6] > 0:
         for s in (-1, 1):
             P.ellipse(fcx + s * 21, eye_y + 14, 3 + 4.5 * au[6], 3 + 4.5 * au[6], CHEEK_RGB, clip=head)
+    wrinkle = shade(skin, 0.42)
     if app["age"] in ("adult", "elderly"):  # nasolabial folds
         for s in (-1, 1):
-            P.segment(fcx + s * 9.5, nose_y + 3, fcx + s * 17, mouth_y + 1, 1.3, line, clip=head)
-    if app["age"] == "elderly":  # forehead lines and crow's feet
+            P.segment(fcx + s * 9.5, nose_y + 3, fcx + s * 17.5, mouth_y + 2, 1.6, wrinkle, clip=head)
+    if app["age"] == "adult":  # one forehead line
+        P.segment(fcx - 12, hairline + 6, fcx + 12, hairline + 6, 1.6, wrinkle, clip=head)
+    if app["age"] == "elderly":  # two forehead lines, crow's feet, jowl lines
         for yy in (hairline + 4.5, hairline + 9):
-            P.segment(fcx - 13, yy, fcx + 13, yy, 1.2, line, clip=head)
+            P.segment(fcx - 15, yy, fcx + 15, yy, 1.6, wrinkle, clip=head)
         for s in (-1, 1):
             for k in (-1, 0, 1):
-                P.segment(fcx + s * 28, eye_y + 3 * k, fcx + s * 34, eye_y + 5 * k, 1.1, line, clip=head)
+                P.segment(fcx + s * 28, eye_y + 3 * k, fcx + s * 34, eye_y + 5 * k, 1.3, wrinkle, clip=head)
+            P.segment(fcx + s * 15, mouth_y + 4, fcx + s * 17, mouth_y + 12, 1.4, wrinkle, clip=head)
     if app["beard"]:
-        beard_rgb = hair if app["hair_len"] != "bald" else HAIR_RGB["gray"]
-        lo = mouth_y + 6 + 6 * au[26]
+        beard_rgb = shade(hair if app["hair_len"] != "bald" else HAIR_RGB["gray"], 0.8)
+        lo = mouth_y + 5 + 6 * au[26]
         P.paint((hcx - a, eye_y + 8, hcx + a, hcy + b),
                 lambda X, Y: (Y >= lo) | ((np.abs(X - hcx) >= 0.74 * a) & (Y >= eye_y + 8)), beard_rgb, clip=head)
     # hair on top (short or long) and short sideburns
     if app["hair_len"] != "bald":
-        P.paint((hcx - a - 2, hcy - b - 2, hcx + a + 2, hairline + 8),
-                lambda X, Y: (((X - hcx) / (a + 2)) ** p + ((Y - hcy) / (b + 2)) ** p <= 1)
+        P.paint((hcx - a - 4, hcy - b - 6, hcx + a + 4, hairline + 8),  # a cap with some volume on top
+                lambda X, Y: (((X - hcx) / (a + 3)) ** p + ((Y - hcy + 2) / (b + 4)) ** p <= 1)
                 & (Y <= hairline + 6 * ((X - fcx) / a) ** 2), hair)
-        if app["hair_len"] == "short":
+        if app["hair_len"] == "short":  # sideburns: hair colour stays visible under a hat
             for s in (-1, 1):
                 x_out = hcx + s * (a + 1)
-                P.paint((min(x_out, hcx + s * (a - 6)), hairline, max(x_out, hcx + s * (a - 6)), eye_y - 2),
-                        lambda X, Y: np.abs(X - hcx) >= a - 6, hair, clip=head)
+                P.paint((min(x_out, hcx + s * (a - 7)), hairline, max(x_out, hcx + s * (a - 7)), eye_y + 4),
+                        lambda X, Y: np.abs(X - hcx) >= a - 7, hair, clip=head)
     # nose (points the way the head turns) and AU9 wrinkles
     ndx = 0.5 * fx
     P.segment(fcx, eye_y + 3, fcx + ndx, nose_y - 2, 1.3, line)
@@ -682,6 +686,8 @@ def render_frame(spec, t, size):
         ho = opening / 2 * np.sqrt(np.clip(1 - q, 0, 1))
         return (q <= 1) & (Y >= yc - ho - th) & (Y <= yc + ho + th)
 
+    if app["beard"]:  # moustache, under the lips so an opening mouth stays visible
+        P.segment(fcx - 9, mouth_y - 6.5, fcx + 9, mouth_y - 6.5, 2.2, beard_rgb)
     P.paint((fcx - w, my - abs(c) - opening / 2 - th, fcx + w, my + abs(c) + opening / 2 + th), lips,
             LIP_RGB[app["gender"]])
     if opening > 1.0:
