@@ -77,8 +77,8 @@ w_format = 0.1  # enters the total only for the tree (fine-grained caption) task
 tree_lambda = 1.0  # R_tree = exp(-lambda * TED / |T_ref|)
 # optimisation
 max_steps = 200
-lr = 1e-5
-min_lr = 1e-6
+lr = 5e-5
+min_lr = 5e-6
 warmup_steps = 10
 weight_decay = 0.0
 beta1 = 0.9
@@ -365,6 +365,13 @@ def train(argv=None):
     master = rank == 0
     G = num_generations
     eps_high = epsilon_high or epsilon
+    for key, value, choices in (("loss_type", loss_type, ("grpo", "bnpo", "dr_grpo", "dapo")),
+                                ("scale_rewards", scale_rewards, ("group", "batch", "none")),
+                                ("dtype", dtype, ("auto", "float32", "bfloat16"))):
+        if value not in choices:
+            raise ValueError(f"config key '{key}': {value!r} is not one of {choices}")
+    if G < 2:
+        raise ValueError(f"config key 'num_generations': {G}; GRPO needs at least 2 completions per prompt")
     if prompts_per_step % (world * grad_accum):
         raise ValueError(f"prompts_per_step={prompts_per_step} must be divisible by world size x grad_accum "
                          f"= {world} x {grad_accum} (each rank owns whole groups)")
@@ -545,8 +552,8 @@ def train(argv=None):
         loss_sum, stats_sum, n_stats, ent_sum, ent_n, logp_diff = 0.0, {}, 0, 0.0, 0, []
         grad_norm = torch.zeros(())
         step_lr = lr_at(step)
-        for g_ in optimizer.param_groups:
-            g_["lr"] = step_lr
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
         skipped_update = kept.item() == 0  # every group had equal rewards everywhere: nothing to learn from
         for it in range(num_iterations if not skipped_update else 0):
             for i, mb in enumerate(micro):

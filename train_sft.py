@@ -232,7 +232,8 @@ def save(path, wrapped, raw, optimizer, tokenizer, step, sampler, master, config
                 cpu.load_state_dict(msd)
                 cpu.save_pretrained(d)
         # the sampler's own counter runs ahead by the DataLoader's prefetch: record the batches actually consumed
-        state = {"step": step, "optimizer": osd, "sampler": sampler.state_dict(step=step * grad_accum),
+        consumed = step * grad_accum % len(sampler)
+        state = {"step": step, "optimizer": osd, "sampler": sampler.state_dict(step=consumed),
                  "rng": common.rng_state(),
                  "config": config}
         common.save_checkpoint(path, write_model, tokenizer, state)
@@ -359,7 +360,13 @@ def main():
     t0, tokens_seen = time.time(), 0
     wrapped.train()
     for step in bar:
-        micro = [next(loader) for _ in range(grad_accum)]
+        micro = []
+        while len(micro) < grad_accum:
+            try:
+                micro.append(next(loader))
+            except StopIteration:  # max_steps beyond the schedule: run through it again
+                loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
+                                                          num_workers=num_workers))
         for b in micro:
             for reason in b.get("skipped", []):
                 skipped[reason] = skipped.get(reason, 0) + 1

@@ -29,10 +29,12 @@ w_caption = 1.0
 w_tree = 1.0
 w_format = 0.1
 tree_lambda = 1.0
-# a ~1M-parameter model: a far larger step than the 1e-6 used for 7B models
+# a ~1M-parameter model: a far larger step than the 1e-6 used for 7B models. Measured on a 600-clip build from a
+# 15-epoch SFT model: 100 steps at 5e-5 keep KL < 0.01 (test scores moved within noise: that SFT model had already
+# memorised its training records, reward ~0.8); take more steps or a larger lr where the SFT model is weaker.
 max_steps = 200
-lr = 1e-5
-min_lr = 1e-6
+lr = 5e-5
+min_lr = 5e-6
 warmup_steps = 10
 log_every = 1
 sample_table_every = 10

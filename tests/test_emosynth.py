@@ -197,6 +197,12 @@ def test_other_geometry_cli_and_safety(tmp_path):
     with av.open(str(out / rel)) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     assert len(frames) == 4 and frames[0].shape == (56, 56, 3)
+    clip = ep.render_clip(ep.make_clip(np.random.default_rng(0), "expr", 8, 0, ep.random_appearance(
+        np.random.default_rng(0)), emotion="surprise", intensity="high"), 112)
+    ep.write_mp4(tmp_path / "m4.mp4", clip, 4, codec="mpeg4")  # the fallback when PyAV lacks libx264
+    with av.open(str(tmp_path / "m4.mp4")) as c:
+        back = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert back.shape == clip.shape and np.abs(back.astype(int) - clip).mean() < 8
     with pytest.raises(ValueError, match="frames"):
         ep.prepare(tmp_path / "bad", verbose=False, frames=7)
     with pytest.raises(TypeError, match="num_trian"):

@@ -23,7 +23,6 @@ import math
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -62,16 +61,17 @@ ACTIONS = ["head nod", "head shake", "head turn left", "head turn right", "blink
 POSES = ["frontal", "turned left", "turned right", "tilted up", "tilted down"]
 FACE_SHAPES = ["round", "oval", "square"]
 # 8 fixed identities, each a fixed combination of face shape, skin tone, hair, age, gender and beard
-IDENTITIES = {
-    "person a": dict(face="oval", skin=0, hair_len="long", hair_colour="black", age="young", gender="female", beard=False),
-    "person b": dict(face="square", skin=1, hair_len="short", hair_colour="brown", age="adult", gender="male", beard=True),
-    "person c": dict(face="round", skin=2, hair_len="short", hair_colour="gray", age="elderly", gender="female", beard=False),
-    "person d": dict(face="round", skin=0, hair_len="short", hair_colour="blonde", age="young", gender="male", beard=False),
-    "person e": dict(face="square", skin=3, hair_len="long", hair_colour="red", age="adult", gender="female", beard=False),
-    "person f": dict(face="oval", skin=3, hair_len="bald", hair_colour="gray", age="elderly", gender="male", beard=True),
-    "person g": dict(face="round", skin=1, hair_len="long", hair_colour="blonde", age="young", gender="female", beard=False),
-    "person h": dict(face="oval", skin=2, hair_len="short", hair_colour="black", age="adult", gender="male", beard=False),
-}
+_ID_KEYS = ("face", "skin", "hair_len", "hair_colour", "age", "gender", "beard")
+IDENTITIES = {name: dict(zip(_ID_KEYS, row)) for name, row in [
+    ("person a", ("oval", 0, "long", "black", "young", "female", False)),
+    ("person b", ("square", 1, "short", "brown", "adult", "male", True)),
+    ("person c", ("round", 2, "short", "gray", "elderly", "female", False)),
+    ("person d", ("round", 0, "short", "blonde", "young", "male", False)),
+    ("person e", ("square", 3, "long", "red", "adult", "female", False)),
+    ("person f", ("oval", 3, "bald", "gray", "elderly", "male", True)),
+    ("person g", ("round", 1, "long", "blonde", "young", "female", False)),
+    ("person h", ("oval", 2, "short", "black", "adult", "male", False)),
+]}
 
 # task -> (level, metric), as in VOCAB.md
 TASKS = {
@@ -88,7 +88,8 @@ TASKS = {
 # A few paraphrases per task, picked at random independently of the label; none names a label.
 QUESTIONS = {
     "appearance_recognition": ["Which appearance attributes does the person have? List them, separated by commas.",
-                               "List the visible appearance attributes of the person (hair, accessories, age, gender), comma separated."],
+                               "List the visible appearance attributes of the person (hair, accessories, age, "
+                               "gender), comma separated."],
     "appearance_caption": ["Describe the person's appearance in one sentence.",
                            "Give a short description of how the person looks."],
     "action_recognition": ["Which actions does the person perform in the video? List them, separated by commas.",
@@ -114,9 +115,11 @@ QUESTIONS = {
                      "Detect the facial action units that the person shows, comma separated."],
     "emotion_caption": ["Describe the person's facial expression and emotion in one sentence.",
                         "Give a short description of the person's expression."],
-    "emotion_transition": ["How does the person's emotion change during the video? Answer in the form 'first to second'.",
+    "emotion_transition": ["How does the person's emotion change during the video? "
+                           "Answer in the form 'first to second'.",
                            "Describe the change of emotion over the clip as 'first to second'."],
-    "fine_grained_caption": ["Analyse the person's attributes, facial expression and emotion step by step, then give the emotion.",
+    "fine_grained_caption": ["Analyse the person's attributes, facial expression and emotion step by step, "
+                             "then give the emotion.",
                              "Reason from appearance to facial movements to emotion, then answer with the emotion."],
 }
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -282,7 +285,9 @@ def make_clip(rng, kind, T, difficulty, app, pose="frontal", motion="none", blin
     if mouth:
         mouth_from = 2 * int(rng.integers(1, max(2, T // 2 - 1)))
         mouth_act[mouth_from:] = 1.0
-    jitter = (rng.uniform(-3, 3, size=2).tolist() + [float(rng.uniform(0.94, 1.06))]) if difficulty >= 1 else [0.0, 0.0, 1.0]
+    jitter = [0.0, 0.0, 1.0]  # dx, dy, scale of the whole face
+    if difficulty >= 1:
+        jitter = rng.uniform(-3, 3, size=2).tolist() + [float(rng.uniform(0.94, 1.06))]
     bg = int(rng.integers(6)) if difficulty >= 1 else -1
     spec = dict(kind=kind, appearance=app, identity=identity, pose=pose, head_motion=motion, blink=bool(blink),
                 mouth_open_from=mouth_from, emotion=emotion, intensity=intensity, emotions=emotions, micro=micro,
@@ -446,7 +451,10 @@ def pick_balanced(rng, items, key, classes):
 def split_records(rng, specs, videos):
     """All task records of one split. Several tasks share a clip; each task's classes are balanced."""
     recs = []
-    add = lambda i, task, answer, labels, tree=None: recs.append(make_record(rng, videos[i], task, answer, labels, tree))
+
+    def add(i, task, answer, labels, tree=None):
+        recs.append(make_record(rng, videos[i], task, answer, labels, tree))
+
     expr = [i for i, s in enumerate(specs) if s["kind"] == "expr"]
     blend = [i for i, s in enumerate(specs) if s["kind"] == "blend"]
     for i, s in enumerate(specs):
@@ -735,10 +743,10 @@ def render_clip(spec, size):
     return video
 
 
-def write_mp4(path, frames, fps):
+def write_mp4(path, frames, fps, codec=None):
     """frames uint8 [T, H, W, 3] -> H.264 (libx264 when PyAV's ffmpeg has it, else MPEG-4 part 2), yuv420p."""
     import av
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
     tmp = str(path) + ".tmp"
     with av.open(tmp, "w", format="mp4", options={"fflags": "+bitexact"}) as c:
         st = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
