@@ -24,6 +24,7 @@ batch = 8  # prompts
 frames = 4  # video frames per prompt (2 frames per temporal patch)
 size = 112  # frame side in pixels
 new_tokens = 64  # decode length (no EOS: every row runs the whole length)
+prune_ckpt = "out/sft_emosynth/ckpt"  # prune section: the model whose prompts are pruned
 
 
 def timed(fn, repeats, clock="wall"):
@@ -431,7 +432,47 @@ def bench_sft(cfg):
             torch.cuda.empty_cache()
 
 
-SECTIONS = {"generate": bench_generate, "data": bench_data, "kernels": bench_kernels, "sft": bench_sft}
+def bench_prune(cfg):
+    """EVS video-token pruning on EmoSynth test prompts: tokens removed and prefill time, rate 0.5 vs keep-all.
+    Needs a checkpoint (default out/sft_emosynth/ckpt); accuracy with pruning comes from
+    `python eval.py --video_prune_rate=0.5`."""
+    import data as D
+    from kernels.token_compress import video_keep_mask
+    from model import VidEmo
+    torch.set_num_threads(cfg["threads"])
+    ckpt, data_dir = cfg["prune_ckpt"], "data/emosynth/build"
+    if not os.path.isdir(ckpt):
+        print(f"prune: no checkpoint at {ckpt} (run train_sft.py first); skipped")
+        return
+    model = VidEmo.from_pretrained(ckpt).eval()
+    tok = D.load_tokenizer(ckpt)
+    recs = [r for r in D.load_records(os.path.join(data_dir, "test.jsonl")) if r.get("task") == "emotion_single"]
+    vk = dict(fps=4.0, max_frames=8, min_pixels=56 * 56, max_pixels=112 * 112)
+    items = [D.encode_prompt(r, tok, data_dir, vk) for r in recs[:cfg["batch"] * 4]]
+    batches = [D.collate_prompts(items[i:i + cfg["batch"]], tok.pad_token_id) for i in range(0, len(items), cfg["batch"])]
+    print(f"| rate | prompt tokens | video tokens kept | prefill ms / batch of {cfg['batch']} | speed-up |\n|---|---|---|---|---|")
+    base = None
+    for rate in (0.0, 0.5, 0.75):
+        with torch.inference_mode():
+            embeds = [model.encode_video(b["pixel_values_videos"], b["video_grid_thw"]) for b in batches]
+            masks = [video_keep_mask(e, b["video_grid_thw"], rate=rate) if rate > 0 else None
+                     for e, b in zip(embeds, batches)]
+
+            def prefill():
+                for b, e, m in zip(batches, embeds, masks):
+                    model(b["input_ids"], attention_mask=b["attention_mask"], video_embeds=e,
+                          video_grid_thw=b["video_grid_thw"], second_per_grid_ts=b["second_per_grid_ts"],
+                          video_keep_mask=m, return_hidden=True)
+            sec = timed(prefill, cfg["repeats"], cfg["clock"]) / len(batches)
+        n_vid = sum(e.shape[0] for e in embeds)
+        kept = sum(int(m.sum()) for m in masks) if rate > 0 else n_vid
+        n_tok = sum(int(b["attention_mask"].sum()) for b in batches) - (n_vid - kept)
+        base = base or sec
+        print(f"| {rate} | {n_tok} | {kept}/{n_vid} ({kept / n_vid:.0%}) | {sec * 1e3:.1f} | {base / sec:.2f}x |")
+
+
+SECTIONS = {"generate": bench_generate, "data": bench_data, "kernels": bench_kernels, "sft": bench_sft,
+            "prune": bench_prune}
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

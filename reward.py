@@ -32,7 +32,7 @@ MAX_CHARS = 65536        # only the first 64K characters of any model output are
 MAX_TREE_NODES = 256     # larger trees are cut (preorder) before TED, so TED time stays bounded (~0.2 s)
 MAX_ITEM_CHARS = 200     # longest tree item label kept
 
-# task -> metric and task -> curriculum level (VOCAB.md); eval.py groups its tables with these
+# task -> metric and task -> curriculum level (data/emosynth/README.md); eval.py groups its tables with these
 TASK_METRIC = {
     "appearance_recognition": "f1", "appearance_caption": "caption", "action_recognition": "f1",
     "action_caption": "caption", "identity": "accuracy", "head_pose": "accuracy",

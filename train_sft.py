@@ -43,8 +43,8 @@ max_seq_len = 512
 num_workers = 2
 # curriculum
 curriculum = True  # False = one shuffled mix of all levels (the baseline)
-stage_epochs = (1.0, 1.0, 1.0)  # epochs over each level's records: attribute, expression, emotion
-replay = 0.3  # fraction of each later-stage batch replayed from earlier stages
+stage_epochs = (4.0, 2.0, 2.0)  # epochs over each level's records: attribute, expression, emotion
+replay = 0.4  # fraction of each later-stage batch replayed from earlier stages
 # model from scratch (ignored with init_from=DIR)
 n_layer = 2
 n_embd = 128

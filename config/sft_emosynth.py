@@ -7,5 +7,7 @@ fps = 4.0
 max_frames = 8
 max_pixels = 112 * 112
 curriculum = True
+stage_epochs = (4.0, 2.0, 2.0)
+replay = 0.4
 batch_size = 16
 lr = 1e-3

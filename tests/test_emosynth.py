@@ -1,4 +1,4 @@
-# EmoSynth (data/emosynth/prepare.py): determinism, record format against VOCAB.md, no label leakage, decodable
+# EmoSynth (data/emosynth/prepare.py): determinism, record format against the task table, no label leakage, decodable
 # videos, visible cues, and the tokenizer (special tokens, Qwen chat format, lossless round trip).
 import importlib.util
 import json
@@ -15,7 +15,7 @@ SPEC.loader.exec_module(ep)
 
 TINY = dict(num_train=40, num_val=12, num_test=12, seed=3, workers=2)
 
-# The reference: VOCAB.md written out by hand (not read from the module under test)
+# The reference: the task table written out by hand (not read from the module under test)
 EMOTIONS = ["neutral", "happiness", "sadness", "anger", "fear", "surprise", "disgust"]
 AUS = ["AU1 inner brow raiser", "AU2 outer brow raiser", "AU4 brow lowerer", "AU5 upper lid raiser", "AU6 cheek raiser",
        "AU9 nose wrinkler", "AU12 lip corner puller", "AU15 lip corner depressor", "AU20 lip stretcher",

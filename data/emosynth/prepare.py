@@ -35,7 +35,7 @@ DEFAULTS = dict(num_train=3000, num_val=150, num_test=400, seed=0, size=112, fra
                 difficulty=0, vocab_size=1536)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Vocabulary (helper_notes/VOCAB.md): canonical lower-case label strings
+# Vocabulary : canonical lower-case label strings
 
 EMOTIONS = ["neutral", "happiness", "sadness", "anger", "fear", "surprise", "disgust"]
 INTENSITIES = ["low", "medium", "high"]
@@ -73,7 +73,7 @@ IDENTITIES = {name: dict(zip(_ID_KEYS, row)) for name, row in [
     ("person h", ("oval", 2, "short", "black", "adult", "male", False)),
 ]}
 
-# task -> (level, metric), as in VOCAB.md
+# task -> (level, metric), the task table of data/emosynth/README.md
 TASKS = {
     "appearance_recognition": ("attribute", "f1"), "appearance_caption": ("attribute", "caption"),
     "action_recognition": ("attribute", "f1"), "action_caption": ("attribute", "caption"),
@@ -409,7 +409,7 @@ def emotion_caption(emotion, intensity, aus):
 
 
 def affective_tree(spec):
-    """The reference tree text (VOCAB.md format) for a single-emotion clip."""
+    """The reference tree text (DESIGN §4 format) for a single-emotion clip."""
     app = spec["appearance"]
     attr = [f"gender={app['gender']}", f"age={app['age']}",
             "hair=bald" if app["hair_len"] == "bald" else f"hair={app['hair_len']} {app['hair_colour']}"]
