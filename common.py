@@ -81,7 +81,7 @@ def configure(g, argv=None):
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file not found: {arg}")
-            scope = {}
+            scope = {"__file__": os.path.abspath(arg)}  # a config may build on another one next to it
             with open(arg) as f:
                 exec(compile(f.read(), arg, "exec"), scope)
             for k, v in _config_keys(scope).items():
