@@ -448,7 +448,7 @@ def bench_prune(cfg):
     tok = D.load_tokenizer(ckpt)
     recs = [r for r in D.load_records(os.path.join(data_dir, "test.jsonl")) if r.get("task") == "emotion_single"]
     vk = dict(fps=4.0, max_frames=8, min_pixels=56 * 56, max_pixels=112 * 112)
-    items = [D.encode_prompt(r, tok, data_dir, vk) for r in recs[:cfg["batch"] * 4]]
+    items = [dict(D.encode_prompt(r, tok, data_dir, vk), index=i) for i, r in enumerate(recs[:cfg["batch"] * 4])]
     batches = [D.collate_prompts(items[i:i + cfg["batch"]], tok.pad_token_id) for i in range(0, len(items), cfg["batch"])]
     print(f"| rate | prompt tokens | video tokens kept | prefill ms / batch of {cfg['batch']} | speed-up |\n|---|---|---|---|---|")
     base = None

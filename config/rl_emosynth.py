@@ -10,7 +10,7 @@ fps = 4.0
 max_frames = 8
 max_pixels = 112 * 112
 # GRPO as VidEmo's recipe most likely ran it (ms-swift / TRL-0.16 era, reference/paper-notes.md §3):
-# G = 8, tau = 0.9, beta = 0.04, eps = 0.2, per-sequence mean ("grpo"), one update per rollout
+# G = 8, beta = 0.04, eps = 0.2, per-sequence mean ("grpo"), one update per rollout; tau 0.7 here (see below)
 num_generations = 8
 temperature = 0.7
 max_completion_length = 96  # the longest EmoSynth affective tree is ~75 tokens
