@@ -18,13 +18,13 @@ squared norms in fp32 (the previous slice is mostly an L2 hit: it was read s tok
 similarity and, in threshold mode, the keep flag. Rate mode adds one stable sort of (t-1)*s floats (deterministic
 ties). backend: 'triton' | 'torch' | 'auto' (triton on CUDA, torch otherwise).
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels.logprobs import INTERPRET, _use_triton  # one backend rule for every kernel
+
 EPS = 1e-8  # cosine denominator floor: a zero token is "dissimilar" (similarity 0) rather than NaN
 
 
@@ -60,18 +60,6 @@ def _similarity_kernel(x_ptr, sim_ptr, keep_ptr, TS, S, D, stride_x, threshold, 
     tl.store(sim_ptr + rows, sim, mask=inside)
     if HAS_THRESHOLD:
         tl.store(keep_ptr + rows, ((rows < S) | (sim < threshold)).to(tl.int8), mask=inside)
-
-
-def _use_triton(backend, x):
-    if backend == "auto":
-        return x.is_cuda
-    if backend == "triton":
-        if not (x.is_cuda or INTERPRET):
-            raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing kernels")
-        return True
-    if backend == "torch":
-        return False
-    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
 
 
 def _similarity_triton(x, threshold=None):
