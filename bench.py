@@ -24,7 +24,7 @@ batch = 8  # prompts
 frames = 4  # video frames per prompt (2 frames per temporal patch)
 size = 112  # frame side in pixels
 new_tokens = 64  # decode length (no EOS: every row runs the whole length)
-prune_ckpt = "out/sft_emosynth/ckpt"  # prune section: the model whose prompts are pruned
+prune_ckpt = "out/sft_emosynth/ckpt"  # prune and rl sections: the SFT checkpoint they start from
 
 
 def timed(fn, repeats, clock="wall"):
@@ -471,8 +471,31 @@ def bench_prune(cfg):
         print(f"| {rate} | {n_tok} | {kept}/{n_vid} ({kept / n_vid:.0%}) | {sec * 1e3:.1f} | {base / sec:.2f}x |")
 
 
+def bench_rl(cfg):
+    """One GRPO step's time split (generate / score / reference / forward-backward) and rollout tokens/s: a few
+    steps of the default EmoSynth RL run from out/sft_emosynth/ckpt (the first step is warm-up and not counted)."""
+    import train_rl
+    torch.set_num_threads(cfg["threads"])
+    if not os.path.isdir(cfg["prune_ckpt"]):
+        print(f"rl: no checkpoint at {cfg['prune_ckpt']} (run train_sft.py first); skipped")
+        return
+    with tempfile.TemporaryDirectory() as out:
+        rows = train_rl.train([f"--init_from={cfg['prune_ckpt']}", f"--out_dir={out}", f"--max_steps={cfg['repeats'] + 1}",
+                               "--eval_at_end=False", "--save_every=0", "--sample_table_every=0", "--log_every=1"])
+    rows = [r for r in rows if "t_generate" in r][1:]
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("step_time", "t_generate", "t_score", "t_ref", "t_update",
+                                                               "rollout_tok_per_s", "completion_len_mean")}
+    total = mean["step_time"]
+    print(f"| part | s / step | share |\n|---|---|---|")
+    for k, name in (("t_generate", "generate (KV cache, 64 rollouts)"), ("t_score", "score (reward.py)"),
+                    ("t_ref", "reference log-probs"), ("t_update", "policy forward + backward + step")):
+        print(f"| {name} | {mean[k]:.3f} | {mean[k] / total:.0%} |")
+    print(f"| whole step | {total:.3f} | 100% |\nrollout: {mean['rollout_tok_per_s']:,.0f} tokens/s, "
+          f"{mean['completion_len_mean']:.1f} tokens per completion")
+
+
 SECTIONS = {"generate": bench_generate, "data": bench_data, "kernels": bench_kernels, "sft": bench_sft,
-            "prune": bench_prune}
+            "prune": bench_prune, "rl": bench_rl}
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
