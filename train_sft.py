@@ -372,7 +372,7 @@ def main():
                 skipped[reason] = skipped.get(reason, 0) + 1
         # normalise by the global count of supervised tokens, so any world size / accumulation gives the same loss
         n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)), device=dev)
-        n_local = n_tok.clone()
+        n_local = sum(int(b["attention_mask"].sum()) for b in micro)  # every token processed, for tokens/s
         if world > 1:
             torch.distributed.all_reduce(n_tok)
         for g in optimizer.param_groups:
@@ -408,7 +408,7 @@ def main():
         bad_steps = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens_seen += int(n_local) * world
+        tokens_seen += n_local * world
         done = step + 1
         if master and (done % log_every == 0 or done == total_steps):
             dt = time.time() - t0
