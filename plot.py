@@ -1,0 +1,109 @@
+"""Plot training curves from metrics.jsonl files into a PNG (pillow only; no matplotlib dependency).
+
+    python plot.py out/rl_emosynth/metrics.jsonl --key=reward/tree/mean --out=assets/rl_tree_reward.png
+    python plot.py out/a/metrics.jsonl out/b/metrics.jsonl --key=loss --smooth=50 --labels=a,b
+
+Each file is one line: the running mean over `smooth` logged steps of `key` against `step`.
+"""
+import json
+import sys
+
+from PIL import Image, ImageDraw
+
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189)]
+
+
+def read_curve(path, key):
+    steps, values = [], []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+            if key in row and "step" in row:
+                steps.append(row["step"])
+                values.append(float(row[key]))
+    if not steps:
+        raise ValueError(f"{path}: no rows with key {key!r}")
+    return steps, values
+
+
+def running_mean(values, window):
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def nice_ticks(lo, hi, n=5):
+    span = (hi - lo) or 1.0
+    step = 10 ** int(f"{span / n:e}".split("e")[1])
+    for m in (1, 2, 5, 10):
+        if span / (step * m) <= n:
+            step *= m
+            break
+    first = int(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step) + 2) if lo <= first + i * step <= hi]
+
+
+def plot(curves, labels, key, out, smooth=1, size=(720, 420), title=None):
+    """curves: [(steps, values)] -> a PNG at `out` with axes, ticks and a legend."""
+    W, H = size
+    left, right, top, bottom = 64, 16, 34, 44
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    curves = [(s, running_mean(v, smooth)) for s, v in curves]
+    xs = [x for s, _ in curves for x in s]
+    ys = [y for _, v in curves for y in v]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    pad = (max(ys) - min(ys)) * 0.05 or 0.05
+    y0, y1 = min(ys) - pad, max(ys) + pad
+
+    def px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (W - left - right), top + (y1 - y) / (y1 - y0) * (H - top - bottom))
+
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for t in nice_ticks(y0, y1):
+        _, y = px(x0, t)
+        d.line([left - 4, y, W - right, y], fill=(225, 225, 225))
+        d.text((4, y - 6), f"{t:.3g}", fill="black")
+    for t in nice_ticks(x0, x1):
+        x, _ = px(t, y0)
+        d.line([x, top, x, H - bottom + 4], fill=(225, 225, 225))
+        d.text((x - 10, H - bottom + 8), f"{t:g}", fill="black")
+    d.text((W // 2 - 12, H - 16), "step", fill="black")
+    d.text((left, 10), title or f"{key} (running mean over {smooth} steps)", fill="black")
+    for i, (s, v) in enumerate(curves):
+        d.line([px(a, b) for a, b in zip(s, v)], fill=COLOURS[i % len(COLOURS)], width=2)
+    d.rectangle([W - right - 156, top + 2, W - right - 2, top + 8 + 14 * len(curves)], fill="white", outline="gray")
+    for i, label in enumerate(labels):
+        c = COLOURS[i % len(COLOURS)]
+        d.line([W - right - 150, top + 12 + 14 * i, W - right - 130, top + 12 + 14 * i], fill=c, width=2)
+        d.text((W - right - 125, top + 6 + 14 * i), label, fill="black")
+    img.save(out)
+
+
+def main(argv):
+    files = [a for a in argv if not a.startswith("--")]
+    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
+    unknown = set(opts) - {"key", "out", "smooth", "labels", "title"}
+    if unknown or not files:
+        raise SystemExit(f"usage: python plot.py METRICS.jsonl [...] --key=K [--out=F.png] [--smooth=N] "
+                         f"[--labels=a,b] [--title=T]" + (f"; unknown option(s) {sorted(unknown)}" if unknown else ""))
+    key = opts.get("key", "reward")
+    labels = opts["labels"].split(",") if "labels" in opts else files
+    curves = [read_curve(f, key) for f in files]
+    out = opts.get("out", "curve.png")
+    plot(curves, labels, key, out, smooth=int(opts.get("smooth", 25)), title=opts.get("title"))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
