@@ -42,6 +42,7 @@ resume = False  # continue from out_dir/ckpt (policy, optimizer, step, data posi
 data_dir = "data/emosynth/build"
 train_file = ""  # default: data_dir/train.jsonl
 test_file = ""  # default: data_dir/test.jsonl ("none" skips the final evaluation)
+val_file = ""  # default: data_dir/val.jsonl ("none": no held-out curve); its records of `tasks` are scored every eval_every
 video_root = ""  # default: the folder of each record's data file
 tokenizer_dir = ""  # default: init_from
 # train on records of these tasks (empty = all that reward.py can score): the affective tree, plus single-label
@@ -61,6 +62,9 @@ top_k = 0
 max_completion_length = 96  # EmoSynth affective trees are <= 75 tokens
 mask_truncated_completions = False  # completions without EOS get no loss (DAPO)
 video_prune_rate = 0.0  # > 0: EVS keep-mask per prompt (kernels.token_compress), shared by every pass of the group
+# train the vision tower and merger too: the policy pass re-encodes each prompt's video with grad (once per group) so
+# the tree reward reaches perception (gender, glasses, neutral faces); False = encode once per rollout, vision frozen
+train_vision = True
 # GRPO
 prompts_per_step = 8  # prompts per optimizer step over all ranks (x G completions); each rank owns whole groups
 grad_accum = 2  # micro-batches per rank per step (each prompts_per_step // (world * grad_accum) prompts)
@@ -97,6 +101,8 @@ log_every = 1
 sample_table_every = 10
 save_every = 50
 stop_at_step = 0  # > 0: stop after this step's checkpoint (simulates a killed run; --resume continues)
+eval_every = 50  # > 0: greedy held-out score of each RL task on val_file before step 1 and every N steps ("val/<task>")
+eval_val_records = 0  # > 0: at most this many val records per task (0 = all)
 eval_at_end = True
 eval_batch_size = 32
 eval_max_new_tokens = 128
@@ -201,17 +207,22 @@ class PolicyScorer(nn.Module):
         self.model = model
 
     def forward(self, batch, with_entropy=False):
-        return completion_logps(self.model, batch, with_entropy)
+        return completion_logps(self.model, batch, with_entropy, reencode=train_vision)
 
 
-def completion_logps(model, batch, with_entropy=False):
+def completion_logps(model, batch, with_entropy=False, reencode=False):
     """batch: a rollout micro-batch (see rollout() in train()). -> logps [N, Tc] of the completion tokens under
     logits / temperature (0 past EOS), entropy [N, Tc] (detached) or None. Only completion positions go through the
-    LM head, and the video is never re-encoded (video_embeds, shared by the group)."""
+    LM head. The video is encoded once per prompt and shared by its G rows: the rollout's encoding, or with
+    `reencode` a fresh one by `model` (with grad when grad is on)."""
     ids, valid = batch["ids"], batch["valid"]  # [N, Lp + Tc], [N, Tc] tokens up to and including EOS
     N, Tc = valid.shape
     is_comp = torch.cat([torch.zeros_like(ids[:, :-Tc], dtype=torch.bool), valid], 1)  # [N, L]
-    hidden = model(ids, attention_mask=batch["attn"], video_embeds=batch["video_embeds"],
+    video_embeds = batch["video_embeds"]  # the rollout's encoding (no grad), already expanded to the G rows
+    if reencode:  # this model's own vision tower: with grad for the policy, the frozen one for the reference
+        per_prompt = model.encode_video(batch["pixels"], batch["prompt_grid"])  # [n_vid_prompts, D]
+        video_embeds = expand_groups(per_prompt, batch["row_tokens"][::batch["G"]], batch["G"])  # [n_vid, D]
+    hidden = model(ids, attention_mask=batch["attn"], video_embeds=video_embeds,
                    video_grid_thw=batch["video_grid_thw"], second_per_grid_ts=batch["second_per_grid_ts"],
                    video_keep_mask=batch["keep"], return_hidden=True)  # [N, L', D]
     if batch["keep"] is not None:  # pruned video tokens left the sequence: line the targets up with the output
@@ -235,7 +246,7 @@ def completion_logps(model, batch, with_entropy=False):
 
 
 def group_batch(ids, attn, seqs, video_embeds, grid, sec, keep, G, merge, eos_id, pad_id, placeholder_ids=(),
-                mask_truncated=False):
+                mask_truncated=False, pixels=None):
     """Prompts [B, Lp] (left padded) + their completions [B*G, Tc] (pad after EOS) -> the training micro-batch of
     B*G rows: [prompt + completion] ids and attention mask, completion masks and targets, and the group-expanded
     video inputs. A sampled vision placeholder (<|video_pad|>, <|image_pad|>; a random or young policy writes them)
@@ -254,6 +265,7 @@ def group_batch(ids, attn, seqs, video_embeds, grid, sec, keep, G, merge, eos_id
         "video_embeds": expand_groups(video_embeds, counts, G),  # each group shares its prompt's encoding
         "keep": expand_groups(keep, counts, G) if keep is not None else None,
         "row_tokens": [c for c in counts for _ in range(G)],  # video tokens of each row
+        "pixels": pixels, "prompt_grid": grid, "G": G,  # [n_patches, C*2*14*14], [B, 3]: to re-encode the videos
         "video_grid_thw": grid.repeat_interleave(G, 0), "second_per_grid_ts": sec.repeat_interleave(G, 0),
         "lengths": valid.sum(1).cpu(), "truncated": truncated.cpu(),
     }
@@ -301,9 +313,10 @@ def lr_at(step):
 
 
 def resolve_paths():
-    global train_file, test_file
+    global train_file, test_file, val_file
     train_file = train_file or os.path.join(data_dir, "train.jsonl")
     test_file = test_file or os.path.join(data_dir, "test.jsonl")
+    val_file = val_file or os.path.join(data_dir, "val.jsonl")
 
 
 def data_root(path):
@@ -416,10 +429,10 @@ def train(argv=None):
         policy = VidEmo.from_pretrained(found, device=dev)
     else:
         policy = VidEmo.from_pretrained(init_dir, device=dev)
-    # The video is encoded once per prompt (no grad) and reused by every pass, so the vision tower and merger get no
-    # gradient: freeze them (also what the reference shares with the policy, so its embeddings are the policy's).
+    # train_vision=False: the video is encoded once per prompt (no grad) and reused by every pass, so the vision tower
+    # and merger get no gradient: freeze them (the reference then shares the policy's embeddings, which are its own).
     for name, p in policy.named_parameters():
-        p.requires_grad_(not name.startswith("visual."))
+        p.requires_grad_(train_vision or not name.startswith("visual."))
     policy.gradient_checkpointing = grad_checkpointing
     ref_model = None
     if beta != 0.0:
@@ -487,7 +500,7 @@ def train(argv=None):
                 return_logprobs=True, generator=gen)  # [B*G, Tc]: sample j of prompt b is row b*G + j
         t_gen = time.time() - t0
         mb = group_batch(ids, attn, seqs, video_embeds, grid, sec, keep, G, merge, eos_id, pad_id, placeholders,
-                         mask_truncated_completions)
+                         mask_truncated_completions, b["pixel_values_videos"].to(dev) if train_vision else None)
         # score: decode each completion (up to and including EOS) and apply the rule-based rewards
         t0 = time.time()
         texts = tokenizer.batch_decode([s[:n].tolist() for s, n in zip(seqs.cpu(), mb["lengths"].tolist())],
@@ -503,9 +516,33 @@ def train(argv=None):
         mb.update(gen_logps=gen_logps, total=total, terms=terms, texts=texts, records=recs, scores=scores)
         return mb, t_gen, t_score
 
+    # ---- held-out curve: greedy scores of the RL tasks on the val split (rank 0 evaluates, the others wait)
+    val_records = []
+    if eval_every > 0 and val_file != "none" and os.path.exists(val_file):
+        by_task = {}
+        for r in D.load_records(val_file):
+            if r.get("task") in (tasks or R.TASK_METRIC):
+                by_task.setdefault(r["task"], []).append(r)
+        val_records = [r for rs in by_task.values() for r in rs[:eval_val_records or None]]
+
+    def heldout():
+        scores = {}
+        if master:
+            from eval import evaluate
+            res = evaluate(policy, tokenizer, val_records, data_root(val_file), video_kwargs, batch_size=eval_batch_size,
+                           max_new_tokens=eval_max_new_tokens, device=dev, progress=False)
+            scores = {f"val/{t}": v["score"] for t, v in res["tasks"].items()}
+            print("held-out (val): " + " | ".join(f"{k[4:]} {v:.4f}" for k, v in scores.items()), flush=True)
+        common.barrier()
+        return scores
+
     # ---- train
     log = common.MetricLog(os.path.join(out_dir, "metrics.jsonl"), wandb_project if master else None, config)
     history, skipped, bad_steps = [], {}, 0
+    if val_records and start_step == 0:
+        before = heldout()
+        if master:
+            log.log(step=0, **before)
     gen = torch.Generator(device=dev)
     for step in range(start_step, max_steps):
         t_step = time.time()
@@ -537,8 +574,9 @@ def train(argv=None):
         t0 = time.time()
         with torch.no_grad(), autocast:
             for mb in micro:
+                # old: the rollout's embeddings are the old policy's own; ref: its own (frozen) vision tower
                 mb["old"] = completion_logps(policy, mb)[0] if num_iterations > 1 else None
-                mb["ref"] = completion_logps(ref_model, mb)[0] if ref_model is not None else None
+                mb["ref"] = completion_logps(ref_model, mb, reencode=train_vision)[0] if ref_model is not None else None
         t_ref = time.time() - t0
         # dapo normalises by the active tokens of the whole rollout batch over all ranks (DDP then averages ranks)
         counts = torch.zeros(2, device=dev)  # [loss tokens, sequences] that enter the loss
@@ -633,6 +671,8 @@ def train(argv=None):
                 row[f"reward/{k}/std"] = col.std().item() if col.numel() > 1 else 0.0
         if dynamic_sampling:
             row["groups_kept"] = kept.item() / G
+        if val_records and (done % eval_every == 0 or done == max_steps):
+            row.update(heldout())
         if skipped_update:
             row["skipped_update"] = 1
         if master:
@@ -693,6 +733,12 @@ def subset(mb, rows):
     for k in ("video_embeds", "keep"):
         if mb[k] is not None:
             out[k] = torch.cat([seg for seg, r in zip(mb[k].split(mb["row_tokens"]), rows.tolist()) if r])
+    out["row_tokens"] = [c for c, r in zip(mb["row_tokens"], rows.tolist()) if r]
+    prompts = rows[::mb["G"]]  # [B] whole groups: a group's first row says whether its prompt stays
+    out["prompt_grid"] = mb["prompt_grid"][prompts]
+    if mb["pixels"] is not None:
+        patches = mb["prompt_grid"].prod(-1).tolist()
+        out["pixels"] = torch.cat([seg for seg, r in zip(mb["pixels"].split(patches), prompts.tolist()) if r])
     return out
 
 

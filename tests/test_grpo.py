@@ -333,6 +333,50 @@ def test_completion_logps_gradient_fused_equals_plain(monkeypatch):
     assert grads[0].abs().sum() > 0
 
 
+def test_reencoded_video_matches_rollout_encoding_and_subset(monkeypatch):
+    """train_vision: the policy pass re-encodes each prompt's video once and shares it with the prompt's G rows.
+    Values and every gradient (vision tower included) equal encoding with grad by hand and expanding per group; the
+    rows that dynamic sampling keeps (subset) carry their own prompts' pixels."""
+    import train_rl
+    from tiny import IM_END, PAD, fake_video_inputs
+    model = _tiny_model(2).train()
+    G = 2
+    inp = fake_video_inputs([(2, 4, 4), (4, 4, 6), (2, 6, 4)], side="left")  # three prompts, different grids
+    seqs = torch.randint(0, 500, (3 * G, 5), generator=torch.Generator().manual_seed(4))
+    seqs[2, 3] = IM_END
+    grid = inp["video_grid_thw"]
+    with torch.no_grad():
+        rollout_embeds = model.encode_video(inp["pixel_values_videos"], grid)
+    mb = train_rl.group_batch(inp["input_ids"], inp["attention_mask"], seqs, rollout_embeds, grid,
+                              inp["second_per_grid_ts"], None, G, 2, IM_END, PAD, pixels=inp["pixel_values_videos"])
+    weights = torch.linspace(-1, 1, seqs.numel()).view_as(seqs)
+
+    def grads_of(batch, reencode, by_hand=False):
+        model.zero_grad()
+        if by_hand:
+            emb = model.encode_video(inp["pixel_values_videos"], grid)
+            batch = dict(batch, video_embeds=train_rl.expand_groups(emb, (grid.prod(-1) // 4).tolist(), G))
+        logps, _ = train_rl.completion_logps(model, batch, reencode=reencode)
+        (logps * weights[:logps.shape[0]]).sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want, g_want = grads_of(mb, False, by_hand=True)
+    got, g_got = grads_of(mb, True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert g_got.keys() == g_want.keys() and any(n.startswith("visual.") for n in g_got)
+    for n in g_want:
+        torch.testing.assert_close(g_got[n], g_want[n], rtol=1e-4, atol=1e-7, msg=n)
+    with torch.no_grad():
+        plain, _ = train_rl.completion_logps(model, mb)  # the rollout encoding: same weights, same values
+    torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-6)
+    rows = torch.tensor([False] * G + [True] * G + [False] * G)  # keep only the second prompt's group
+    sub = train_rl.subset(dict(mb, adv=torch.zeros(3 * G), old=None, ref=None, gen_logps=None), rows)
+    assert sub["pixels"].shape[0] == int(grid[1].prod()) and sub["prompt_grid"].tolist() == [grid[1].tolist()]
+    with torch.no_grad():
+        part, _ = train_rl.completion_logps(model, sub, reencode=True)
+    torch.testing.assert_close(part, want[rows], rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # end to end: a few GRPO steps of a tiny random VidEmo on a tiny EmoSynth build (single process, in-test)
 
@@ -368,7 +412,7 @@ def emosynth_tiny(tmp_path_factory):
 def _args(build, init, out, **kw):
     base = dict(init_from=init, data_dir=build, out_dir=out, num_generations=4, prompts_per_step=2, grad_accum=2,
                 max_completion_length=12, max_steps=2, warmup_steps=0, lr=1e-3, sample_table_every=1,
-                eval_at_end=False, tasks=())
+                eval_at_end=False, tasks=(), eval_every=0)
     base.update(kw)
     return [f"--{k}={v}" for k, v in base.items()]
 
@@ -384,9 +428,15 @@ def test_e2e_real_rewards_checkpoint_and_eval(emosynth_tiny, tmp_path):
     build, init = emosynth_tiny
     out = tmp_path / "out"
     rows = train_rl.train(_args(build, init, out, eval_at_end=True, eval_max_new_tokens=8, eval_batch_size=4,
-                                eval_max_records=4, grad_accum=1))
+                                eval_max_records=4, grad_accum=1, eval_every=2, eval_val_records=1,
+                                tasks=("emotion_single", "fine_grained_caption")))
     assert [r["step"] for r in rows] == [1, 2]
     logged = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    # the held-out curve: val scores of the RL tasks before step 1 and every eval_every steps
+    val_keys = {"val/emotion_single", "val/fine_grained_caption"}
+    assert logged[0]["step"] == 0 and set(logged[0]) == {"step"} | val_keys
+    assert val_keys <= set(logged[2]) and not val_keys & set(logged[1])
+    logged = logged[1:]
     assert len(logged) == 2
     for key in ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_region", "completion_len_mean",
                 "completion_len_min", "completion_len_max", "t_generate", "t_score", "t_update", "rollout_tok_per_s",
@@ -398,6 +448,21 @@ def test_e2e_real_rewards_checkpoint_and_eval(emosynth_tiny, tmp_path):
     assert os.path.isfile(out / "ckpt" / "COMPLETE") and os.path.isfile(out / "ckpt" / "trainer_state.pt")
     result = json.load(open(out / "eval.json"))
     assert result["n"] > 0
+
+
+def test_frozen_vision_option(emosynth_tiny, tmp_path, monkeypatch):
+    """--train_vision=False: the vision tower and merger stay exactly the SFT ones; the LM still learns."""
+    import reward
+    import train_rl
+    from model import VidEmo
+    monkeypatch.setattr(reward, "score", _vowel_reward)
+    build, init = emosynth_tiny
+    rows = train_rl.train(_args(build, init, tmp_path / "out", train_vision=False, max_steps=1, grad_accum=1,
+                                sample_table_every=0))
+    assert rows[0]["grad_norm"] > 0
+    a, b = VidEmo.from_pretrained(tmp_path / "out" / "ckpt"), VidEmo.from_pretrained(init)
+    moved = [n for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()) if not torch.equal(p, q)]
+    assert moved and not any(n.startswith("visual.") for n in moved)
 
 
 def test_missing_sft_checkpoint_and_bad_config_errors(emosynth_tiny, tmp_path):
@@ -449,7 +514,7 @@ def test_e2e_learning_signal_and_exact_resume(emosynth_tiny, straight_run, tmp_p
     a = VidEmo.from_pretrained(out / "ckpt")
     b = VidEmo.from_pretrained(init)
     moved = [n for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()) if not torch.equal(p, q)]
-    assert moved and not any(n.startswith("visual.") for n in moved)  # the vision tower is frozen in RL
+    assert any(n.startswith("visual.") for n in moved) and any(n.startswith("layers.") for n in moved)  # train_vision
     # killed after step 1, resumed: the same rollouts and updates as the straight run
     first = train_rl.train(_args(build, init, tmp_path / "b", stop_at_step=1, **RUN_KW))
     second = train_rl.train(_args(build, init, tmp_path / "b", resume=True, **RUN_KW))
