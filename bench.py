@@ -481,7 +481,8 @@ def bench_rl(cfg):
         return
     with tempfile.TemporaryDirectory() as out:
         rows = train_rl.train([f"--init_from={cfg['prune_ckpt']}", f"--out_dir={out}", f"--max_steps={cfg['repeats'] + 1}",
-                               "--eval_at_end=False", "--save_every=0", "--sample_table_every=0", "--log_every=1"])
+                               "--eval_at_end=False", "--eval_every=0", "--save_every=0", "--sample_table_every=0",
+                               "--log_every=1"])
     rows = [r for r in rows if "t_generate" in r][1:]
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("step_time", "t_generate", "t_score", "t_ref", "t_update",
                                                                "rollout_tok_per_s", "completion_len_mean")}

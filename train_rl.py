@@ -54,9 +54,10 @@ min_pixels = 56 * 56
 max_pixels = 112 * 112
 # rollout
 num_generations = 8  # G completions per prompt
-# sampling temperature; policy / old / reference log-probs use logits / temperature too. TRL's 0.9 made the tiny
-# EmoSynth model's sampled trees too noisy to learn from (tree reward fell 82.0 -> 77.9 in 150 steps at lr 2e-4)
-temperature = 0.7
+# sampling temperature; policy / old / reference log-probs use logits / temperature too. On the tiny EmoSynth model
+# 0.7 spends the group's spread on slips in fields greedy decoding already gets right (pose, hair); 0.4 keeps the
+# spread where the model is really unsure (gender, glasses, intensity): +0.047 vs +0.015 test tree reward (README)
+temperature = 0.4
 top_p = 1.0
 top_k = 0
 max_completion_length = 96  # EmoSynth affective trees are <= 75 tokens
@@ -74,7 +75,7 @@ epsilon = 0.2  # eps_low
 epsilon_high = 0.0  # eps_high; 0 = same as epsilon (DAPO uses 0.28)
 loss_type = "grpo"  # grpo | bnpo | dr_grpo | dapo
 scale_rewards = "group"  # group | batch | none
-dynamic_sampling = False  # drop groups whose rewards are all equal (advantage 0) before the loss
+dynamic_sampling = True  # drop groups whose rewards are all equal (advantage 0) before the loss (DAPO)
 # rewards: R = sum_k w_k r_k over reward.py's terms
 w_accuracy = 1.0
 w_f1 = 1.0
@@ -83,9 +84,9 @@ w_tree = 1.0
 w_format = 0.1  # enters the total only for the tree (fine-grained caption) task, as in reward.py
 tree_lambda = 1.0  # R_tree = exp(-lambda * TED / |T_ref|)
 # optimisation
-max_steps = 400
-lr = 5e-5
-min_lr = 5e-6
+max_steps = 800
+lr = 1e-4
+min_lr = 1e-5
 warmup_steps = 10
 weight_decay = 0.0
 beta1 = 0.9
@@ -101,7 +102,7 @@ log_every = 1
 sample_table_every = 10
 save_every = 50
 stop_at_step = 0  # > 0: stop after this step's checkpoint (simulates a killed run; --resume continues)
-eval_every = 50  # > 0: greedy held-out score of each RL task on val_file before step 1 and every N steps ("val/<task>")
+eval_every = 100  # > 0: greedy held-out score of each RL task on val_file before step 1 and every N steps ("val/<task>")
 eval_val_records = 0  # > 0: at most this many val records per task (0 = all)
 eval_at_end = True
 eval_batch_size = 32

@@ -94,3 +94,20 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     # and the next save still works
     common.save_checkpoint(path, write_files(1), trainer_state={"step": 7})
     assert common.load_trainer_state(common.find_checkpoint(path))["step"] == 7
+
+
+@pytest.mark.parametrize("script,config", [("train_sft", "sft_emosynth.py"), ("train_rl", "rl_emosynth.py")])
+def test_emosynth_config_files_list_the_embedded_defaults(script, config):
+    """config/{sft,rl}_emosynth.py say they are what the script runs with no arguments: every value they set must be
+    the script's own default (a stale copy would silently disagree with the README's numbers)."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(f"fresh_{script}", os.path.join(root, f"{script}.py"))
+    mod = importlib.util.module_from_spec(spec)  # a fresh copy: other tests may have run (and reconfigured) it
+    spec.loader.exec_module(mod)
+    values = {}
+    exec(open(os.path.join(root, "config", config)).read(), {}, values)
+    assert values
+    for key, value in values.items():
+        assert hasattr(mod, key), f"{config}: {key} is not a {script} key"
+        assert getattr(mod, key) == value, f"{config}: {key} = {value!r}, {script} default {getattr(mod, key)!r}"
