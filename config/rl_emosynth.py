@@ -12,8 +12,8 @@ max_pixels = 112 * 112
 # GRPO as VidEmo's recipe most likely ran it (ms-swift / TRL-0.16 era, reference/paper-notes.md §3):
 # G = 8, beta = 0.04, eps = 0.2, per-sequence mean ("grpo"), one update per rollout; plus DAPO's dynamic sampling
 num_generations = 8
-# tau 0.4, not TRL's 0.9: the tiny model's samples at 0.7 differ mostly by slips in fields it already gets right greedily
-temperature = 0.4
+# tau 0.5, not TRL's 0.9: the tiny model's samples at 0.7 differ mostly by slips in fields it already gets right greedily
+temperature = 0.5
 max_completion_length = 96  # the longest EmoSynth affective tree is ~75 tokens
 prompts_per_step = 8  # x 8 completions = 64 rollouts per step
 grad_accum = 2
