@@ -82,11 +82,14 @@ def plot(curves, labels, key, out, smooth=1, size=(720, 420), title=None):
     d.text((left, 10), title or f"{key} (running mean over {smooth} steps)", fill="black")
     for i, (s, v) in enumerate(curves):
         d.line([px(a, b) for a, b in zip(s, v)], fill=COLOURS[i % len(COLOURS)], width=2)
-    d.rectangle([W - right - 156, top + 2, W - right - 2, top + 8 + 14 * len(curves)], fill="white", outline="gray")
+    # the legend goes in the right-hand corner the curves' ends stay away from
+    ends = [y for _, v in curves for y in v[len(v) * 4 // 5:]]
+    ly = top + 2 if sum(ends) / len(ends) < (y0 + y1) / 2 else H - bottom - 8 - 14 * len(curves)
+    d.rectangle([W - right - 156, ly, W - right - 2, ly + 6 + 14 * len(curves)], fill="white", outline="gray")
     for i, label in enumerate(labels):
         c = COLOURS[i % len(COLOURS)]
-        d.line([W - right - 150, top + 12 + 14 * i, W - right - 130, top + 12 + 14 * i], fill=c, width=2)
-        d.text((W - right - 125, top + 6 + 14 * i), label, fill="black")
+        d.line([W - right - 150, ly + 10 + 14 * i, W - right - 130, ly + 10 + 14 * i], fill=c, width=2)
+        d.text((W - right - 125, ly + 4 + 14 * i), label, fill="black")
     img.save(out)
 
 
