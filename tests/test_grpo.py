@@ -429,7 +429,7 @@ def test_e2e_real_rewards_checkpoint_and_eval(emosynth_tiny, tmp_path):
     out = tmp_path / "out"
     rows = train_rl.train(_args(build, init, out, eval_at_end=True, eval_max_new_tokens=8, eval_batch_size=4,
                                 eval_max_records=4, grad_accum=1, eval_every=2, eval_val_records=1,
-                                tasks=("emotion_single", "fine_grained_caption")))
+                                tasks=("emotion_single", "fine_grained_caption"), dynamic_sampling=False))
     assert [r["step"] for r in rows] == [1, 2]
     logged = [json.loads(l) for l in open(out / "metrics.jsonl")]
     # the held-out curve: val scores of the RL tasks before step 1 and every eval_every steps
@@ -463,6 +463,23 @@ def test_frozen_vision_option(emosynth_tiny, tmp_path, monkeypatch):
     a, b = VidEmo.from_pretrained(tmp_path / "out" / "ckpt"), VidEmo.from_pretrained(init)
     moved = [n for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()) if not torch.equal(p, q)]
     assert moved and not any(n.startswith("visual.") for n in moved)
+
+
+def test_dynamic_sampling_skips_a_step_with_no_signal(emosynth_tiny, tmp_path, monkeypatch):
+    """Every completion gets the same reward: every group is zero-std, dynamic sampling (the default) drops them all,
+    and the step makes no update rather than a KL-only one."""
+    import reward
+    import train_rl
+    from model import VidEmo
+    monkeypatch.setattr(reward, "score", lambda completion, record, weights=None, lam=1.0: {
+        "accuracy": 0.5, "format": 0.0, "total": 0.5})
+    build, init = emosynth_tiny
+    rows = train_rl.train(_args(build, init, tmp_path / "out", max_steps=1, grad_accum=1, sample_table_every=0,
+                                tasks=("emotion_single",)))
+    assert rows[0]["frac_reward_zero_std"] == 1.0 and rows[0]["skipped_update"] == 1 and "kl" not in rows[0]
+    a, b = VidEmo.from_pretrained(tmp_path / "out" / "ckpt"), VidEmo.from_pretrained(init)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
 
 
 def test_missing_sft_checkpoint_and_bad_config_errors(emosynth_tiny, tmp_path):
