@@ -5,9 +5,10 @@
     torchrun --standalone --nproc_per_node=8 train_rl.py --init_from=out/sft_qwen25vl_7b/ckpt --train_file=... --lr=1e-6
 
 The whole algorithm reads top to bottom in `train()`: for each step, every rank takes its prompts (whole groups),
-encodes each video once, samples G completions per prompt with the KV-cache generator, scores them with the
-rule-based rewards of reward.py, turns rewards into group-relative advantages, and runs the clipped-ratio policy
-loss with a k3 KL to a frozen reference model. Semantics follow TRL's GRPOTrainer (DESIGN §5):
+encodes each video once (the policy pass re-encodes it once per group with grad when train_vision is on), samples
+G completions per prompt with the KV-cache generator, scores them with the rule-based rewards of reward.py, turns
+rewards into group-relative advantages, and runs the clipped-ratio policy loss with a k3 KL to a frozen reference
+model. Semantics follow TRL's GRPOTrainer (DESIGN §5):
 
     A_i   = (R_i - mean_G R) / (std_G R + 1e-4)                       std unbiased; scale_rewards: group|batch|none
     r_it  = exp(l_it - l_old_it)                                      l = log pi(o_it | q, o_i<t) from logits / tau
