@@ -316,6 +316,9 @@ def lr_at(step):
 
 def resolve_paths():
     global train_file, test_file, val_file
+    if val_file and val_file != "none" and eval_every > 0 and not os.path.exists(val_file):
+        raise FileNotFoundError(f"config key 'val_file': {val_file} not found (--val_file=none or --eval_every=0 turns "
+                                f"the held-out curve off)")
     train_file = train_file or os.path.join(data_dir, "train.jsonl")
     test_file = test_file or os.path.join(data_dir, "test.jsonl")
     val_file = val_file or os.path.join(data_dir, "val.jsonl")
@@ -532,7 +535,8 @@ def train(argv=None):
         if master:
             from eval import evaluate
             res = evaluate(policy, tokenizer, val_records, data_root(val_file), video_kwargs, batch_size=eval_batch_size,
-                           max_new_tokens=eval_max_new_tokens, device=dev, progress=False)
+                           max_new_tokens=eval_max_new_tokens, device=dev, progress=False,
+                           video_prune_rate=video_prune_rate)
             scores = {f"val/{t}": v["score"] for t, v in res["tasks"].items()}
             print("held-out (val): " + " | ".join(f"{k[4:]} {v:.4f}" for k, v in scores.items()), flush=True)
         common.barrier()

@@ -491,6 +491,8 @@ def test_missing_sft_checkpoint_and_bad_config_errors(emosynth_tiny, tmp_path):
         train_rl.train(_args(build, init, tmp_path / "out", tasks=("emotion_singel",)))
     with pytest.raises(ValueError, match="prompts_per_step"):
         train_rl.train(_args(build, init, tmp_path / "out", prompts_per_step=3))
+    with pytest.raises(FileNotFoundError, match="val_file"):
+        train_rl.train(_args(build, init, tmp_path / "out", val_file=tmp_path / "no_val.jsonl", eval_every=10))
     with pytest.raises(FileNotFoundError, match="resume"):
         train_rl.train(_args(build, init, tmp_path / "fresh", resume=True))
 
