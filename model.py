@@ -5,6 +5,11 @@
     3-D M-RoPE positions [3, B, L] (temporal, height, width) from input_ids + grids (like HF's get_rope_index)
     optional keep-mask: dropped video tokens leave the sequence, survivors keep their positions
     Qwen2 decoder (GQA, q/k/v bias, RMSNorm, SwiGLU) -> final norm -> lm_head logits [B, L, V]
+    or, given labels, the log-prob of every supervised label through kernels.logprobs (no [N, V] logits)
+
+The vision-token rule, written once here (merged_grid) and used by data, trainers, kernels and generation: a
+video (or image) of t x h x w patches gives t * (h/m) * (w/m) merged tokens (m = spatial_merge_size), one per
+<|video_pad|> placeholder, raster order within each temporal slice, slices in time order.
 
 Checkpoints are Hugging Face Qwen2.5-VL directories (config.json + safetensors), so Qwen2.5-VL-3B/7B-Instruct
 and the released VidEmo checkpoints load, and what we save loads back into transformers.
@@ -19,6 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from kernels.logprobs import token_logprobs
+from kernels.token_compress import video_keep_mask as _video_keep_mask
 
 try:  # optional: packed variable-length attention for the vision tower on GPU
     from flash_attn import flash_attn_varlen_func
@@ -75,6 +83,46 @@ def vision_settings(config):
         rope_theta=rope.get("rope_theta", 10000.0),
         initializer_range=vc.get("initializer_range", 0.02),
     )
+
+
+def merged_grid(grid_thw, merge_size):
+    """Patch grids [nv, 3] (t, h, w) -> merged-token grids [nv, 3] (t, h/m, w/m). A video gives prod(row) tokens,
+    one per placeholder; sum over the rows = the batch's video tokens."""
+    g = torch.as_tensor(grid_thw).reshape(-1, 3)
+    if bool((g[:, 1:] % merge_size).any()):
+        raise ValueError(f"grid {g.tolist()}: h and w must be multiples of the merge size {merge_size}")
+    return torch.stack([g[:, 0], g[:, 1] // merge_size, g[:, 2] // merge_size], 1)
+
+
+def vision_token_counts(grid_thw, merge_size):
+    """[nv] merged tokens per video/image of the grids [nv, 3]: t * h * w / merge_size^2."""
+    return merged_grid(grid_thw, merge_size).prod(-1)
+
+
+def scratch_config(vocab_size, token_ids, n_layer=2, n_embd=128, n_head=4, n_kv_head=2, n_inner=384, vision_depth=2,
+                   vision_embd=64, vision_heads=2, vision_inner=128, tie_embeddings=True):
+    """A Qwen2.5-VL config dict for a model trained from scratch. token_ids: the ids of <|vision_start|>,
+    <|vision_end|>, <|image_pad|>, <|video_pad|>, <|im_end|>, <|endoftext|> in the tokenizer."""
+    half = (n_embd // n_head) // 2  # M-RoPE sections (t, h, w) sum to head_dim / 2, Qwen's 2:3:3 split
+    hw = (half - half // 4) // 2
+    ids = token_ids
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "vocab_size": vocab_size, "hidden_size": n_embd, "intermediate_size": n_inner,
+        "num_hidden_layers": n_layer, "num_attention_heads": n_head, "num_key_value_heads": n_kv_head,
+        "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [half - 2 * hw, hw, hw]},
+        "tie_word_embeddings": tie_embeddings, "attention_dropout": 0.0, "use_sliding_window": False,
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+        "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+        "vision_config": {
+            "depth": vision_depth, "hidden_size": vision_embd, "intermediate_size": vision_inner,
+            "num_heads": vision_heads, "out_hidden_size": n_embd, "hidden_act": "silu", "in_channels": 3,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "tokens_per_second": 2,
+            "window_size": 112, "fullatt_block_indexes": list(range(vision_depth)),
+        },
+    }
 
 
 @functools.lru_cache(maxsize=32)
@@ -231,11 +279,10 @@ class VisionTower(nn.Module):
         win = self.vs["window_size"] // m // self.vs["patch_size"]  # window side, in merged tokens
         pos, window_index, cu_win, cu_full = [], [], [0], [0]
         offset = 0
-        for t, h, w in grid_thw.tolist():
-            hh = torch.arange(h)[:, None].expand(h, w).reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
-            ww = torch.arange(w)[None, :].expand(h, w).reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
+        for (t, h, w), (_, gh, gw) in zip(grid_thw.tolist(), merged_grid(grid_thw, m).tolist()):
+            hh = torch.arange(h)[:, None].expand(h, w).reshape(gh, m, gw, m).permute(0, 2, 1, 3).flatten()
+            ww = torch.arange(w)[None, :].expand(h, w).reshape(gh, m, gw, m).permute(0, 2, 1, 3).flatten()
             pos.append(torch.stack([hh, ww], -1).repeat(t, 1))  # [t*h*w, 2]
-            gh, gw = h // m, w // m
             grid = torch.arange(gh * gw).view(gh, gw)
             windows = [grid[i:i + win, j:j + win].flatten() for i in range(0, gh, win) for j in range(0, gw, win)]
             for f in range(t):  # windows never cross frames
@@ -395,6 +442,16 @@ class VidEmo(nn.Module):
         grid = torch.as_tensor(image_grid_thw).view(-1, 3)
         return self.visual(pixel_values, grid, self.gradient_checkpointing and torch.is_grad_enabled())
 
+    def vision_token_counts(self, grid_thw):
+        """[nv] merged tokens (= placeholders) per video of the grids [nv, 3]."""
+        return vision_token_counts(grid_thw, self.vs["spatial_merge_size"])
+
+    def video_keep_mask(self, video_embeds, video_grid_thw, rate=None, threshold=None):
+        """EVS keep-mask [n] bool over encode_video's tokens (kernels.token_compress): each video's first temporal
+        slice is kept, later tokens most like the token at their position one slice earlier are dropped."""
+        return _video_keep_mask(video_embeds, merged_grid(video_grid_thw, self.vs["spatial_merge_size"]),
+                                rate=rate, threshold=threshold)
+
     # --- positions ----------------------------------------------------------
 
     def rope_index(self, input_ids, attention_mask=None, video_grid_thw=None, image_grid_thw=None,
@@ -428,13 +485,14 @@ class VidEmo(nn.Module):
                     continue
                 name = "video" if tok == self.video_token_id else "image"
                 try:
-                    t, h, w = next(grids[tok])
+                    grid = next(grids[tok])
                 except StopIteration:
                     raise ValueError(f"input_ids hold more {name} placeholder runs than {name}_grid_thw "
                                      "rows") from None
-                if (e - s) * m * m != t * h * w:
-                    raise ValueError(f"{name} placeholder run of {e - s} tokens does not match grid {[t, h, w]} "
-                                     f"({t * h * w // (m * m)} merged tokens)")
+                t, hm, wm = merged_grid([grid], m)[0].tolist()
+                if e - s != t * hm * wm:
+                    raise ValueError(f"{name} placeholder run of {e - s} tokens does not match grid {grid} "
+                                     f"({t * hm * wm} merged tokens)")
                 if tok == self.video_token_id:  # same arithmetic (and dtype) as the reference
                     sec = 1 if second_per_grid_ts is None else second_per_grid_ts[n_video]
                     interval = self.vs["tokens_per_second"] * sec
@@ -442,10 +500,10 @@ class VidEmo(nn.Module):
                 else:
                     interval = 1
                 tt = (torch.arange(t) * interval).long() + cur
-                hh, ww = torch.arange(h // m) + cur, torch.arange(w // m) + cur
+                hh, ww = torch.arange(hm) + cur, torch.arange(wm) + cur
                 tt, hh, ww = torch.meshgrid(tt, hh, ww, indexing="ij")
                 parts.append(torch.stack([tt, hh, ww]).reshape(3, -1))
-                cur += max(h, w) // m
+                cur += max(hm, wm)
             p = torch.cat(parts, 1) if parts else torch.zeros(3, 0, dtype=torch.long)
             pos[:, b, real[b]] = p.to(dev)
             next_pos[b] = int(p.max()) + 1 if p.numel() else 0
@@ -499,9 +557,10 @@ class VidEmo(nn.Module):
     # --- forward --------------------------------------------------------------
 
     def _prepare(self, input_ids, attention_mask, pixel_values_videos, video_grid_thw, second_per_grid_ts,
-                 pixel_values, image_grid_thw, video_embeds, video_keep_mask, padding_side=None):
+                 pixel_values, image_grid_thw, video_embeds, video_keep_mask, padding_side=None, return_index=False):
         """Token + vision embeddings, 3-D positions, optional compaction. -> x [B, L', D], pos [3, B, L'],
-        attention mask [B, L'] bool (or None when nothing is padded), next position [B]."""
+        attention mask [B, L'] bool (or None when nothing is padded), next position [B] (and the compaction index
+        [B, L'] into the input, or None, with return_index)."""
         x = self.embed_tokens(input_ids)  # [B, L, D]
         for kind, ids, pixels, grid, embeds, enc in (
                 ("video", self.video_token_id, pixel_values_videos, video_grid_thw, video_embeds, self.encode_video),
@@ -521,6 +580,7 @@ class VidEmo(nn.Module):
             x = x.masked_scatter(where[..., None], embeds.to(x.dtype))
         pos, _ = self.rope_index(input_ids, attention_mask, video_grid_thw, image_grid_thw, second_per_grid_ts)
         real = None if attention_mask is None else attention_mask.bool()
+        index = None
         if video_keep_mask is not None or padding_side is not None:
             index, real = self.keep_index(input_ids, real, video_keep_mask, padding_side)
             real = real.bool()
@@ -532,7 +592,7 @@ class VidEmo(nn.Module):
         next_pos = next_pos.amax(1) + 1  # [B]
         if real is not None and bool(real.all()):
             real = None
-        return x, pos, real, next_pos
+        return (x, pos, real, next_pos, index) if return_index else (x, pos, real, next_pos)
 
     def _layers(self, x, cos, sin, mask, cache=None):
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
@@ -556,15 +616,31 @@ class VidEmo(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, pixel_values_videos=None, video_grid_thw=None,
                 second_per_grid_ts=None, pixel_values=None, image_grid_thw=None, video_embeds=None,
-                video_keep_mask=None, return_hidden=False):
+                video_keep_mask=None, return_hidden=False, labels=None, temperature=1.0, return_entropy=False,
+                logprobs_backend="auto"):
         """-> logits [B, L, V] (or final hidden states [B, L, D] with return_hidden). With video_keep_mask the
-        sequence is compacted to [B, L', ...] (see keep_index)."""
-        x, pos, real, _ = self._prepare(input_ids, attention_mask, pixel_values_videos, video_grid_thw,
-                                        second_per_grid_ts, pixel_values, image_grid_thw, video_embeds,
-                                        video_keep_mask)
+        sequence is compacted to [B, L', ...] (see keep_index).
+
+        With labels [B, L] (aligned with input_ids, -100 = not scored): the log-prob of each label under
+        softmax(logits / temperature) at the position before it, through kernels.logprobs.token_logprobs (only
+        the scored positions reach the LM head, never as an [N, V] tensor). -> logp [n] fp32 in row-major order
+        of the scored labels (and entropy [n] with return_entropy). Compaction by the keep-mask is applied to
+        the labels too; a label on a dropped video token is an error."""
+        x, pos, real, _, index = self._prepare(input_ids, attention_mask, pixel_values_videos, video_grid_thw,
+                                               second_per_grid_ts, pixel_values, image_grid_thw, video_embeds,
+                                               video_keep_mask, return_index=True)
         cos, sin = self.mrope(pos, x.dtype)
-        h = self.norm(self._layers(x, cos, sin, self._prefill_mask(real)))
-        return h if return_hidden else self.lm_head(h)
+        h = self.norm(self._layers(x, cos, sin, self._prefill_mask(real)))  # [B, L', D]
+        if labels is None:
+            return h if return_hidden else self.lm_head(h)
+        if index is not None:  # dropped video tokens left the sequence: line the labels up with the output
+            if int((labels != -100).sum()) != int((labels.gather(1, index) != -100).sum()):
+                raise ValueError("labels fall on video tokens that the keep-mask drops")
+            labels = labels.gather(1, index)
+        targets = labels[:, 1:]  # [B, L'-1]: position k predicts label k+1
+        sel = targets != -100
+        return token_logprobs(h[:, :-1][sel], self.lm_head.weight, targets[sel], temperature=temperature,
+                              return_entropy=return_entropy, backend=logprobs_backend)
 
     # --- generation -----------------------------------------------------------
 

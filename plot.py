@@ -1,7 +1,7 @@
 """Plot training curves from metrics.jsonl files into a PNG (pillow only; no matplotlib dependency).
 
-    python plot.py out/rl_emosynth/metrics.jsonl --key=reward/tree/mean --out=assets/rl_tree_reward.png
-    python plot.py out/a/metrics.jsonl out/b/metrics.jsonl --key=loss --smooth=50 --labels=a,b
+    python plot.py --metrics=out/rl_emosynth/metrics.jsonl --key=reward/tree/mean --out=assets/rl_tree_reward.png
+    python plot.py --metrics=out/a/metrics.jsonl,out/b/metrics.jsonl --key=loss --smooth=50 --labels=a,b
 
 Each file is one line: the running mean over `smooth` logged steps of `key` against `step`.
 """
@@ -9,6 +9,18 @@ import json
 import sys
 
 from PIL import Image, ImageDraw
+
+import common
+
+# ----------------------------------------------------------------------------------------------------------------------
+# defaults (override with a config file or --key=value; `--help` lists them)
+metrics = "out/rl_emosynth/metrics.jsonl"  # one metrics.jsonl, or several comma separated
+key = "reward"  # the logged key to draw against "step"
+out = "curve.png"
+smooth = 25  # running mean over this many logged rows
+labels = ""  # legend entries, comma separated (default: the file names)
+title = ""  # default: the key and the smoothing
+# ----------------------------------------------------------------------------------------------------------------------
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189)]
 
@@ -93,20 +105,27 @@ def plot(curves, labels, key, out, smooth=1, size=(720, 420), title=None):
     img.save(out)
 
 
-def main(argv):
-    files = [a for a in argv if not a.startswith("--")]
-    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
-    unknown = set(opts) - {"key", "out", "smooth", "labels", "title"}
-    if unknown or not files:
-        raise SystemExit(f"usage: python plot.py METRICS.jsonl [...] --key=K [--out=F.png] [--smooth=N] "
-                         f"[--labels=a,b] [--title=T]" + (f"; unknown option(s) {sorted(unknown)}" if unknown else ""))
-    key = opts.get("key", "reward")
-    labels = opts["labels"].split(",") if "labels" in opts else files
-    curves = [read_curve(f, key) for f in files]
-    out = opts.get("out", "curve.png")
-    plot(curves, labels, key, out, smooth=int(opts.get("smooth", 25)), title=opts.get("title"))
+def main():
+    common.configure(globals())
+    files = [f for f in metrics.split(",") if f]
+    if not files:
+        raise common.ConfigError("config key 'metrics': give at least one metrics.jsonl")
+    if smooth < 1:
+        raise common.ConfigError(f"config key 'smooth': must be >= 1, got {smooth}")
+    names = labels.split(",") if labels else files
+    if len(names) != len(files):
+        raise common.ConfigError(f"config key 'labels': {len(names)} labels for {len(files)} files")
+    try:
+        curves = [read_curve(f, key) for f in files]
+    except (OSError, ValueError) as e:
+        raise common.InputError(str(e)) from None
+    plot(curves, names, key, out, smooth=smooth, title=title or None)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main()
+    except (common.InputError, common.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

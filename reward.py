@@ -1,7 +1,8 @@
-"""Affective tree (parse, serialise, edit distance) and every reward used by GRPO (train_rl.py) and eval.py.
+"""Affective tree (parse, serialise, edit distance), task metadata, and the one scoring function: `score` is both
+the reward GRPO maximises (train_rl.py) and the metric eval.py reports, so the two can never drift apart.
 
 The affective tree is root -> three level nodes (attribute, expression, emotion) -> one node per item. It is read
-from the structured text the model writes (DESIGN §4):
+from the structured text the model writes (docs/design.md, "Formats"):
 
     <think>
     attribute: gender=female; age=young; hair=long black; accessory=glasses
@@ -18,12 +19,14 @@ canonical item under its level. Rewards, each a float in [0, 1]:
     f1_reward        micro F1 between predicted and reference canonical label sets         multi-label QA
     caption_reward   label overlap + clue overlap (rule-based stand-in for a caption reward model)
     format_reward    1 if the output is <think>...</think><answer>...</answer> and nothing else
-    score            dispatches on record["task"] and returns every term plus the weighted total
+    score            dispatches on record["task"]: resolves multiple-choice letters and splits string labels, then
+                     returns every term plus the weighted total
 
 Everything here must survive whatever a sampled model writes: inputs are clipped to MAX_CHARS characters, regexes
 have bounded quantifiers, tree walks and TED are iterative, trees are capped at MAX_TREE_NODES nodes.
 """
 import math
+import os
 import re
 import unicodedata
 
@@ -32,7 +35,7 @@ MAX_CHARS = 65536        # only the first 64K characters of any model output are
 MAX_TREE_NODES = 256     # larger trees are cut (preorder) before TED, so TED time stays bounded (~0.2 s)
 MAX_ITEM_CHARS = 200     # longest tree item label kept
 
-# task -> metric and task -> curriculum level (data/emosynth/README.md); eval.py groups its tables with these
+# task -> metric and task -> curriculum level (data/emosynth/README.md); eval's tables are grouped with these
 TASK_METRIC = {
     "appearance_recognition": "f1", "appearance_caption": "caption", "action_recognition": "f1",
     "action_caption": "caption", "identity": "accuracy", "head_pose": "accuracy",
@@ -49,6 +52,52 @@ TASK_LEVEL = {
     "au_detection": "expression", "emotion_caption": "expression", "emotion_transition": "expression",
     "fine_grained_caption": "emotion",
 }
+# real Emo-CFG tasks that EmoSynth does not have: (metric, level, the EmoSynth task they are scored like)
+EXTRA_TASKS = {"conversation_emotion": ("accuracy", "expression", "emotion_single")}
+# display order of eval's tables, grouped like the paper's; tasks not listed are appended to their level's group
+GROUPS = (
+    ("attribute", "Attribute perception",
+     ("appearance_recognition", "appearance_caption", "action_recognition", "action_caption", "identity",
+      "head_pose")),
+    ("expression", "Expression analysis",
+     ("emotion_single", "emotion_multi", "emotion_fine", "sentiment_single", "sentiment_fine", "micro_expression",
+      "au_detection", "emotion_caption", "emotion_transition", "conversation_emotion")),
+    ("emotion", "Fine-grained emotion caption", ("fine_grained_caption",)),
+)
+# official Emo-CFG test file names (lower case substrings) -> our task names; first match wins
+FILE_TASKS = (
+    ("appearance-recognition", "appearance_recognition"), ("appearance-caption", "appearance_caption"),
+    ("action-recognition", "action_recognition"), ("action-caption", "action_caption"),
+    ("head-pose", "head_pose"), ("mead_id", "identity"),
+    ("multiple-label-emotion", "emotion_multi"), ("fine-grained-emotion", "emotion_fine"),
+    ("conversational-emotion", "conversation_emotion"), ("single-label-emotion", "emotion_single"),
+    ("fine-grained-sentiment", "sentiment_fine"), ("single-label-sentiment", "sentiment_single"),
+    ("micro-expression", "micro_expression"), ("action_unit", "au_detection"),
+    ("emotion-caption", "emotion_caption"), ("caption_test", "fine_grained_caption"),
+)
+
+
+def task_metric(task):
+    """The metric of a task (ours or an EXTRA_TASKS one), or None when the task is unknown."""
+    return TASK_METRIC.get(task) or (EXTRA_TASKS[task][0] if task in EXTRA_TASKS else None)
+
+
+def task_level(task):
+    return TASK_LEVEL.get(task) or (EXTRA_TASKS[task][1] if task in EXTRA_TASKS else None)
+
+
+def task_from_name(path):
+    """Our task name from a data/predictions file name, or None."""
+    name = os.path.basename(str(path)).lower()
+    for pattern, t in FILE_TASKS:
+        if pattern in name:
+            return t
+    for t in sorted(TASK_METRIC, key=len, reverse=True):  # emotion_multi.jsonl, test_au_detection.json ...
+        if t in name:
+            return t
+    return None
+
+
 # score(): total = w[metric] * task_reward + w["format"] * format_reward, the format term only for FORMAT_METRICS
 # (tasks whose reference answers use the think/answer grammar; plain QA answers are bare labels)
 DEFAULT_WEIGHTS = {"accuracy": 1.0, "f1": 1.0, "caption": 1.0, "tree": 1.0, "format": 0.1}
@@ -652,8 +701,9 @@ def _content_words(text):
     return {w for w in _words(unicodedata.normalize("NFKC", _clip(text))[:MAX_CHARS].lower()) if w not in _STOPWORDS}
 
 
-def _reference_text(record):
-    """The reference answer: a plain string, or a record's last assistant turn."""
+def reference_text(record):
+    """The reference answer: a plain string, or a record's last assistant turn. Raises ValueError naming what is
+    missing."""
     if isinstance(record, str):
         return record
     msgs = record.get("messages")
@@ -673,7 +723,7 @@ def caption_reward(completion, record):
     pooled) + 0.3 · clue overlap (F1 of content-word sets); clue overlap alone when the reference names no term.
     `record` is a record (reference = last assistant turn) or the reference caption. When CAPTION_SCORER is set,
     it is called as CAPTION_SCORER(pred, ref) instead (a learned caption reward model)."""
-    ref = _reference_text(record)
+    ref = reference_text(record)
     pred = extract_answer(completion)
     if not pred:
         return 0.0
@@ -705,28 +755,87 @@ def format_reward(completion):
     return 1.0
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# multiple-choice questions and reference labels
+
+
+def question_text(record):
+    """The first user turn's text ("" when there is none)."""
+    for m in record.get("messages") or []:
+        if isinstance(m, dict) and m.get("role") == "user":
+            return str(m.get("content", ""))
+    return ""
+
+
+def parse_options(question):
+    """{letter: option text} for a question that lists options as "(A) x (B) y" or as "A. x" lines."""
+    marks = list(re.finditer(r"\(([A-H])\)\s*", question))
+    if len(marks) < 2:
+        marks = list(re.finditer(r"(?m)^\s*([A-H])[.:)]\s+", question))
+    if len(marks) < 2 or [m.group(1) for m in marks] != [chr(65 + i) for i in range(len(marks))]:
+        return {}
+    opts = {}
+    for m, nxt in zip(marks, marks[1:] + [None]):
+        text = question[m.end(): nxt.start() if nxt else len(question)]
+        if nxt is None:  # the last option ends at the line / sentence end ("(C) fear. Answer with a letter.")
+            text = re.split(r"\n|[.?!](?:\s|$)", text)[0]
+        opts[m.group(1)] = text.strip().strip(",;").strip()
+    return opts
+
+
+def resolve_options(response, question):
+    """Replace an option letter answer ("B", "(B)", "B.", "(B) sadness", inside <answer> tags or not) by the option's
+    text when the question lists options; anything else is returned unchanged for the answer extraction."""
+    opts = parse_options(question)
+    if not opts:
+        return response
+    m = re.search(r"<answer>(.*?)(?:</answer>|$)", response, re.S)
+    ans = (m.group(1) if m else response).strip()
+    m = re.match(r"^(?:option\s+|answer\s*:?\s*)?\(?([A-H])(?:\)|[.:]|$|\s*$)", ans, re.I)
+    if m and m.group(1).upper() in opts:
+        return opts[m.group(1).upper()]
+    return response
+
+
+def as_label_list(labels, metric):
+    """Reference labels as a list: lists pass through; a string answer is one label, or comma/semicolon separated
+    items for multi-label (F1) tasks. None stays None."""
+    if labels is None:
+        return None
+    if isinstance(labels, (list, tuple)):
+        return [str(x) for x in labels]
+    s = str(labels)
+    if metric == "f1":
+        return [x.strip() for x in re.split(r"[,;\n]", s) if x.strip()]
+    return [s.strip()]
+
+
 def score(completion, record, weights=None, lam=1.0):
     """All rewards of one completion for one Emo-CFG record:
-    {<metric>: task reward, "format": format reward, "total": weighted sum}, metric = TASK_METRIC[record["task"]].
+    {<metric>: task reward, "format": format reward, "total": weighted sum}, metric = task_metric(record["task"]).
+    The one scoring path: GRPO's reward and eval's metric are this call. For accuracy / F1 tasks an option-letter
+    answer ("B", "(B) sadness") becomes its option's text when the question lists options, and so do letter labels;
+    string labels are split for F1; without labels the reference answer is the last assistant turn.
     weights override DEFAULT_WEIGHTS key by key; the format term enters the total only for FORMAT_METRICS."""
     task = record.get("task")
-    if task not in TASK_METRIC:
-        raise ValueError(f"record 'task' {task!r} is not one of {sorted(TASK_METRIC)}")
+    metric = task_metric(task)
+    if metric is None:
+        raise ValueError(f"record 'task' {task!r} is not one of {sorted(TASK_METRIC) + sorted(EXTRA_TASKS)}")
     w = dict(DEFAULT_WEIGHTS)
     for k, v in (weights or {}).items():
         if k not in w:
             raise ValueError(f"score: unknown weight key {k!r}; known: {sorted(w)}")
         w[k] = float(v)
-    metric = TASK_METRIC[task]
-    labels = record.get("labels") or [_reference_text(record)]
-    if metric == "accuracy":
-        value = accuracy_reward(completion, labels)
-    elif metric == "f1":
-        value = f1_reward(completion, labels)
+    fmt = format_reward(completion)
+    if metric in ("accuracy", "f1"):
+        question = question_text(record)
+        answer = resolve_options(_clip(completion), question)
+        labels = as_label_list(record.get("labels"), metric) or as_label_list(reference_text(record), metric)
+        labels = [resolve_options(label, question) for label in labels]
+        value = (accuracy_reward if metric == "accuracy" else f1_reward)(answer, labels)
     elif metric == "caption":
         value = caption_reward(completion, record)
     else:
-        value = tree_reward(completion, record.get("tree") or _reference_text(record), lam=lam)
-    fmt = format_reward(completion)
+        value = tree_reward(completion, record.get("tree") or reference_text(record), lam=lam)
     total = w[metric] * value + (w["format"] * fmt if metric in FORMAT_METRICS else 0.0)
     return {metric: value, "format": fmt, "total": total}

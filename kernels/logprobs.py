@@ -558,8 +558,11 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
     """Log-prob of each target under softmax(hidden @ weight.T / temperature), without building the logits.
 
     hidden [..., D], weight [V, D] (lm_head), targets [...] -> logp [...] fp32 (and entropy [...] fp32).
-    Differentiable w.r.t. hidden and weight. backend: 'triton' | 'torch' | 'auto' (triton on CUDA, torch otherwise).
+    Differentiable w.r.t. hidden and weight. backend: 'triton' | 'torch' (chunked, never the whole [N, V]) | 'auto'
+    (triton on CUDA, torch otherwise) | 'naive' (the plain log_softmax reference, for debugging).
     """
+    if backend == "naive":
+        return naive_logprobs(hidden, weight, targets, temperature, return_entropy, ignore_index)
     inv_tau = _check_temperature(temperature)
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden [..., D] and weight [V, D] disagree: {tuple(hidden.shape)} vs {tuple(weight.shape)}")

@@ -1,5 +1,5 @@
 """
-EVS-style temporal pruning of merged video tokens (training-free; see DESIGN §6 and peer-notes §C).
+EVS-style temporal pruning of merged video tokens (training-free; docs/design.md, "Kernels").
 
 A video's merged tokens x [t, s, D] (t temporal slices of s = h/2 * w/2 tokens, raster order) are scored by the
 cosine similarity of each token to the token at the same position in the previous slice (fp32 reduction over D).
@@ -9,7 +9,7 @@ Slice 0 has no predecessor and is always kept. Of the rest, keep either
 Survivors keep their original positions (the model keeps their 3-D M-RoPE indices); keep_indices compacts a mask.
 
     prune_video_tokens(x [t, s, D], rate=None, threshold=None)           -> keep [t, s] bool
-    video_keep_mask(video_embeds [n, D], video_grid_thw [nv, 3], ...)     -> keep [n] bool over several videos
+    video_keep_mask(video_embeds [n, D], token_grid [nv, 3], ...)         -> keep [n] bool over several videos
     frame_similarity(x [t, s, D])                                         -> sim [t, s] fp32, slice 0 = -inf
     keep_indices(mask)                                                    -> long indices of kept tokens
 
@@ -136,18 +136,18 @@ def keep_indices(mask):
     return mask.reshape(-1).nonzero()[:, 0]
 
 
-def video_keep_mask(video_embeds, video_grid_thw, rate=None, threshold=None, merge_size=2, backend="auto"):
+def video_keep_mask(video_embeds, token_grid, rate=None, threshold=None, backend="auto"):
     """Keep mask [n] bool over the concatenated merged tokens of several videos (model.encode_video output).
 
-    video_grid_thw [nv, 3] holds each video's (t, h, w) in patches; video i contributes t * (h/m) * (w/m) tokens,
-    in order. Each video is pruned on its own (prune_video_tokens)."""
+    token_grid [nv, 3] holds each video's grid in merged tokens (model.merged_grid: t, h/m, w/m); video i
+    contributes t * h/m * w/m tokens, in order. Each video is pruned on its own (prune_video_tokens)."""
     _check_mode(rate, threshold)
-    grids = torch.as_tensor(video_grid_thw).reshape(-1, 3).tolist()
-    sizes = [(t, (h // merge_size) * (w // merge_size)) for t, h, w in grids]
+    grids = torch.as_tensor(token_grid).reshape(-1, 3).tolist()
+    sizes = [(t, hm * wm) for t, hm, wm in grids]
     n = sum(t * s for t, s in sizes)
     if video_embeds.dim() != 2 or video_embeds.shape[0] != n:
-        raise ValueError(f"video_embeds {tuple(video_embeds.shape)} does not match video_grid_thw {grids} "
-                         f"(expected [{n}, D] with merge_size={merge_size})")
+        raise ValueError(f"video_embeds {tuple(video_embeds.shape)} does not match the merged-token grids {grids} "
+                         f"(expected [{n}, D])")
     masks, start = [], 0
     for t, s in sizes:
         x = video_embeds[start:start + t * s].reshape(t, s, -1)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+from reward import LEVELS
 
 VIDEO_PAD, IMAGE_PAD, VSTART, VEND, IM_START, IM_END = 151656, 151655, 151652, 151653, 151644, 151645
 SMALL = dict(fps=2.0, max_frames=4, max_pixels=16 * 28 * 28)  # cheap video settings for the record tests
@@ -477,12 +478,12 @@ def make_levels(seed=0):
 
 def test_curriculum_order_and_replay():
     levels = make_levels()
-    rank_of = {s: k for k, s in enumerate(data.STAGES)}
+    rank_of = {s: k for k, s in enumerate(LEVELS)}
     s = data.CurriculumSampler(levels, batch_size=4, world_size=2, replay=0.25)  # global batch 8: 2 replayed
     assert s.n_excluded == 3
     steps = [s.schedule[i] for i in range(len(s))]
     stages = [s.stage_of(i) for i in range(len(s))]
-    assert stages == sorted(stages, key=rank_of.get) and set(stages) == set(data.STAGES)
+    assert stages == sorted(stages, key=rank_of.get) and set(stages) == set(LEVELS)
     assert stages.count("attribute") == 40 // 8 and stages.count("expression") == 30 // 6
     assert stages.count("emotion") == 21 // 6
     for step, stage in zip(steps, stages):

@@ -189,8 +189,15 @@ def test_videos_decode(build, records):
 
 def test_other_geometry_cli_and_safety(tmp_path):
     import av
-    ep.main([f"--out_dir={tmp_path / 'g'}", "--num_train=7", "--num_val=6", "--num_test=6", "--size=56",
-             "--frames=4", "--fps=2", "--workers=1", "--difficulty=2"])
+    import subprocess
+    import sys
+    script = str(ROOT / "data" / "emosynth" / "prepare.py")
+    r = subprocess.run([sys.executable, script, f"--out_dir={tmp_path / 'g'}", "--num_train=7", "--num_val=6",
+                        "--num_test=6", "--size=56", "--frames=4", "--fps=2", "--workers=1", "--difficulty=2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, script, "--num_trian=7"], capture_output=True, text=True)
+    assert r.returncode == 2 and "num_trian" in r.stderr and "Traceback" not in r.stderr  # the common CLI convention
     out = tmp_path / "g"
     assert json.loads((out / "done.json").read_text())["args"]["difficulty"] == 2
     rel = read_jsonl(out / "val.jsonl")[0]["videos"][0]

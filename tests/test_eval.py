@@ -1,5 +1,6 @@
-"""eval.py and sample.py: result schema, ms-swift predictions scoring, resumable evaluation, bad inputs, the LLM
-judge (against a local fake OpenAI-compatible server) and sample.py end to end on a real face clip."""
+"""evaluation.py / inference.py and the eval.py / sample.py CLIs: result schema, ms-swift predictions scoring,
+resumable evaluation, bad inputs, the LLM judge (against a local fake OpenAI-compatible server) and sample.py end to
+end on a real face clip."""
 import http.server
 import json
 import os
@@ -12,9 +13,13 @@ import pytest
 import torch
 
 import common
-import eval as E
-import sample as S
+import evaluation as E
+import inference as S
+import reward as R
+from reward import LEVELS
 from tiny import tiny_config
+
+QUESTION = "Analyse the person's attributes, facial expression and emotion step by step, then give the emotion."
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO_KW = dict(fps=4.0, max_frames=8, min_pixels=56 * 56, max_pixels=112 * 112)
@@ -107,18 +112,18 @@ def test_result_schema_groups_and_table():
 
 def test_options_and_reasons():
     q = "<video>Which emotion? (A) happiness (B) anger (high intensity) (C) fear. Answer with a letter."
-    assert E.parse_options(q) == {"A": "happiness", "B": "anger (high intensity)", "C": "fear"}
-    assert E.parse_options("Which?\nA. neutral\nB. sadness\n") == {"A": "neutral", "B": "sadness"}
+    assert R.parse_options(q) == {"A": "happiness", "B": "anger (high intensity)", "C": "fear"}
+    assert R.parse_options("Which?\nA. neutral\nB. sadness\n") == {"A": "neutral", "B": "sadness"}
     for resp in ("B", "(B)", "B.", "(B) anger (high intensity)", "<answer>B</answer>"):
-        assert E.resolve_options(resp, q) == "anger (high intensity)"
-    assert E.resolve_options("A happy person", q) == "A happy person"  # an article, not an option letter
-    assert E.resolve_options("B", "no options here") == "B"
+        assert R.resolve_options(resp, q) == "anger (high intensity)"
+    assert R.resolve_options("A happy person", q) == "A happy person"  # an article, not an option letter
+    assert R.resolve_options("B", "no options here") == "B"
     assert E.skip_reason("video videos/1.mp4: /data/videos/1.mp4: no such file") == "video: no such file"
     assert E.skip_reason("600 tokens > max_seq_len 512") == "N tokens > max_seq_len N"
-    assert E.task_from_name("/x/MAFW_Multiple-Label-Emotion-Recognition.json") == "emotion_multi"
-    assert E.task_from_name("CelebV-Text_Emotion-Caption.json") == "emotion_caption"
-    assert E.task_from_name("test_au_detection.jsonl") == "au_detection"
-    assert E.task_from_name("whatever.jsonl") is None
+    assert R.task_from_name("/x/MAFW_Multiple-Label-Emotion-Recognition.json") == "emotion_multi"
+    assert R.task_from_name("CelebV-Text_Emotion-Caption.json") == "emotion_caption"
+    assert R.task_from_name("test_au_detection.jsonl") == "au_detection"
+    assert R.task_from_name("whatever.jsonl") is None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -279,9 +284,9 @@ def test_bad_records_are_counted_skips(emo, loaded, tmp_path):
 
 def test_bad_checkpoint_and_video_errors(tmp_path, tiny_ckpt, real_videos):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(S.InputError, match="checkpoint directory not found"):
+    with pytest.raises(common.InputError, match="checkpoint directory not found"):
         S.load_model(str(tmp_path / "nope"))
-    with pytest.raises(S.InputError, match="no config.json"):
+    with pytest.raises(common.InputError, match="no config.json"):
         S.load_model(str(tmp_path / "empty"))
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -290,22 +295,18 @@ def test_bad_checkpoint_and_video_errors(tmp_path, tiny_ckpt, real_videos):
             os.symlink(tiny_ckpt / fn, broken / fn)
     os.remove(broken / "model.safetensors")
     (broken / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(S.InputError, match="could not load the model"):
+    with pytest.raises(common.InputError, match="could not load the model"):
         S.load_model(str(broken))
     # the CLIs: one clear line on stderr, exit code 2, no traceback
-    p = run_script("eval.py", f"--init_from={tmp_path / 'nope'}", f"--data={tmp_path}")
+    p = run_script("eval.py", f"--init_from={tmp_path / 'nope'}", f"--test_file={tmp_path}")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("error:"), p.stderr
     p = run_script("sample.py", f"--init_from={tiny_ckpt}", f"--video={tmp_path / 'missing.mp4'}")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "video not found" in p.stderr
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00" * 2000)
-    saved = {k: v for k, v in vars(S).items() if k in common._config_keys(vars(S))}
-    try:
-        with pytest.raises(S.InputError, match="cannot use"):
-            S.main([f"--init_from={tiny_ckpt}", f"--video={bad}"])
-    finally:
-        vars(S).update(saved)
+    p = run_script("sample.py", f"--init_from={tiny_ckpt}", f"--video={bad}")
+    assert p.returncode == 2 and "cannot use" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -371,7 +372,7 @@ def test_llm_judge_fake_server(tmp_path, monkeypatch):
 def test_tree_reasoning_structure(loaded, real_videos):
     import data as D
     model, tok = loaded
-    rec = {"messages": [{"role": "user", "content": "<video>" + S.question}],
+    rec = {"messages": [{"role": "user", "content": "<video>" + QUESTION}],
            "videos": [str(real_videos / "single_face.mp4")]}
     item = D.encode_prompt(rec, tok, None, VIDEO_KW)
     item["index"] = 0
@@ -381,7 +382,7 @@ def test_tree_reasoning_structure(loaded, real_videos):
     lines = text.split("\n")
     assert lines[0] == "<think>" and lines[1].startswith("attribute:") and lines[2].startswith("expression:")
     assert lines[3].startswith("emotion:") and lines[4] == "</think>" and text.endswith("</answer>")
-    for level, line in zip(S.LEVELS, lines[1:4]):
+    for level, line in zip(LEVELS, lines[1:4]):
         assert len(cands[level]) == 3
         best = max(s for l, s in cands[level] if l.split(":", 1)[1].strip()) if any(
             l.split(":", 1)[1].strip() for l, _ in cands[level]) else None
@@ -394,28 +395,28 @@ def test_tree_reasoning_structure(loaded, real_videos):
     assert S.pick_candidate(["emotion:", "emotion: fear"], [-0.1, -3.0], "logprob") == 1  # empty lines lose
 
 
-def test_sample_cli_real_clip(tiny_ckpt, real_videos, emo, capsys):
+def test_sample_cli_real_clip(tiny_ckpt, real_videos, emo, loaded):
     video = real_videos / "single_face.mp4"
     common_args = [f"--init_from={tiny_ckpt}", f"--video={video}", "--max_new_tokens=6", "--level_max_tokens=5"]
-    saved = {k: v for k, v in vars(S).items() if k in common._config_keys(vars(S))}
-    try:  # plain in-process (main() sets the module's config globals: restored after)
-        text = S.main(common_args)
-    finally:
-        vars(S).update(saved)
-    out = capsys.readouterr().out
-    assert "affective tree:" in out and "\nanswer:" in out and text.strip() in out
+    p = run_script("sample.py", *common_args)  # plain: the greedy response of inference.generate_plain
+    assert p.returncode == 0, p.stderr
+    import data as D
+    item = dict(D.encode_prompt({"messages": [{"role": "user", "content": "<video>" + QUESTION}],
+                                 "videos": [str(video)]}, loaded[1], "", VIDEO_KW), index=0)
+    text = S.generate_plain(*loaded, [item], max_new_tokens=6)[0]
+    assert "affective tree:" in p.stdout and "\nanswer:" in p.stdout and "response:\n" + text.strip() in p.stdout
     p = run_script("sample.py", *common_args, "--reasoning=tree", "--samples=2", "--scorer=consistency")
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert "[attribute] 2 candidates" in out and "[emotion] 2 candidates" in out
     tree = out[out.index("affective tree:"):out.index("response:")].splitlines()
     assert tree[1] == "root"
-    assert [l.strip() for l in tree if l.startswith("  ") and not l.startswith("    ")] == list(S.LEVELS)
+    assert [l.strip() for l in tree if l.startswith("  ") and not l.startswith("    ")] == list(LEVELS)
     assert "<think>\nattribute:" in out and "</answer>" in out
     # eval CLI on our checkpoint: default video root = the data file's folder; the second run reuses every row
     data = emo / "test.jsonl"
     res = emo.parent / "cli_eval.json"
-    args = [f"--init_from={tiny_ckpt}", f"--data={data}", "--max_samples=3", "--max_new_tokens=3",
+    args = [f"--init_from={tiny_ckpt}", f"--test_file={data}", "--max_samples=3", "--max_new_tokens=3",
             f"--out={res}", "--progress=False"]
     p = run_script("eval.py", *args)
     assert p.returncode == 0, p.stderr

@@ -1,15 +1,19 @@
-"""train_rl.py: the GRPO maths against an independent float64 reference written from DESIGN §5 with explicit loops;
-the training-side log-probs against an unpadded per-row forward; end-to-end runs of a tiny random VidEmo on a tiny
-EmoSynth build (real rewards + checkpoint + eval, exact resume, torchrun DDP == one process)."""
+"""grpo.py + train_rl.py: the GRPO maths against an independent float64 reference written from the formulas with
+explicit loops; the training-side log-probs against an unpadded per-row forward; end-to-end runs of train_rl.py (its
+own process) with a tiny random VidEmo on a tiny EmoSynth build (real rewards + checkpoint + eval, exact resume,
+torchrun DDP == one process)."""
 import itertools
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from train_rl import grpo_advantages, grpo_loss
+import grpo
+from grpo import grpo_advantages, grpo_loss
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
@@ -268,13 +272,16 @@ def _tiny_model(seed=0):
     return VidEmo(tiny_config()).eval()
 
 
+def _counts(grid):
+    from model import vision_token_counts
+    return vision_token_counts(grid, 2).tolist()
+
+
 @pytest.mark.parametrize("pruned", (False, True))
-def test_completion_logps_match_unpadded_forward(monkeypatch, pruned):
-    import train_rl
+def test_completion_logps_match_unpadded_forward(pruned):
     from tiny import IM_END, IMAGE_PAD, PAD, VIDEO_PAD, fake_video_inputs
     model = _tiny_model()
     tau, G, Tc = 0.7, 2, 6
-    monkeypatch.setattr(train_rl, "temperature", tau)
     inp = fake_video_inputs([(2, 4, 4), (4, 4, 6)], side="left", seconds=[0.5, 1.0])  # two prompts, left padded
     with torch.no_grad():
         embeds = model.encode_video(inp["pixel_values_videos"], inp["video_grid_thw"])  # [4*... , D]
@@ -288,13 +295,12 @@ def test_completion_logps_match_unpadded_forward(monkeypatch, pruned):
             seqs[j, n:] = PAD
     seqs[3, 3] = VIDEO_PAD  # a sampled placeholder ends the completion (scored, never fed back as a video token)
     lengths[3] = 4
-    mb = train_rl.group_batch(inp["input_ids"], inp["attention_mask"], seqs, embeds, inp["video_grid_thw"],
-                              inp["second_per_grid_ts"], keep, G, 2, IM_END, PAD, (VIDEO_PAD, IMAGE_PAD))
+    counts = _counts(inp["video_grid_thw"])
+    mb = grpo.group_batch(inp["input_ids"], inp["attention_mask"], seqs, embeds, inp["video_grid_thw"],
+                          inp["second_per_grid_ts"], keep, G, counts, IM_END, PAD, (VIDEO_PAD, IMAGE_PAD))
     assert mb["lengths"].tolist() == lengths and mb["truncated"].tolist() == [True, False, False, False]
-    counts = (inp["video_grid_thw"].prod(-1) // 4).tolist()
-    for fused in (False, True):
-        monkeypatch.setattr(train_rl, "use_fused_logprobs", fused)
-        got, ent = train_rl.completion_logps(model, mb, with_entropy=True)  # [B*G, Tc]
+    for backend in ("naive", "auto"):
+        got, ent = grpo.completion_logps(model, mb, tau, with_entropy=True, backend=backend)  # [B*G, Tc]
         for j, n in enumerate(lengths):
             b = j // G
             prompt = inp["input_ids"][b][inp["attention_mask"][b] == 1]
@@ -311,8 +317,36 @@ def test_completion_logps_match_unpadded_forward(monkeypatch, pruned):
             assert (got[j, n:] == 0).all()
 
 
-def test_completion_logps_gradient_fused_equals_plain(monkeypatch):
-    import train_rl
+def test_model_scores_labels_like_the_logits():
+    """model(ids, labels=...) (the nanoGPT model(idx, targets) idiom) == log_softmax of its own logits at the labels,
+    with a keep-mask compacting the sequence too; a label on a dropped video token is an error."""
+    from tiny import fake_video_inputs
+    model = _tiny_model(3)
+    inp = fake_video_inputs([(2, 4, 4), (4, 4, 6)], side="right")
+    ids, amask = inp["input_ids"], inp["attention_mask"]
+    from tiny import VIDEO_PAD
+    labels = torch.where((amask == 1) & (ids != VIDEO_PAD), ids, torch.full_like(ids, -100))  # every text token
+    with torch.no_grad():
+        embeds = model.encode_video(inp["pixel_values_videos"], inp["video_grid_thw"])
+        keep = model.video_keep_mask(embeds, inp["video_grid_thw"], rate=0.5)
+    kw = dict(attention_mask=amask, video_embeds=embeds, video_grid_thw=inp["video_grid_thw"],
+              second_per_grid_ts=inp["second_per_grid_ts"])
+    for mask in (None, keep):
+        with torch.no_grad():
+            logits = model(ids, video_keep_mask=mask, **kw).double()  # [B, L', V]
+            logp = model(ids, video_keep_mask=mask, labels=labels, temperature=0.8, **kw)  # [n]
+        lab = labels if mask is None else labels.gather(1, model.keep_index(ids, amask, mask)[0])
+        sel = lab[:, 1:] != -100
+        want = torch.log_softmax(logits[:, :-1] / 0.8, -1).gather(-1, lab[:, 1:].clamp(min=0)[..., None])[..., 0][sel]
+        assert logp.shape == want.shape and want.numel() >= 6
+        torch.testing.assert_close(logp.double(), want, rtol=1e-5, atol=1e-5)
+    bad = labels.clone()
+    bad[ids == VIDEO_PAD] = VIDEO_PAD
+    with pytest.raises(ValueError, match="keep-mask drops"):
+        model(ids, video_keep_mask=keep, labels=bad, **kw)
+
+
+def test_completion_logps_gradient_fused_equals_plain():
     from tiny import IM_END, PAD, fake_video_inputs
     model = _tiny_model(1).train()
     inp = fake_video_inputs([(2, 4, 4), (2, 4, 4)], side="left")
@@ -320,24 +354,22 @@ def test_completion_logps_gradient_fused_equals_plain(monkeypatch):
         embeds = model.encode_video(inp["pixel_values_videos"], inp["video_grid_thw"])
     seqs = torch.randint(0, 500, (4, 5), generator=torch.Generator().manual_seed(3))
     seqs[1, 2] = IM_END
-    mb = train_rl.group_batch(inp["input_ids"], inp["attention_mask"], seqs, embeds, inp["video_grid_thw"],
-                              inp["second_per_grid_ts"], None, 2, 2, IM_END, PAD)
+    mb = grpo.group_batch(inp["input_ids"], inp["attention_mask"], seqs, embeds, inp["video_grid_thw"],
+                          inp["second_per_grid_ts"], None, 2, _counts(inp["video_grid_thw"]), IM_END, PAD)
     grads = []
-    for fused in (False, True):
-        monkeypatch.setattr(train_rl, "use_fused_logprobs", fused)
+    for backend in ("naive", "auto"):
         model.zero_grad()
-        logps, _ = train_rl.completion_logps(model, mb)
+        logps, _ = grpo.completion_logps(model, mb, 1.0, backend=backend)
         (logps * torch.linspace(-1, 1, logps.numel()).view_as(logps)).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
     assert grads[0].abs().sum() > 0
 
 
-def test_reencoded_video_matches_rollout_encoding_and_subset(monkeypatch):
+def test_reencoded_video_matches_rollout_encoding_and_subset():
     """train_vision: the policy pass re-encodes each prompt's video once and shares it with the prompt's G rows.
     Values and every gradient (vision tower included) equal encoding with grad by hand and expanding per group; the
     rows that dynamic sampling keeps (subset) carry their own prompts' pixels."""
-    import train_rl
     from tiny import IM_END, PAD, fake_video_inputs
     model = _tiny_model(2).train()
     G = 2
@@ -347,16 +379,17 @@ def test_reencoded_video_matches_rollout_encoding_and_subset(monkeypatch):
     grid = inp["video_grid_thw"]
     with torch.no_grad():
         rollout_embeds = model.encode_video(inp["pixel_values_videos"], grid)
-    mb = train_rl.group_batch(inp["input_ids"], inp["attention_mask"], seqs, rollout_embeds, grid,
-                              inp["second_per_grid_ts"], None, G, 2, IM_END, PAD, pixels=inp["pixel_values_videos"])
+    mb = grpo.group_batch(inp["input_ids"], inp["attention_mask"], seqs, rollout_embeds, grid,
+                          inp["second_per_grid_ts"], None, G, _counts(grid), IM_END, PAD,
+                          pixels=inp["pixel_values_videos"])
     weights = torch.linspace(-1, 1, seqs.numel()).view_as(seqs)
 
     def grads_of(batch, reencode, by_hand=False):
         model.zero_grad()
         if by_hand:
             emb = model.encode_video(inp["pixel_values_videos"], grid)
-            batch = dict(batch, video_embeds=train_rl.expand_groups(emb, (grid.prod(-1) // 4).tolist(), G))
-        logps, _ = train_rl.completion_logps(model, batch, reencode=reencode)
+            batch = dict(batch, video_embeds=grpo.expand_groups(emb, _counts(grid), G))
+        logps, _ = grpo.completion_logps(model, batch, 1.0, reencode=reencode)
         (logps * weights[:logps.shape[0]]).sum().backward()
         return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -367,18 +400,47 @@ def test_reencoded_video_matches_rollout_encoding_and_subset(monkeypatch):
     for n in g_want:
         torch.testing.assert_close(g_got[n], g_want[n], rtol=1e-4, atol=1e-7, msg=n)
     with torch.no_grad():
-        plain, _ = train_rl.completion_logps(model, mb)  # the rollout encoding: same weights, same values
+        plain, _ = grpo.completion_logps(model, mb, 1.0)  # the rollout encoding: same weights, same values
     torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-6)
     rows = torch.tensor([False] * G + [True] * G + [False] * G)  # keep only the second prompt's group
-    sub = train_rl.subset(dict(mb, adv=torch.zeros(3 * G), old=None, ref=None, gen_logps=None), rows)
+    sub = grpo.subset(dict(mb, adv=torch.zeros(3 * G), old=None, ref=None, gen_logps=None), rows)
     assert sub["pixels"].shape[0] == int(grid[1].prod()) and sub["prompt_grid"].tolist() == [grid[1].tolist()]
     with torch.no_grad():
-        part, _ = train_rl.completion_logps(model, sub, reencode=True)
+        part, _ = grpo.completion_logps(model, sub, 1.0, reencode=True)
     torch.testing.assert_close(part, want[rows], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# end to end: a few GRPO steps of a tiny random VidEmo on a tiny EmoSynth build (single process, in-test)
+# end to end: a few GRPO steps of train_rl.py (its own process) with a tiny random VidEmo on a tiny EmoSynth build
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# runs train_rl.py as __main__ after swapping in a synthetic reward (argv[1]: real | vowel | constant)
+DRIVER = """
+import runpy, sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+import reward, test_grpo
+reward.score = {{"real": reward.score, "vowel": test_grpo._vowel_reward,
+                 "constant": test_grpo._constant_reward}}[sys.argv.pop(1)]
+sys.argv[0] = {script!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def run_rl(tmp_path, args, reward="real", nproc=1, check=True):
+    """train_rl.py with args in a fresh process -> (metric rows of the steps, CompletedProcess)."""
+    driver = tmp_path / "rl_driver.py"
+    driver.write_text(DRIVER.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
+                                    script=os.path.join(ROOT, "train_rl.py")))
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     f"--nproc_per_node={nproc}"]
+    r = subprocess.run(launcher + [str(driver), reward] + args, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
+    if check and r.returncode != 0:
+        raise AssertionError(f"train_rl failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}")
+    out = next(a.split("=", 1)[1] for a in args if a.startswith("--out_dir="))
+    path = os.path.join(out, "metrics.jsonl")
+    rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    return [row for row in rows if "reward" in row], r
 
 
 @pytest.fixture(scope="module")
@@ -390,8 +452,8 @@ def emosynth_tiny(tmp_path_factory):
     from model import VidEmo
     from tiny import tiny_config
     root = tmp_path_factory.mktemp("rl")
-    spec = importlib.util.spec_from_file_location("emosynth_prepare", os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "emosynth", "prepare.py"))
+    spec = importlib.util.spec_from_file_location("emosynth_prepare", os.path.join(ROOT, "data", "emosynth",
+                                                                                   "prepare.py"))
     prep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prep)
     build = root / "build"
@@ -423,13 +485,16 @@ def _vowel_reward(completion, record, weights=None, lam=1.0):
     return {"accuracy": v, "format": 0.0, "total": v}
 
 
+def _constant_reward(completion, record, weights=None, lam=1.0):
+    return {"accuracy": 0.5, "format": 0.0, "total": 0.5}
+
+
 def test_e2e_real_rewards_checkpoint_and_eval(emosynth_tiny, tmp_path):
-    import train_rl
     build, init = emosynth_tiny
     out = tmp_path / "out"
-    rows = train_rl.train(_args(build, init, out, eval_at_end=True, eval_max_new_tokens=8, eval_batch_size=4,
-                                eval_max_records=4, grad_accum=1, eval_every=2, eval_val_records=1,
-                                tasks=("emotion_single", "fine_grained_caption"), dynamic_sampling=False))
+    rows, _ = run_rl(tmp_path, _args(build, init, out, eval_at_end=True, eval_max_new_tokens=8, eval_batch_size=4,
+                                     eval_max_records=4, grad_accum=1, eval_every=2, eval_val_records=1,
+                                     tasks=("emotion_single", "fine_grained_caption"), dynamic_sampling=False))
     assert [r["step"] for r in rows] == [1, 2]
     logged = [json.loads(l) for l in open(out / "metrics.jsonl")]
     # the held-out curve: val scores of the RL tasks before step 1 and every eval_every steps
@@ -450,51 +515,44 @@ def test_e2e_real_rewards_checkpoint_and_eval(emosynth_tiny, tmp_path):
     assert result["n"] > 0
 
 
-def test_frozen_vision_option(emosynth_tiny, tmp_path, monkeypatch):
+def test_frozen_vision_option(emosynth_tiny, tmp_path):
     """--train_vision=False: the vision tower and merger stay exactly the SFT ones; the LM still learns."""
-    import reward
-    import train_rl
     from model import VidEmo
-    monkeypatch.setattr(reward, "score", _vowel_reward)
     build, init = emosynth_tiny
-    rows = train_rl.train(_args(build, init, tmp_path / "out", train_vision=False, max_steps=1, grad_accum=1,
-                                sample_table_every=0))
+    rows, _ = run_rl(tmp_path, _args(build, init, tmp_path / "out", train_vision=False, max_steps=1, grad_accum=1,
+                                     sample_table_every=0), reward="vowel")
     assert rows[0]["grad_norm"] > 0
     a, b = VidEmo.from_pretrained(tmp_path / "out" / "ckpt"), VidEmo.from_pretrained(init)
     moved = [n for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()) if not torch.equal(p, q)]
     assert moved and not any(n.startswith("visual.") for n in moved)
 
 
-def test_dynamic_sampling_skips_a_step_with_no_signal(emosynth_tiny, tmp_path, monkeypatch):
+def test_dynamic_sampling_skips_a_step_with_no_signal(emosynth_tiny, tmp_path):
     """Every completion gets the same reward: every group is zero-std, dynamic sampling (the default) drops them all,
     and the step makes no update rather than a KL-only one."""
-    import reward
-    import train_rl
     from model import VidEmo
-    monkeypatch.setattr(reward, "score", lambda completion, record, weights=None, lam=1.0: {
-        "accuracy": 0.5, "format": 0.0, "total": 0.5})
     build, init = emosynth_tiny
-    rows = train_rl.train(_args(build, init, tmp_path / "out", max_steps=1, grad_accum=1, sample_table_every=0,
-                                tasks=("emotion_single",)))
+    rows, _ = run_rl(tmp_path, _args(build, init, tmp_path / "out", max_steps=1, grad_accum=1, sample_table_every=0,
+                                     tasks=("emotion_single",)), reward="constant")
     assert rows[0]["frac_reward_zero_std"] == 1.0 and rows[0]["skipped_update"] == 1 and "kl" not in rows[0]
     a, b = VidEmo.from_pretrained(tmp_path / "out" / "ckpt"), VidEmo.from_pretrained(init)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
 
 
-def test_missing_sft_checkpoint_and_bad_config_errors(emosynth_tiny, tmp_path):
-    import train_rl
+@pytest.mark.parametrize("kw,needle", [
+    (dict(init_from="no_such_ckpt"), "train_sft.py"),
+    (dict(tasks=("emotion_singel",)), "unknown task"),
+    (dict(prompts_per_step=3), "prompts_per_step"),
+    (dict(val_file="no_val.jsonl", eval_every=10), "val_file"),
+    (dict(resume=True, out_dir="fresh"), "resume"),
+])
+def test_missing_sft_checkpoint_and_bad_config_errors(emosynth_tiny, tmp_path, kw, needle):
+    """One line naming the problem, exit code 2, no traceback."""
     build, init = emosynth_tiny
-    with pytest.raises(FileNotFoundError, match="train_sft.py"):
-        train_rl.train(_args(build, tmp_path / "no_such_ckpt", tmp_path / "out"))
-    with pytest.raises(ValueError, match="unknown task"):
-        train_rl.train(_args(build, init, tmp_path / "out", tasks=("emotion_singel",)))
-    with pytest.raises(ValueError, match="prompts_per_step"):
-        train_rl.train(_args(build, init, tmp_path / "out", prompts_per_step=3))
-    with pytest.raises(FileNotFoundError, match="val_file"):
-        train_rl.train(_args(build, init, tmp_path / "out", val_file=tmp_path / "no_val.jsonl", eval_every=10))
-    with pytest.raises(FileNotFoundError, match="resume"):
-        train_rl.train(_args(build, init, tmp_path / "fresh", resume=True))
+    kw = {k: (str(tmp_path / v) if k in ("init_from", "val_file", "out_dir") else v) for k, v in kw.items()}
+    _, r = run_rl(tmp_path, _args(build, init, tmp_path / "out", **kw), check=False)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 # every option that changes the update path at once: KL to the reference, mu = 2 (old != current), EVS pruning (one
@@ -507,24 +565,15 @@ COMPARE = ("loss", "grad_norm", "kl", "reward", "reward_std", "entropy", "clip_r
 @pytest.fixture(scope="module")
 def straight_run(emosynth_tiny, tmp_path_factory):
     """Two uninterrupted steps with a synthetic reward (so groups have spread): (metric rows, out_dir)."""
-    import reward
-    import train_rl
     build, init = emosynth_tiny
-    out = tmp_path_factory.mktemp("straight")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(reward, "score", _vowel_reward)
-    try:
-        rows = train_rl.train(_args(build, init, out, **RUN_KW))
-    finally:
-        mp.undo()
+    tmp = tmp_path_factory.mktemp("straight")
+    out = tmp / "out"
+    rows, _ = run_rl(tmp, _args(build, init, out, **RUN_KW), reward="vowel")
     return rows, out
 
 
-def test_e2e_learning_signal_and_exact_resume(emosynth_tiny, straight_run, tmp_path, monkeypatch):
-    import reward
-    import train_rl
+def test_e2e_learning_signal_and_exact_resume(emosynth_tiny, straight_run, tmp_path):
     from model import VidEmo
-    monkeypatch.setattr(reward, "score", _vowel_reward)
     build, init = emosynth_tiny
     straight, out = straight_run
     assert straight[0]["frac_reward_zero_std"] < 1 and straight[0]["grad_norm"] > 0
@@ -535,10 +584,10 @@ def test_e2e_learning_signal_and_exact_resume(emosynth_tiny, straight_run, tmp_p
     moved = [n for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()) if not torch.equal(p, q)]
     assert any(n.startswith("visual.") for n in moved) and any(n.startswith("layers.") for n in moved)  # train_vision
     # killed after step 1, resumed: the same rollouts and updates as the straight run
-    first = train_rl.train(_args(build, init, tmp_path / "b", stop_at_step=1, **RUN_KW))
-    second = train_rl.train(_args(build, init, tmp_path / "b", resume=True, **RUN_KW))
-    assert [r["step"] for r in first + second] == [1, 2]
-    for want, got in zip(straight, first + second):
+    first, _ = run_rl(tmp_path, _args(build, init, tmp_path / "b", stop_at_step=1, **RUN_KW), reward="vowel")
+    both, _ = run_rl(tmp_path, _args(build, init, tmp_path / "b", resume=True, **RUN_KW), reward="vowel")
+    assert [r["step"] for r in first] == [1] and [r["step"] for r in both] == [1, 2]
+    for want, got in zip(straight, both):
         for k in COMPARE:
             assert got[k] == pytest.approx(want[k], abs=1e-6), k
     c = VidEmo.from_pretrained(tmp_path / "b" / "ckpt")  # and the same weights after the second update
@@ -546,35 +595,14 @@ def test_e2e_learning_signal_and_exact_resume(emosynth_tiny, straight_run, tmp_p
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
 
 
-DDP_DRIVER = """
-import json, sys
-sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-import reward, train_rl, test_grpo
-reward.score = test_grpo._vowel_reward
-rows = train_rl.train(sys.argv[2:])
-if rows:
-    json.dump(rows, open(sys.argv[1], "w"))
-"""
-
-
 def test_e2e_ddp_two_ranks_equal_one_process(emosynth_tiny, straight_run, tmp_path):
     """torchrun (gloo, 2 CPU ranks, 1 prompt each) reproduces one process accumulating both micro-batches: the
     same rollouts, advantages (batch std gathered over ranks), dapo/grpo normalisation and DDP-reduced gradients
     (the LM-head scoring runs inside the wrapped forward)."""
-    import subprocess
-    import sys
     build, init = emosynth_tiny
     straight, _ = straight_run
-    tests = os.path.dirname(os.path.abspath(__file__))
-    driver = tmp_path / "driver.py"
-    driver.write_text(DDP_DRIVER.format(root=os.path.dirname(tests), tests=tests))
-    out_json = tmp_path / "rows.json"
-    args = _args(build, init, tmp_path / "ddp", **dict(RUN_KW, grad_accum=1))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(driver), str(out_json)] + args, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ddp = json.load(open(out_json))
+    ddp, _ = run_rl(tmp_path, _args(build, init, tmp_path / "ddp", **dict(RUN_KW, grad_accum=1)), reward="vowel",
+                    nproc=2)
     assert [r["step"] for r in ddp] == [1, 2]
     for want, got in zip(straight, ddp):
         for k in COMPARE:

@@ -251,7 +251,10 @@ def test_rate_ties_break_by_index(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_video_keep_mask_multi_video(backend):
-    grids = torch.tensor([[3, 4, 6], [2, 2, 4], [1, 2, 2], [4, 6, 2]])  # merged tokens: 3x6, 2x2, 1x1, 4x3
+    from model import merged_grid
+    patch_grids = torch.tensor([[3, 4, 6], [2, 2, 4], [1, 2, 2], [4, 6, 2]])  # merged tokens: 3x6, 2x2, 1x1, 4x3
+    grids = merged_grid(patch_grids, 2)  # the one vision-token rule
+    assert grids.tolist() == [[3, 2, 3], [2, 1, 2], [1, 1, 1], [4, 3, 1]]
     sizes = [(3, 6), (2, 2), (1, 1), (4, 3)]
     vids = [video(t, s, 24, seed=i) if t > 2 else torch.randn(t, s, 24) for i, (t, s) in enumerate(sizes)]
     embeds = torch.cat([v.reshape(-1, 24) for v in vids])  # [n, D]
@@ -261,7 +264,7 @@ def test_video_keep_mask_multi_video(backend):
         assert keep.dtype == torch.bool and torch.equal(keep, expect), kw
     idx = keep_indices(keep)
     assert idx.tolist() == [i for i, k in enumerate(keep.tolist()) if k]
-    with pytest.raises(ValueError, match="video_grid_thw"):
+    with pytest.raises(ValueError, match="merged-token grids"):
         video_keep_mask(embeds[:-1], grids, rate=0.5, backend=backend)
     with pytest.raises(ValueError, match="exactly one"):
         video_keep_mask(embeds, grids, rate=0.5, threshold=0.1, backend=backend)

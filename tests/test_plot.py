@@ -1,11 +1,21 @@
 """plot.py: curve reading, running mean against a direct computation, a readable PNG, clear errors."""
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 
 import plot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_plot(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT)
 
 
 def test_running_mean_matches_direct_window():
@@ -25,7 +35,8 @@ def test_plot_writes_png_and_reads_only_rows_with_key(tmp_path):
     assert steps == list(range(1, 41)) and values[-1] == pytest.approx(0.40)
     assert plot.read_curve(path, "val/x") == ([0], [0.5])
     out = tmp_path / "curve.png"
-    plot.main([str(path), str(path), "--key=reward", f"--out={out}", "--smooth=5", "--labels=a,b"])
+    r = run_plot(f"--metrics={path},{path}", "--key=reward", f"--out={out}", "--smooth=5", "--labels=a,b")
+    assert r.returncode == 0, r.stderr
     img = Image.open(out)
     assert img.size == (720, 420) and len(img.convert("RGB").getcolors(1 << 16)) > 3  # axes, curves, text
 
@@ -38,5 +49,8 @@ def test_plot_errors(tmp_path):
     path.write_text('{"step": 1, "loss": 2.0}\n')
     with pytest.raises(ValueError, match="no rows with key 'reward'"):
         plot.read_curve(path, "reward")
-    with pytest.raises(SystemExit, match="unknown option"):
-        plot.main([str(path), "--colour=red"])
+    for args, needle in (([f"--metrics={path}", "--colour=red"], "colour"),
+                         ([f"--metrics={path}", "--key=reward"], "no rows with key 'reward'"),
+                         ([f"--metrics={path}", "--labels=a,b"], "labels")):
+        r = run_plot(*args)  # one line naming the problem, exit code 2
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr

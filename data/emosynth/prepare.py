@@ -8,7 +8,7 @@ action units with onset/apex/offset, micro-expressions) and emotions (7 basic em
 transitions, blends). Also trains a small byte-level BPE tokenizer with the Qwen special tokens and chat template.
 
 Everything is deterministic from --seed. Every cue is drawn big and dark enough to be seen in a 14-pixel patch
-(DESIGN §10: thin features and random colours kept a tiny model at chance).
+(thin features and random colours kept a tiny model at chance; docs/design.md, "EmoSynth").
 
     python data/emosynth/prepare.py [--out_dir=data/emosynth/build] [--num_train=3000] [--num_val=150]
                                     [--num_test=400] [--seed=0] [--size=112] [--frames=8] [--fps=4]
@@ -17,17 +17,20 @@ Everything is deterministic from --seed. Every cue is drawn big and dark enough 
 --num_* count clips; each clip serves one to eight task records. Files: videos/NNNNNN.mp4, {train,val,test}.jsonl,
 meta.jsonl (full per-clip ground truth, for debugging only), tokenizer/, done.json (written last).
 """
-import argparse
 import json
 import math
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for common.py
+import common  # noqa: E402
 
 VERSION = 1  # bump when the output changes, so old builds are not reused
 DEFAULT_OUT = Path(__file__).resolve().parent / "build"
@@ -409,7 +412,7 @@ def emotion_caption(emotion, intensity, aus):
 
 
 def affective_tree(spec):
-    """The reference tree text (DESIGN §4 format) for a single-emotion clip."""
+    """The reference tree text (the affective-tree format of docs/design.md) for a single-emotion clip."""
     app = spec["appearance"]
     attr = [f"gender={app['gender']}", f"age={app['age']}",
             "hair=bald" if app["hair_len"] == "bald" else f"hair={app['hair_len']} {app['hair_colour']}"]
@@ -889,15 +892,15 @@ def prepare(out_dir=DEFAULT_OUT, force=False, verbose=True, **kwargs):
     return out_dir
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out_dir", default=str(DEFAULT_OUT))
-    for k, v in DEFAULTS.items():
-        ap.add_argument(f"--{k}", type=type(v), default=v)
-    ap.add_argument("--force", type=lambda s: s.lower() in ("1", "true", "yes"), default=False)
-    a = vars(ap.parse_args(argv))
-    prepare(a.pop("out_dir"), force=a.pop("force"), **a)
+def main():
+    # the same --key=value convention (and --help) as every VidEmo script: the keys are DEFAULTS + out_dir + force
+    cfg = common.configure(dict(DEFAULTS, out_dir=str(DEFAULT_OUT), force=False))
+    prepare(cfg.pop("out_dir"), force=cfg.pop("force"), **cfg)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except common.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,249 @@
+"""GRPO, the library half of train_rl.py: the two pure functions of the algorithm, the rollout micro-batch (prompt +
+completions of each group, with the group's shared video encoding) and the log-probs of its completion tokens.
+
+    A_i   = (R_i - mean_G R) / (std_G R + 1e-4)                       std unbiased; scale_rewards: group|batch|none
+    r_it  = exp(l_it - l_old_it)                                      l = log pi(o_it | q, o_i<t) from logits / tau
+    L_it  = -min(r_it A_i, clip(r_it, 1-eps_low, 1+eps_high) A_i) + beta * KL_it
+    KL_it = exp(l_ref - l) - (l_ref - l) - 1
+    loss  = grpo: mean_i (sum_t m L / sum_t m) | bnpo: sum m L / sum m | dr_grpo: sum m L / (N * T_max)
+            | dapo: sum m L / (active tokens of the whole rollout batch, all ranks)
+
+The semantics follow TRL's GRPOTrainer; docs/design.md ("GRPO") says where and why.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+REWARD_TERMS = ("accuracy", "f1", "caption", "tree", "format")  # reward.py's terms; "total" is their weighted sum
+LOSS_STATS = ("kl", "clip_low", "clip_high", "clip_region", "ratio")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the two pure functions of GRPO
+
+
+def grpo_advantages(rewards, group_size, scale_rewards="group"):
+    """rewards [B*G] (groups contiguous: prompt b owns rows b*G .. b*G+G-1) -> advantages [B*G].
+    A = (R - mean_G R) / (std + 1e-4); std unbiased: per group ("group"), over the whole batch ("batch"), or no
+    division ("none"). A group whose rewards are all equal gets A = 0 whatever the scaling."""
+    if group_size < 2:
+        raise ValueError(f"grpo_advantages: group_size must be >= 2 (got {group_size}); std of one sample is undefined")
+    if rewards.numel() % group_size:
+        raise ValueError(f"grpo_advantages: {rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)  # [B, G]
+    centred = (grouped - grouped.mean(1, keepdim=True)).view(-1)  # [B*G]
+    if scale_rewards == "group":
+        std = grouped.std(1).repeat_interleave(group_size)  # [B*G]
+    elif scale_rewards == "batch":
+        std = rewards.std().expand_as(rewards)
+    elif scale_rewards == "none":
+        return centred
+    else:
+        raise ValueError(f"scale_rewards must be group, batch or none (got {scale_rewards!r})")
+    return centred / (std + 1e-4)
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, eps_low, eps_high, loss_type,
+              max_completion_length=None, return_stats=False, num_items=None):
+    """The GRPO policy loss over completion tokens.
+
+    logps, old_logps, ref_logps, mask: [N, T] (N = sequences, T = completion positions); advantages [N].
+    ref_logps may be None when beta == 0. Aggregation (as TRL):
+      grpo    per-sequence masked mean, then mean over sequences
+      bnpo    sum over all tokens / number of active tokens
+      dr_grpo sum / (N * max_completion_length)             (max_completion_length defaults to T)
+      dapo    sum / num_items; num_items = active tokens of the whole rollout batch. TRL gathers it over every
+              process and divides by world size (DDP then averages); train() passes exactly that. Left None, it is
+              the active tokens of this call (then dapo == bnpo).
+    Returns the scalar loss, and with return_stats a dict of detached scalars: kl (masked mean),
+    clip_low / clip_high / clip_region (fraction of active tokens whose ratio is clipped in the direction that
+    matters for the sign of A), ratio (masked mean)."""
+    mask = mask.to(logps.dtype)
+    adv = advantages.to(logps.dtype)[:, None]  # [N, 1]
+    ratio = torch.exp(logps - old_logps)  # [N, T]
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)  # [N, T]
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("grpo_loss: ref_logps is required when beta != 0")
+        d = ref_logps - logps
+        kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi || pi_ref), >= 0
+        per_token = per_token + beta * kl
+    masked_sum = (per_token * mask).sum()
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = masked_sum / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        t_max = max_completion_length if max_completion_length is not None else logps.shape[1]
+        loss = masked_sum / (logps.shape[0] * t_max)
+    elif loss_type == "dapo":
+        denom = mask.sum().clamp(min=1.0) if num_items is None else num_items
+        loss = masked_sum / denom
+    else:
+        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo (got {loss_type!r})")
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1.0)
+        low = ((ratio < 1 - eps_low) & (adv < 0)).to(mask.dtype)
+        high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype)
+        stats = {"kl": ((kl * mask).sum() / n).item() if kl is not None else 0.0,
+                 "clip_low": ((low * mask).sum() / n).item(),
+                 "clip_high": ((high * mask).sum() / n).item(),
+                 "clip_region": (((low + high) * mask).sum() / n).item(),
+                 "ratio": ((ratio * mask).sum() / n).item()}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# completion log-probs
+
+
+def completion_logps(model, batch, temperature, with_entropy=False, reencode=False, backend="auto"):
+    """batch: a rollout micro-batch (group_batch). -> logps [N, Tc] of the completion tokens under logits / temperature
+    (0 past EOS), entropy [N, Tc] (detached) or None. The model scores the completion labels itself (only completion
+    positions reach the LM head). The video is encoded once per prompt and shared by its G rows: the rollout's
+    encoding, or with `reencode` a fresh one by `model` (with grad when grad is on)."""
+    ids, valid = batch["ids"], batch["valid"]  # [N, Lp + Tc], [N, Tc] tokens up to and including the first stop
+    N, Tc = valid.shape
+    labels = torch.cat([torch.full_like(ids[:, :-Tc], -100), batch["targets"].masked_fill(~valid, -100)], 1)  # [N, L]
+    video_embeds = batch["video_embeds"]  # the rollout's encoding (no grad), already expanded to the G rows
+    if reencode:  # this model's own vision tower: with grad for the policy, the frozen one for the reference
+        per_prompt = model.encode_video(batch["pixels"], batch["prompt_grid"])  # [n_vid_prompts, D]
+        video_embeds = expand_groups(per_prompt, batch["row_tokens"][::batch["G"]], batch["G"])  # [n_vid, D]
+    out = model(ids, attention_mask=batch["attn"], video_embeds=video_embeds, video_grid_thw=batch["video_grid_thw"],
+                second_per_grid_ts=batch["second_per_grid_ts"], video_keep_mask=batch["keep"], labels=labels,
+                temperature=temperature, return_entropy=with_entropy, logprobs_backend=backend)  # [n] row-major
+    logp, ent = out if with_entropy else (out, None)
+    full = torch.zeros(N, Tc, dtype=logp.dtype, device=logp.device).masked_scatter(valid, logp)  # [N, Tc]
+    if ent is not None:
+        ent = torch.zeros(N, Tc, dtype=ent.dtype, device=ent.device).masked_scatter(valid, ent.detach())
+    return full, ent
+
+
+class GroupScorer(nn.Module):
+    """completion_logps as a module, so that DDP wraps it: the per-group re-encoding of the videos then runs inside
+    the wrapped forward, and every gradient it produces is reduced like the rest."""
+
+    def __init__(self, model, temperature, reencode, backend="auto"):
+        super().__init__()
+        self.model, self.temperature, self.reencode, self.backend = model, temperature, reencode, backend
+
+    def forward(self, batch, with_entropy=False):
+        return completion_logps(self.model, batch, self.temperature, with_entropy, self.reencode, self.backend)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the rollout micro-batch
+
+
+def group_batch(ids, attn, seqs, video_embeds, grid, sec, keep, G, counts, eos_id, pad_id, placeholder_ids=(),
+                mask_truncated=False, pixels=None):
+    """Prompts [B, Lp] (left padded) + their completions [B*G, Tc] (pad after EOS) -> the training micro-batch of
+    B*G rows: [prompt + completion] ids and attention mask, completion masks and targets, and the group-expanded
+    video inputs (`counts`: each prompt's merged video tokens). A sampled vision placeholder (<|video_pad|>, <|image_pad|>; a random or young policy writes them)
+    ends the completion like EOS: it is scored as a target, but never fed back as an input, where the model would
+    take it for a video token."""
+    stops = torch.isin(seqs, torch.tensor([eos_id, *placeholder_ids], device=seqs.device))
+    valid, truncated = completion_mask(stops)  # [B*G, Tc] up to and including the first stop, [B*G]
+    inputs = seqs.masked_fill(stops & (seqs != eos_id), pad_id)  # placeholders out of the input (masked anyway)
+    counts = [int(c) for c in counts]  # merged video tokens per prompt (model.vision_token_counts)
+    return {
+        "ids": torch.cat([ids.repeat_interleave(G, 0), inputs], 1),  # [B*G, Lp + Tc]
+        "attn": torch.cat([attn.repeat_interleave(G, 0), valid.to(attn.dtype)], 1),  # pads after EOS are masked
+        "targets": seqs,  # [B*G, Tc] what was sampled
+        "valid": valid,
+        "cmask": valid & ~truncated[:, None] if mask_truncated else valid,  # the tokens that get a loss
+        "video_embeds": expand_groups(video_embeds, counts, G),  # each group shares its prompt's encoding
+        "keep": expand_groups(keep, counts, G) if keep is not None else None,
+        "row_tokens": [c for c in counts for _ in range(G)],  # video tokens of each row
+        "pixels": pixels, "prompt_grid": grid, "G": G,  # [n_patches, C*2*14*14], [B, 3]: to re-encode the videos
+        "video_grid_thw": grid.repeat_interleave(G, 0), "second_per_grid_ts": sec.repeat_interleave(G, 0),
+        "lengths": valid.sum(1).cpu(), "truncated": truncated.cpu(),
+    }
+
+
+def completion_mask(stops):
+    """stops [N, Tc] bool (where a completion ends) -> (mask [N, Tc] bool over the tokens up to and including the
+    first stop, truncated [N] bool: no stop within the budget)."""
+    truncated = ~stops.any(1)
+    first = torch.where(truncated, stops.shape[1], stops.int().argmax(1))  # [N]
+    mask = torch.arange(stops.shape[1], device=stops.device)[None] <= first[:, None]
+    return mask, truncated
+
+
+def expand_groups(x, counts, G):
+    """Per-prompt segments of x along dim 0 (lengths `counts`) -> each segment repeated G times in place, so row
+    b*G + j of the expanded batch sees prompt b's video tokens: the video is encoded once per group."""
+    return torch.cat([seg.repeat((G,) + (1,) * (seg.dim() - 1)) for seg in x.split(counts)])
+
+
+class PromptStream:
+    """Endless, seeded, epoch-shuffled stream of record indices for one rank (strided shards: rank r gets global
+    positions r, r + W, r + 2W, ...). `pos` counts what this rank consumed (skipped records included), so saving
+    it resumes the very same stream."""
+
+    def __init__(self, n, seed, rank, world, pos=0):
+        self.n, self.seed, self.rank, self.world, self.pos = n, seed, rank, world, pos
+        self._perm_epoch, self._perm = -1, None
+
+    def next(self):
+        epoch, i = divmod(self.pos * self.world + self.rank, self.n)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm_epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        self.pos += 1
+        return self._perm[i]
+
+
+
+def subset(mb, rows):
+    """The rows (whole groups) of a micro-batch that dynamic sampling keeps; video tokens follow their rows."""
+    out = dict(mb)
+    for k in ("ids", "attn", "targets", "valid", "cmask", "adv", "old", "ref", "gen_logps", "video_grid_thw",
+              "second_per_grid_ts"):
+        if mb[k] is not None:
+            out[k] = mb[k][rows]
+    for k in ("video_embeds", "keep"):
+        if mb[k] is not None:
+            out[k] = torch.cat([seg for seg, r in zip(mb[k].split(mb["row_tokens"]), rows.tolist()) if r])
+    out["row_tokens"] = [c for c, r in zip(mb["row_tokens"], rows.tolist()) if r]
+    prompts = rows[::mb["G"]]  # [B] whole groups: a group's first row says whether its prompt stays
+    out["prompt_grid"] = mb["prompt_grid"][prompts]
+    if mb["pixels"] is not None:
+        patches = mb["prompt_grid"].prod(-1).tolist()
+        out["pixels"] = torch.cat([seg for seg, r in zip(mb["pixels"].split(patches), prompts.tolist()) if r])
+    return out
+
+
+
+def gather_rows(x):
+    """[n, ...] on every rank -> [world * n, ...] in rank order (every rank holds the same n)."""
+    if not dist.is_initialized():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def reduce_sum(d, dev):
+    """Sum a dict of python numbers over ranks (one all-reduce)."""
+    if not dist.is_initialized():
+        return dict(d)
+    t = torch.tensor(list(d.values()), dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return dict(zip(d, t.tolist()))
+
+
+def print_sample_table(step, samples):
+    print(f"-- step {step}: sampled completions")
+    print(f"{'task':<22} {'reward':>6}  {'terms':<34} completion  ||  reference")
+    for s in samples:
+        terms = " ".join(f"{k[:4]}={v:.2f}" for k, v in s["terms"].items())
+        text = s["text"].replace("\n", " | ")
+        text = text if len(text) <= 90 else text[:87] + "..."
+        ref = str(s["reference"]).replace("\n", " | ")[:40]
+        print(f"{s['task']:<22} {s['total']:6.3f}  {terms:<34} {text}  ||  {ref}")
+
