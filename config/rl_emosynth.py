@@ -9,11 +9,10 @@ tasks = ("fine_grained_caption", "emotion_single")
 fps = 4.0
 max_frames = 8
 max_pixels = 112 * 112
-# GRPO as VidEmo's recipe most likely ran it (ms-swift / TRL-0.16 era, reference/paper-notes.md §3):
+# GRPO as VidEmo's recipe most likely ran it (the ms-swift / TRL-0.16 defaults of its time):
 # G = 8, beta = 0.04, eps = 0.2, per-sequence mean ("grpo"), one update per rollout; plus DAPO's dynamic sampling
 num_generations = 8
-# tau 0.5, not TRL's 0.9: the tiny model's samples at 0.7 differ mostly by slips in fields it already gets right greedily
-temperature = 0.5
+temperature = 0.5  # the README's RL table says why 0.5 on this tiny model, not TRL's 0.9
 max_completion_length = 96  # the longest EmoSynth affective tree is ~75 tokens
 prompts_per_step = 8  # x 8 completions = 64 rollouts per step
 grad_accum = 2
@@ -22,7 +21,7 @@ beta = 0.04
 epsilon = 0.2
 loss_type = "grpo"
 scale_rewards = "group"
-dynamic_sampling = True  # about half the emotion_single groups are all-correct: they would only dilute the update
+dynamic_sampling = True  # all-correct groups carry no advantage: dropped rather than diluting the update
 train_vision = True  # the tree reward reaches the vision tower (gender cues, expression intensity)
 # rewards: task metric (accuracy | f1 | caption | tree) + a small format bonus on the tree task
 w_accuracy = 1.0
@@ -31,8 +30,7 @@ w_caption = 1.0
 w_tree = 1.0
 w_format = 0.1
 tree_lambda = 1.0
-# a ~1M-parameter model: a far larger step than the 1e-6 used for 7B models; 3e-4 drove KL to 0.2-0.35 and
-# hurt the untrained tasks (README: RL results)
+# a ~1M-parameter model takes a far larger step than the 1e-6 used for 7B models (README: RL results)
 max_steps = 800
 lr = 1e-4
 min_lr = 1e-5

@@ -1,6 +1,6 @@
 # VidEmo-7B stage 1 (curriculum emotion learning) on Emo-CFG from Qwen2.5-VL-7B-Instruct, one 8-GPU node:
 #   torchrun --standalone --nproc_per_node=8 train_sft.py config/sft_qwen25vl_7b.py
-# Settings as far as the paper and the official repo tell (reference/paper-notes.md §2): global batch 512
+# Settings as far as the paper and the official VidEmo repo tell: global batch 512
 # (8 GPUs x 4 x 16 accumulation), lr 4e-5, AdamW, cosine; ViT and merger frozen (ms-swift defaults); video at
 # 2 fps, <= 16 frames, <= 128*28*28 pixels per frame (the released inference setting).
 out_dir = "out/sft_qwen25vl_7b"

@@ -1,4 +1,4 @@
-"""Triton kernels, each beside its plain-torch reference (DESIGN §6).
+"""Triton kernels, each beside its plain-torch reference (docs/design.md, "Kernels").
 
 logprobs:       fused LM-head scoring (log-probs / entropies of targets without an [N, V] tensor)
 token_compress: EVS-style temporal pruning of merged video tokens

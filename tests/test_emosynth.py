@@ -232,7 +232,7 @@ def changed(a, b):
 
 def test_cues_are_bold():
     """Each emotion at low intensity, each AU alone at half amplitude, and each attribute visibly changes the
-    picture by a good number of high-contrast pixels (DESIGN §10: thin cues are not learnt)."""
+    picture by a good number of high-contrast pixels (thin cues are not learnt by a tiny model)."""
     apex = {e: _clip(emotion=e, intensity="low")[3] for e in EMOTIONS}
     for i, a in enumerate(EMOTIONS):
         for b in EMOTIONS[i + 1:]:

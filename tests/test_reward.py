@@ -100,7 +100,7 @@ def test_parse_vocab_example():
         Node("emotion", [Node("happiness (high intensity)")]),
     ])
     assert R.tree_size(t) == 12
-    # the same tree from the DESIGN §4 variant, with markdown and odd spacing
+    # the same tree in a looser variant of the format, with markdown and odd spacing
     messy = "<think>\n**Attribute**:  gender=Female ;age=young;;\n- emotion: Happiness (high intensity).\n</think>"
     m = R.parse_tree(messy)
     assert [[g.label for g in c.children] for c in m.children] == [
@@ -458,3 +458,63 @@ def test_pathological_inputs_are_fast(name):
         # robustness bound (generous, not a benchmark): typical is < 0.1 s on 2 CPU cores
         assert dt < 2.0, (name, key, dt)
         assert math.isfinite(v) and v >= 0, (name, key, v)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one scoring path: what GRPO maximises for a record is what eval reports for it
+
+MC = "<video>Which emotion does the person show? (A) happiness (B) sadness (C) anger. Answer with a letter."
+RL_WEIGHTS = {"accuracy": 1.0, "f1": 1.0, "caption": 1.0, "tree": 1.0, "format": 0.1}  # train_rl.py's defaults
+
+
+def _rec(task, question, answer, **kw):
+    return dict({"task": task, "messages": [{"role": "user", "content": question},
+                                            {"role": "assistant", "content": answer}]}, **kw)
+
+
+SCORING_CASES = [  # (record, response, the metric value by hand)
+    (_rec("emotion_single", MC, "B", labels="B"), "B", 1.0),
+    (_rec("emotion_single", MC, "B", labels="B"), "(B) sadness", 1.0),
+    (_rec("emotion_single", MC, "B", labels="B"), "<think>x</think><answer>B</answer>", 1.0),
+    (_rec("emotion_single", MC, "B", labels="B"), "sadness", 1.0),
+    (_rec("emotion_single", MC, "B", labels="B"), "A", 0.0),
+    (_rec("emotion_single", MC, "sadness", labels="sadness"), "B.", 1.0),
+    (_rec("emotion_single", MC, "sadness", labels=["sadness"]), "<answer>(B)</answer>", 1.0),
+    (_rec("emotion_single", MC, "(B) sadness"), "B", 1.0),  # no labels: the reference answer, a letter + text
+    (_rec("emotion_single", "<video>What emotion?", "anger"), "The answer is angry.", 1.0),
+    (_rec("emotion_multi", "<video>Which emotions?", "x", labels="happiness, surprise"), "happiness and fear", 0.5),
+    (_rec("emotion_multi", "<video>Which emotions?", "x", labels=["happiness", "surprise"]), "surprise, happy", 1.0),
+    (_rec("au_detection", "<video>AUs?", "AU6 cheek raiser; AU12 lip corner puller"), "AU12", 2 / 3),
+    (_rec("conversation_emotion", MC, "C"), "C", 1.0),  # a real Emo-CFG task scored like emotion_single
+]
+
+
+@pytest.mark.parametrize("record,response,want", SCORING_CASES)
+def test_grpo_reward_equals_eval_metric(record, response, want):
+    import evaluation
+    metric = R.task_metric(record["task"])
+    reported = evaluation.score_sample(response, record, record["task"])[metric]  # what eval.py reports
+    optimised = R.score(response, record, RL_WEIGHTS, lam=1.0)  # train_rl.py's reward call
+    assert reported == optimised[metric] == pytest.approx(want)
+    assert optimised["total"] == pytest.approx(RL_WEIGHTS[metric] * want)
+
+
+def test_emosynth_tasks_score_alike_in_both_paths():
+    import evaluation
+    tree = ("<think>\nattribute: gender=female; age=young\nexpression: AU12 lip corner puller\n"
+            "emotion: happiness (high intensity)\n</think>\n<answer>happiness</answer>")
+    recs = [_rec("fine_grained_caption", "<video>Analyse.", tree, labels=["happiness"], tree=tree),
+            _rec("appearance_caption", "<video>Describe.", "A young woman with long black hair and glasses."),
+            _rec("head_pose", "<video>Pose?", "frontal", labels=["frontal"])]
+    for rec, resp in zip(recs, (tree.replace("young", "adult"), "a young woman, black hair", "facing the camera")):
+        metric = R.task_metric(rec["task"])
+        v = evaluation.score_sample(resp, rec, rec["task"])[metric]
+        assert v == R.score(resp, rec, RL_WEIGHTS)[metric] and 0.0 < v <= 1.0
+
+
+def test_multiple_choice_reward_that_used_to_differ():
+    """Before the one scoring path, GRPO called the raw accuracy on the completion and the labels: a correct letter
+    answer to a lettered question scored 0 for RL and 1 in eval. Now both are 1."""
+    rec = _rec("emotion_single", MC, "B", labels=["sadness"])
+    assert R.accuracy_reward("B", rec["labels"]) == 0.0  # the old RL reward
+    assert R.score("B", rec)["accuracy"] == 1.0 and R.score("(A) happiness", rec)["accuracy"] == 0.0
