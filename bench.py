@@ -532,8 +532,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.InputError, common.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.run(main)

@@ -30,6 +30,15 @@ class InputError(Exception):
     """A problem with what the user passed (a path, a checkpoint, a video): reported as one line, exit code 2."""
 
 
+def run(main):
+    """Run a script's main(): a config or input error is one line on stderr and exit code 2, never a traceback."""
+    try:
+        main()
+    except (InputError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def first_line(e):
     s = str(e).strip()
     return s.splitlines()[0] if s else ""

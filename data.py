@@ -365,15 +365,9 @@ def load_tokenizer(path):
 
 
 def special_ids(tokenizer):
-    """(eos, pad) ids: generation and completions end on <|im_end|> (else the tokenizer's eos); padding is the
-    tokenizer's pad token (load_tokenizer sets one), else <|endoftext|>."""
-    eos = tokenizer.convert_tokens_to_ids(IM_END)
-    if eos is None or eos == tokenizer.unk_token_id:
-        eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    return eos, pad
+    """(eos, pad) ids of a load_tokenizer tokenizer: generation and completions end on <|im_end|>; padding is the pad
+    token load_tokenizer guarantees."""
+    return tokenizer.convert_tokens_to_ids(IM_END), tokenizer.pad_token_id
 
 
 def load_records(path, skipped=None):
@@ -383,7 +377,8 @@ def load_records(path, skipped=None):
     path = str(path)
     if os.path.isdir(path):
         files = sorted(f for ext in ("json", "jsonl") for f in glob.glob(os.path.join(path, "**", f"*.{ext}"),
-                                                                        recursive=True))
+                                                                        recursive=True)
+                       if not f.endswith(".predictions.jsonl"))  # eval's outputs beside the data are not data
     elif os.path.isfile(path):
         files = [path]
     else:

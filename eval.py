@@ -21,7 +21,6 @@ or a name containing one of our task names such as emotion_multi.jsonl); lines w
 """
 import os
 import re
-import sys
 
 import torch
 
@@ -38,7 +37,7 @@ video_root = ""  # default: the folder of each data file (Emo-CFG: pass the data
 out = ""  # result JSON; default out/eval/<checkpoint>__<data>.json (predictions at <out>.predictions.jsonl)
 predictions = ""  # score this existing predictions JSONL instead of running a model
 task = ""  # task for records / prediction lines without a `task` field (default: from the file name)
-max_samples = 0  # evaluate only the first N records (0 = all)
+max_records = 0  # evaluate only the first N records (0 = all)
 batch_size = 16
 max_new_tokens = 128
 fps = 4.0
@@ -85,8 +84,8 @@ def main():
             records = evaluation.load_eval_records(test_file, task)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise common.InputError(str(e)) from None
-        if max_samples > 0:
-            records = records[:max_samples]
+        if max_records > 0:
+            records = records[:max_records]
         model, tokenizer, ckpt = inference.load_model(init_from, tokenizer_dir, dev, dtype)
         path = out or default_out(ckpt, test_file)
         video_kwargs = dict(fps=fps, max_frames=max_frames, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -105,8 +104,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.InputError, common.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.run(main)

@@ -34,49 +34,28 @@ def score_sample(response, record, task, judge=None):
     record = dict(record, task=task)
     scores = {k: float(v) for k, v in reward.score(response, record).items()}
     if task_metric(task) not in ("accuracy", "f1") and judge is not None:
-        scores["judge"] = judge(reward.question_text(record), record.get("tree") or _reference(record) or
-                                str(record.get("labels", "")), response)
+        scores["judge"] = judge(reward.question_text(record), record.get("tree") or
+                                reward.reference_text(record, missing="") or str(record.get("labels", "")), response)
     return scores
-
-
-def _reference(record):
-    try:
-        return reward.reference_text(record)
-    except ValueError:
-        return ""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # records, keys, options
 
 
-def data_files(path):
-    if os.path.isdir(path):
-        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
-                       if f.endswith((".json", ".jsonl")) and not f.endswith(".predictions.jsonl"))
-        if not files:
-            raise FileNotFoundError(f"no .json/.jsonl files under {path}")
-        return files
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    return [path]
-
-
 def load_eval_records(path, default_task=""):
     """Records of one file or a folder (data.load_records); a record without `task` gets default_task or the task its
     file name implies. Entries that are not JSON objects become {"_broken": reason} placeholders (after the good
-    records of their file), counted as skips by evaluate."""
-    records = []
-    for f in data_files(path):
-        bad = []
-        recs = D.load_records(f, skipped=bad)
-        file_task = default_task or reward.task_from_name(f)
-        for r in recs:
-            if not r.get("task") and file_task:
-                r["task"] = file_task
-            records.append(r)
-        records += [{"_broken": b.split(": ", 1)[-1], "_src": b.split(": ", 1)[0]} for b in bad]
-    return records
+    records), counted as skips by evaluate."""
+    bad = []
+    records = D.load_records(path, skipped=bad)
+    if not records and not bad:
+        raise FileNotFoundError(f"no records in {path}")
+    for r in records:
+        task = default_task or reward.task_from_name(r["_src"].rsplit(":", 1)[0])
+        if not r.get("task") and task:
+            r["task"] = task
+    return records + [{"_broken": b.split(": ", 1)[-1], "_src": b.split(": ", 1)[0]} for b in bad]
 
 
 def record_key(index, record):
@@ -254,7 +233,7 @@ def record_task(record, default_task=""):
         raise ValueError("missing task")
     if task_metric(t) is None:
         raise ValueError(f"unknown task {t}")
-    if not (record.get("labels") or record.get("tree") or _reference(record).strip()):
+    if not (record.get("labels") or record.get("tree") or reward.reference_text(record, missing="").strip()):
         raise ValueError("no reference answer")
     return t
 
@@ -365,6 +344,16 @@ def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16,
     else:
         rows = memory
     return summarize(rows)
+
+
+def report(model, tokenizer, records, video_root, video_kwargs, out_dir, **kw):
+    """A trainer's final evaluation: evaluate (predictions in out_dir/eval_predictions.jsonl, so a rerun resumes),
+    write out_dir/eval.json and print the tables. kw: evaluate's options."""
+    result = evaluate(model, tokenizer, records, video_root, video_kwargs,
+                      predictions_path=os.path.join(out_dir, "eval_predictions.jsonl"), **kw)
+    write_results(result, os.path.join(out_dir, "eval.json"))
+    print(format_table(result))
+    return result
 
 
 def score_predictions_file(path, default_task="", judge=None):

@@ -766,12 +766,9 @@ class VidEmo(nn.Module):
         """Load a Hugging Face Qwen2.5-VL directory (config.json + model.safetensors, or shards + index).
         Every tensor is checked (known key, right shape, none missing) before the model is returned."""
         from safetensors import safe_open
-        path = str(path)
+        path = str(path)  # a local directory: common.resolve_checkpoint turns a Hub id into one
         if not os.path.isdir(path):
-            if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
-                raise FileNotFoundError(f"{path}: not a checkpoint directory")
-            from huggingface_hub import snapshot_download  # a Hub repo id: only then touch the network
-            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+            raise FileNotFoundError(f"{path}: not a checkpoint directory")
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"{cfg_file}: missing (a Qwen2.5-VL checkpoint directory needs config.json)")

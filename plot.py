@@ -6,7 +6,6 @@
 Each file is one line: the running mean over `smooth` logged steps of `key` against `step`.
 """
 import json
-import sys
 
 from PIL import Image, ImageDraw
 
@@ -124,8 +123,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.InputError, common.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.run(main)

@@ -701,20 +701,22 @@ def _content_words(text):
     return {w for w in _words(unicodedata.normalize("NFKC", _clip(text))[:MAX_CHARS].lower()) if w not in _STOPWORDS}
 
 
-def reference_text(record):
-    """The reference answer: a plain string, or a record's last assistant turn. Raises ValueError naming what is
-    missing."""
+def reference_text(record, missing=None):
+    """The reference answer: a plain string, or a record's last assistant turn. When there is none: `missing` if
+    given (e.g. "" for display), else ValueError naming what is missing."""
     if isinstance(record, str):
         return record
     msgs = record.get("messages")
-    if not isinstance(msgs, list):
-        raise ValueError("record has no 'messages' list to take the reference answer from")
-    for msg in reversed(msgs):
+    for msg in reversed(msgs if isinstance(msgs, list) else []):
         if isinstance(msg, dict) and msg.get("role") == "assistant":
             content = msg.get("content", "")
             if isinstance(content, list):   # [{"type": "text", "text": ...}, ...]
                 content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
             return content if isinstance(content, str) else str(content)
+    if missing is not None:
+        return missing
+    if not isinstance(msgs, list):
+        raise ValueError("record has no 'messages' list to take the reference answer from")
     raise ValueError("record 'messages' has no assistant turn to take the reference answer from")
 
 

@@ -10,7 +10,6 @@ keeps the best one by a scorer (mean token log-prob, or self-consistency across 
 the chosen lines, then writes the answer greedily.
 """
 import os
-import sys
 
 import torch
 
@@ -78,8 +77,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.InputError, common.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.run(main)

@@ -12,7 +12,6 @@ frozen reference model. The formulas and the rollout batch live in grpo.py.
 """
 import contextlib
 import os
-import sys
 import time
 
 import torch
@@ -100,6 +99,7 @@ eval_batch_size = 32
 eval_max_new_tokens = 128
 eval_max_records = 0  # > 0: evaluate on the first N test records only (a quick look)
 wandb_project = ""
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def resolve_paths():
@@ -109,13 +109,6 @@ def resolve_paths():
                                 f"turns the held-out curve off)")
     return (train_file or os.path.join(data_dir, "train.jsonl"), test_file or os.path.join(data_dir, "test.jsonl"),
             val_file or os.path.join(data_dir, "val.jsonl"))
-
-
-def reference_of(record):
-    try:
-        return R.reference_text(record)
-    except ValueError:
-        return record.get("labels", "")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -408,7 +401,7 @@ def main():
             row.update({k: S[k] / S["n_stats"] for k in grpo.LOSS_STATS})
             row["entropy"] = S["ent"] / max(S["ent_n"], 1.0)
         row.update({"completion_len_mean": lengths_all.mean().item(), "completion_len_min": lengths_all.min().item(),
-                    "completion_len_max": lengths_all.max().item(), "clipped_ratio": trunc_all.mean().item()})
+                    "completion_len_max": lengths_all.max().item(), "frac_truncated": trunc_all.mean().item()})
         row.update({k: S[k] / world for k in ("t_generate", "t_score", "t_ref", "t_update")})  # mean over ranks
         row.update({"step_time": time.time() - t_step, "skipped_records": sum(skipped.values()),
                     "rollout_tok_per_s": lengths_all.sum().item() / max(row["t_generate"], 1e-9)})
@@ -440,7 +433,8 @@ def main():
                 grpo.print_sample_table(done, [{"task": mb["records"][i // G].get("task", "?"),
                                            "total": mb["total"][i].item(), "text": mb["texts"][i],
                                            "terms": {k: v for k, v in mb["scores"][i].items() if k != "total"},
-                                           "reference": reference_of(mb["records"][i // G])} for i in picks])
+                                           "reference": R.reference_text(mb["records"][i // G], missing="")}
+                                          for i in picks])
 
         # 6. checkpoint (rank 0 writes; every rank's data position is saved)
         if (save_every > 0 and done % save_every == 0) or done == max_steps or done == stop_at_step:
@@ -461,20 +455,12 @@ def main():
     if eval_at_end and test_file != "none" and os.path.exists(test_file) and master:
         policy.eval()
         test_records = D.load_records(test_file)[:eval_max_records or None]
-        result = evaluation.evaluate(policy, tokenizer, test_records, root, video_kwargs, batch_size=eval_batch_size,
-                                     max_new_tokens=eval_max_new_tokens, device=dev,
-                                     predictions_path=os.path.join(out_dir, "eval_predictions.jsonl"),
-                                     video_prune_rate=video_prune_rate)
-        evaluation.write_results(result, os.path.join(out_dir, "eval.json"))
-        print(evaluation.format_table(result))
+        evaluation.report(policy, tokenizer, test_records, root, video_kwargs, out_dir, batch_size=eval_batch_size,
+                          max_new_tokens=eval_max_new_tokens, device=dev, video_prune_rate=video_prune_rate)
     common.barrier()
     common.cleanup_distributed()
 
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.InputError, common.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.run(main)

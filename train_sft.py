@@ -366,19 +366,12 @@ def main():
     # ---- final evaluation on the test split (rank 0, from the saved checkpoint)
     if eval_at_end and test_path != "none" and os.path.exists(test_path) and master:
         best = VidEmo.from_pretrained(ckpt_path, device=dev)
-        result = evaluation.evaluate(best, tokenizer, load_records(test_path), root, video_kwargs,
-                                     batch_size=eval_batch_size, max_new_tokens=eval_max_new_tokens, device=dev,
-                                     predictions_path=os.path.join(out_dir, "eval_predictions.jsonl"),
-                                     video_prune_rate=video_prune_rate)
-        evaluation.write_results(result, os.path.join(out_dir, "eval.json"))
-        print(evaluation.format_table(result))
+        evaluation.report(best, tokenizer, load_records(test_path), root, video_kwargs, out_dir,
+                          batch_size=eval_batch_size, max_new_tokens=eval_max_new_tokens, device=dev,
+                          video_prune_rate=video_prune_rate)
     common.barrier()
     common.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.InputError, common.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.run(main)

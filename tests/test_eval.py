@@ -416,7 +416,7 @@ def test_sample_cli_real_clip(tiny_ckpt, real_videos, emo, loaded):
     # eval CLI on our checkpoint: default video root = the data file's folder; the second run reuses every row
     data = emo / "test.jsonl"
     res = emo.parent / "cli_eval.json"
-    args = [f"--init_from={tiny_ckpt}", f"--test_file={data}", "--max_samples=3", "--max_new_tokens=3",
+    args = [f"--init_from={tiny_ckpt}", f"--test_file={data}", "--max_records=3", "--max_new_tokens=3",
             f"--out={res}", "--progress=False"]
     p = run_script("eval.py", *args)
     assert p.returncode == 0, p.stderr

@@ -899,8 +899,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.run(main)
