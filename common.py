@@ -30,11 +30,19 @@ class InputError(Exception):
     """A problem with what the user passed (a path, a checkpoint, a video): reported as one line, exit code 2."""
 
 
+def check(rules):
+    """Config validation: rules = [(key, value, ok, what it must be)]; the first that fails is a ConfigError."""
+    for key, value, ok, want in rules:
+        if not ok:
+            raise ConfigError(f"config key '{key}': must be {want}, got {value!r}")
+
+
 def run(main):
-    """Run a script's main(): a config or input error is one line on stderr and exit code 2, never a traceback."""
+    """Run a script's main(): a config or input error (or a diverged run) is one line on stderr and exit code 2,
+    never a traceback."""
     try:
         main()
-    except (InputError, ConfigError) as e:
+    except (InputError, ConfigError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -167,13 +175,17 @@ def lr_at(step, total, lr, min_lr, warmup):
 
 
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """Every RNG's state as tensors and plain values only (so resume loads it with torch.load(weights_only=True))."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   cached],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(s):
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
     if s.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -236,8 +248,35 @@ def resolve_checkpoint(path, what="init_from"):
     return path
 
 
+def check_resume(saved, now, breaking):
+    """Compare the config a checkpoint was written with to this run's: a change to a `breaking` key (model shape,
+    data, batch layout, what is frozen) is an InputError naming it; other changes are printed as a note."""
+    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
+    changed = {k: (saved[k], now[k]) for k in saved if k in now and norm(saved[k]) != norm(now[k])}
+    bad = {k: v for k, v in changed.items() if k in breaking}
+    if bad:
+        raise InputError("--resume: the checkpoint was written with other settings that this run cannot continue "
+                         "from: " + "; ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b) in bad.items()))
+    notes = {k: v for k, v in changed.items() if k not in ("resume", "stop_at_step")}
+    if notes:
+        print0("--resume: continuing with changed settings: " +
+               "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in notes.items()))
+
+
 def load_trainer_state(ckpt_dir):
-    return torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location="cpu", weights_only=False)
+    """The resume state of one of our checkpoints. Loaded with weights_only=True: tensors and plain containers only,
+    so a planted pickle is refused, never run."""
+    path = os.path.join(ckpt_dir, "trainer_state.pt")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: missing (not a checkpoint written by train_sft.py / train_rl.py)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path}: not a VidEmo trainer state, refused without unpickling it "
+                         f"({type(e).__name__}: {first_line(e)[:200]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise InputError(f"{path}: not a VidEmo trainer state (no integer 'step')")
+    return state
 
 
 def _fsync_dir(d):

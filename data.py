@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import struct
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with DataLoader workers instead
@@ -40,6 +41,7 @@ PATCH_SIZE = 14
 MERGE_SIZE = 2  # Qwen2.5-VL's spatial_merge_size: frame sides are multiples of PATCH_SIZE * MERGE_SIZE
 TEMPORAL_PATCH_SIZE = 2  # qwen_vl_utils' FRAME_FACTOR
 IGNORE_INDEX = -100
+MAX_DECODE_PIXELS = 50_000_000  # a frame or image larger than this (8K x 6K) is refused before it is decoded
 # video_kwargs defaults: VidEmo's inference recipe (2 fps, <=16 frames, <=128*28*28 pixels per frame)
 VIDEO_DEFAULTS = dict(fps=2.0, max_frames=16, min_frames=4, min_pixels=4 * 28 * 28, max_pixels=128 * 28 * 28)
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>", "<|im_start|>", "<|im_end|>")
@@ -126,6 +128,36 @@ def _plan(times, last_dur, fps, min_frames, max_frames):
     return np.linspace(0.0, times[-1], n), n / duration
 
 
+def _display_transform(frame):
+    """The flips and quarter turns a player applies to show `frame` upright, from its display matrix (phones store
+    portrait video landscape plus a rotation): a list of "vflip" / "hflip" / "cw" / "ccw", in order (FFmpeg's
+    autorotate rules)."""
+    m = next((sd for sd in frame.side_data if getattr(sd.type, "name", "") == "DISPLAYMATRIX"), None)
+    if m is None:
+        return []
+    a = struct.unpack("<9i", bytes(m)[:36])  # 3x3, row-major, 16.16 fixed point
+    theta = -round(frame.rotation or 0.0)
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)  # -> [0, 360)
+    ops = []
+    if abs(theta - 90) < 1:
+        ops = (["vflip"] if a[3] > 0 else []) + ["cw"]
+    elif abs(theta - 180) < 1:
+        ops = (["hflip"] if a[0] < 0 else []) + (["vflip"] if a[4] < 0 else [])
+    elif abs(theta - 270) < 1:
+        ops = (["vflip"] if a[3] < 0 else []) + ["ccw"]
+    elif abs(theta) < 1 and a[4] < 0:
+        ops = ["vflip"]
+    return ops
+
+
+def _upright(rgb, ops):
+    """numpy [H, W, 3] -> the frame as a player shows it (see _display_transform)."""
+    for op in ops:
+        rgb = {"vflip": lambda x: x[::-1], "hflip": lambda x: x[:, ::-1], "cw": lambda x: np.rot90(x, -1),
+               "ccw": lambda x: np.rot90(x, 1)}[op](rgb)
+    return np.ascontiguousarray(rgb)
+
+
 def _pick_nearest(frames, targets, time_of, max_decoded):
     """Stream decoded frames (presentation order) and keep, for each sorted target time, the nearest frame.
     Returns [(time, av.VideoFrame)] per target; the last frame fills targets past the end. Bounded work."""
@@ -164,6 +196,10 @@ def _decode(path, fps, max_frames, min_frames, min_pixels, max_pixels, seek_over
             if not container.streams.video:
                 raise VideoError("no video stream")
             stream = container.streams.video[0]
+            w, h = stream.codec_context.width or 0, stream.codec_context.height or 0
+            if w * h > MAX_DECODE_PIXELS:  # refuse before decoding a frame of that size
+                raise VideoError(f"declared frame size {w}x{h} is above the {MAX_DECODE_PIXELS / 1e6:.0f} Mpx decode "
+                                 f"limit (data.MAX_DECODE_PIXELS)")
             tb = float(stream.time_base) if stream.time_base else 1.0
             rate = float(stream.average_rate or 25)
             ticks, last_dur = _packet_times(container, stream)
@@ -201,7 +237,9 @@ def _decode(path, fps, max_frames, min_frames, min_pixels, max_pixels, seek_over
             size, out, ts, rgb_of = None, [], [], {}
             for t, frame in picked:
                 if id(frame) not in rgb_of:  # one frame can be nearest to two targets (variable frame rate)
-                    rgb = torch.from_numpy(frame.to_ndarray(format="rgb24"))[None]  # [1, H, W, 3]
+                    arr = frame.to_ndarray(format="rgb24")  # [H, W, 3] as stored
+                    ops = _display_transform(frame)
+                    rgb = torch.from_numpy(_upright(arr, ops) if ops else arr)[None]  # [1, H, W, 3] as displayed
                     if size is None:
                         size = smart_resize(rgb.shape[1], rgb.shape[2], PATCH_SIZE * MERGE_SIZE, min_pixels,
                                             max_pixels)
@@ -237,7 +275,12 @@ def load_image(path, min_pixels=4 * 28 * 28, max_pixels=128 * 28 * 28):
     path = str(path)
     _check_file(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # lazy: only the header is read here
+            if im.width * im.height > MAX_DECODE_PIXELS:
+                im.draft("RGB", (im.width // 8, im.height // 8))  # JPEG decodes at 1/2..1/8 scale; others no-op
+            if im.width * im.height > MAX_DECODE_PIXELS:
+                raise VideoError(f"{im.width}x{im.height} = {im.width * im.height / 1e6:.0f} Mpx, above the "
+                                 f"{MAX_DECODE_PIXELS / 1e6:.0f} Mpx decode limit (data.MAX_DECODE_PIXELS)")
             im.load()
             if im.mode != "RGB":
                 rgba = im.convert("RGBA")
@@ -246,6 +289,8 @@ def load_image(path, min_pixels=4 * 28 * 28, max_pixels=128 * 28 * 28):
             if (h, w) != (im.height, im.width):
                 im = im.resize((w, h), resample=Image.Resampling.BICUBIC)
             return torch.from_numpy(np.array(im, dtype=np.uint8))
+    except VideoError as e:
+        raise VideoError(f"{path}: {e}") from None
     except Exception as e:
         raise VideoError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
@@ -364,6 +409,14 @@ def load_tokenizer(path):
     return tok
 
 
+def curriculum_level(record):
+    """A record's curriculum stage: its `level` with case and spaces ignored (missing = "emotion"), or None when it
+    names none of LEVELS (such records are left out of the curriculum, and counted)."""
+    level = record.get("level", "emotion") if isinstance(record, dict) else None
+    level = level.strip().lower() if isinstance(level, str) else None
+    return level if level in LEVELS else None
+
+
 def special_ids(tokenizer):
     """(eos, pad) ids of a load_tokenizer tokenizer: generation and completions end on <|im_end|>; padding is the pad
     token load_tokenizer guarantees."""
@@ -371,7 +424,8 @@ def special_ids(tokenizer):
 
 
 def load_records(path, skipped=None):
-    """Emo-CFG records from a .json (a list) or .jsonl file, or every such file under a folder (sorted, recursive).
+    """Emo-CFG records from a JSON list or JSON lines file (told apart by content, not extension), or every .json /
+    .jsonl file under a folder (sorted, recursive).
     Malformed lines/entries are skipped with 'file:line: reason', appended to `skipped` if given, else summarised on
     stderr. Each record gets `_src` = 'file:line' (video paths resolve against that file's folder by default)."""
     path = str(path)
@@ -393,16 +447,17 @@ def load_records(path, skipped=None):
             bad.append(f"{where}: not a JSON object")
 
     for f in files:
-        with open(f, encoding="utf-8", errors="replace") as fh:
+        with open(f, encoding="utf-8-sig", errors="replace") as fh:  # a BOM is not part of the first record
             text = fh.read()
-        if f.endswith(".json"):
+        head = text.lstrip()[:1]
+        if head == "[" or (head == "{" and f.endswith(".json")):  # a JSON list (or object) whatever the extension
             try:
                 obj = json.loads(text)
                 for i, r in enumerate(obj if isinstance(obj, list) else [obj]):
                     add(r, f"{f}:[{i}]")
                 continue
             except json.JSONDecodeError:
-                pass  # maybe JSON lines saved as .json
+                pass  # JSON lines saved as .json: read line by line
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue

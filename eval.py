@@ -67,17 +67,47 @@ def default_out(ckpt, data_path):
     return os.path.join("out", "eval", f"{name(ckpt)}__{name(stem)}.json")
 
 
+def redacted(cfg):
+    """The config as written into eval.json: credentials inside the judge URL (user:key@, ?key=...) blanked."""
+    url = re.sub(r"(?<=://)[^/@]+@", "***@", cfg["judge_url"])
+    return dict(cfg, judge_url=re.sub(r"(?i)((?:api[_-]?)?key|token|secret|password)=[^&#]*", r"\1=***", url))
+
+
+def check_writable(path):
+    """Fail before any work when the result cannot be written (a directory in the way, no permission)."""
+    if os.path.isdir(path):
+        raise common.InputError(f"config key 'out': {path} is a directory; give a file name such as {path}/eval.json")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w"):
+            pass
+        os.remove(path + ".tmp")
+    except OSError as e:
+        raise common.InputError(f"config key 'out': cannot write {path} ({e.strerror})") from None
+
+
 def main():
     cfg = common.configure(globals())
-    if reasoning not in ("plain", "tree"):
-        raise common.ConfigError(f"config key 'reasoning': must be 'plain' or 'tree', got {reasoning!r}")
+    common.check([
+        ("reasoning", reasoning, reasoning in ("plain", "tree"), "plain or tree"),
+        ("scorer", scorer, scorer in ("logprob", "consistency"), "logprob or consistency"),
+        ("batch_size", batch_size, batch_size >= 1, ">= 1"), ("samples", samples, samples >= 1, ">= 1"),
+        ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
+        ("max_records", max_records, max_records >= 0, ">= 0 (0 = all)"),
+        ("temperature", temperature, temperature > 0, "> 0"),
+        ("video_prune_rate", video_prune_rate, 0 <= video_prune_rate < 1, "in [0, 1)"),
+        ("judge_timeout", judge_timeout, judge_timeout > 0, "> 0")])
+    if judge_api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", judge_api_key_env):  # never echo it
+        raise common.ConfigError("config key 'judge_api_key_env': must name the environment variable that holds the "
+                                 "key (e.g. OPENAI_API_KEY), not the key itself")
     judge = evaluation.Judge(judge_url, judge_model, judge_api_key_env, judge_timeout) if judge_url else None
     if predictions:
+        path = out or os.path.splitext(predictions)[0] + ".result.json"
+        check_writable(path)
         try:
             result = evaluation.score_predictions_file(predictions, task, judge)
         except (FileNotFoundError, OSError) as e:
             raise common.InputError(str(e)) from None
-        path = out or os.path.splitext(predictions)[0] + ".result.json"
     else:
         dev = inference.resolve_device(device)
         try:
@@ -88,6 +118,7 @@ def main():
             records = records[:max_records]
         model, tokenizer, ckpt = inference.load_model(init_from, tokenizer_dir, dev, dtype)
         path = out or default_out(ckpt, test_file)
+        check_writable(path)
         video_kwargs = dict(fps=fps, max_frames=max_frames, min_pixels=min_pixels, max_pixels=max_pixels)
         torch.manual_seed(seed)
         result = evaluation.evaluate(model, tokenizer, records, video_root or None, video_kwargs,
@@ -97,7 +128,7 @@ def main():
                                      progress=progress, scorer=scorer, temperature=temperature, judge=judge,
                                      seed=seed)
         result["predictions"] = os.path.splitext(path)[0] + ".predictions.jsonl"
-    result["config"] = cfg
+    result["config"] = redacted(cfg)
     print(evaluation.format_table(result))
     evaluation.write_results(result, path)
     print(f"wrote {path}")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -79,15 +80,18 @@ class Judge:
               "Reply with a single integer score from 0 (unrelated or wrong) to 10 (same content), "
               "formatted as 'Score: N'.")
 
-    def __init__(self, url, model, api_key_env="OPENAI_API_KEY", timeout=60.0, retries=2):
+    def __init__(self, url, model, api_key_env="OPENAI_API_KEY", timeout=60.0, retries=2, give_up_after=3):
         url = url.rstrip("/")
         if not url.endswith("/chat/completions"):
             url += "/chat/completions" if url.endswith("/v1") else "/v1/chat/completions"
         self.url, self.model, self.timeout, self.retries = url, model, timeout, retries
         self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
-        self.failures = 0
+        self.failures, self.in_a_row, self.give_up_after, self.gave_up = 0, 0, give_up_after, False
 
     def __call__(self, question, reference, response):
+        if self.gave_up:  # an unresponsive judge must not stall the evaluation: rule-based scores only from here
+            self.failures += 1
+            return None
         body = {"model": self.model, "temperature": 0.0, "max_tokens": 32,
                 "messages": [{"role": "user", "content": self.PROMPT.format(
                     question=question.replace("<video>", "").strip(), reference=reference, response=response)}]}
@@ -101,12 +105,18 @@ class Judge:
                     reply = json.loads(f.read().decode("utf-8", "replace"))
                 s = parse_judge_score(reply["choices"][0]["message"]["content"])
                 if s is not None:
+                    self.in_a_row = 0
                     return s / 10.0
             except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError):
                 pass
             if attempt < self.retries:
                 time.sleep(0.5 * (attempt + 1))
         self.failures += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.give_up_after:
+            self.gave_up = True
+            print(f"judge: {self.in_a_row} calls in a row failed; giving up on the judge, the rule-based scores "
+                  f"stay", file=sys.stderr, flush=True)
         return None  # counted as 0 in the average, like the official judge's failed calls
 
 
@@ -158,7 +168,10 @@ def format_table(result):
         out += [f"| {title} | metric | score | n |", "|---|---|---:|---:|"]
         for t in names:
             v = tasks[t]
-            judge = f" (judge {100 * v['judge']:.1f})" if "judge" in v else ""
+            judge = ""
+            if "judge" in v:
+                failed = f", {v['judge_failed']} of {v['n']} judge calls failed" if v.get("judge_failed") else ""
+                judge = f" (judge {100 * v['judge']:.1f}{failed})"
             out.append(f"| {t} | {v['metric']} | {100 * v['score']:.1f}{judge} | {v['n']} |")
         out += [f"| **average** | | **{100 * result['groups'][g]:.1f}** | |", ""]
     other = sorted(t for t in tasks if task_level(t) not in {g for g, _, _ in GROUPS})
@@ -362,45 +375,50 @@ def score_predictions_file(path, default_task="", judge=None):
         raise FileNotFoundError(f"predictions file not found: {path}")
     file_task = default_task or reward.task_from_name(path)
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        text = f.read()
     try:  # a JSON list instead of JSONL
-        obj = json.loads("\n".join(lines))
-        items = obj if isinstance(obj, list) else [obj]
+        obj = json.loads(text)
+        items = list(enumerate(obj if isinstance(obj, list) else [obj], 1))
     except json.JSONDecodeError:
         items = []
-        for line in lines:
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    items.append(json.loads(line))
+                    items.append((n, json.loads(line)))
                 except json.JSONDecodeError:
-                    items.append(None)
-    for n, r in enumerate(items):
-        if not isinstance(r, dict) or "response" not in r:
-            rows.append({"index": n, "skip": "bad line: not a JSON object with a response"})
-            continue
-        if r.get("skip"):  # our own skip rows
-            rows.append({"index": n, "skip": r["skip"]})
-            continue
-        t = r.get("task") or file_task
-        if not t or task_metric(t) is None:
-            rows.append({"index": n, "skip": f"unknown task {t}" if t else "missing task"})
-            continue
-        msgs = [m for m in (r.get("messages") or []) if isinstance(m, dict)]
-        labels = r.get("labels")
-        if not msgs or msgs[-1].get("role") != "assistant":  # swift moves the reference into `labels`
-            ref = labels if isinstance(labels, str) else ", ".join(map(str, labels or []))
-            msgs = msgs + [{"role": "assistant", "content": ref}]
-        rec = {k: v for k, v in r.items() if k not in ("response", "scores", "messages")}
-        rec["messages"] = msgs
-        if isinstance(labels, str) and "<think>" in labels and not rec.get("tree"):
-            rec["tree"] = labels
+                    items.append((n, None))
+    for n, r in items:
         try:
-            scores = score_sample(str(r["response"] or ""), rec, t, judge)
-        except Exception as e:
-            rows.append({"index": n, "skip": "bad line: " + skip_reason(e)})
-            continue
-        rows.append({"index": n, "task": t, "scores": scores})
+            rows.append(dict(_score_line(r, file_task, judge), index=n))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # a bad line is a counted skip, never fatal
+            rows.append({"index": n, "skip": "bad line: " + skip_reason(e), "detail": f"{path}:{n}: {e}"[:500]})
     return summarize(rows)
+
+
+def _score_line(r, file_task, judge):
+    """One prediction line -> a summarize row; raises ValueError / TypeError naming what is wrong with the line."""
+    if not isinstance(r, dict) or "response" not in r:
+        raise ValueError("not a JSON object with a response")
+    if r.get("skip"):  # our own skip rows
+        return {"skip": str(r["skip"])}
+    t = r.get("task") or file_task
+    if not isinstance(t, str):
+        raise TypeError(f"task must be a string, got {type(t).__name__}")
+    if not t or task_metric(t) is None:
+        return {"skip": f"unknown task {t}" if t else "missing task"}
+    labels = r.get("labels")
+    if not (labels is None or isinstance(labels, str) or
+            (isinstance(labels, list) and all(isinstance(x, str) for x in labels))):
+        raise TypeError(f"labels must be a string or a list of strings, got {type(labels).__name__}")
+    msgs = [m for m in (r.get("messages") or []) if isinstance(m, dict)]
+    if not msgs or msgs[-1].get("role") != "assistant":  # swift moves the reference into `labels`
+        ref = labels if isinstance(labels, str) else ", ".join(labels or [])
+        msgs = msgs + [{"role": "assistant", "content": ref}]
+    rec = {k: v for k, v in r.items() if k not in ("response", "scores", "messages")}
+    rec["messages"] = msgs
+    if isinstance(labels, str) and "<think>" in labels and not rec.get("tree"):
+        rec["tree"] = labels
+    return {"task": t, "scores": score_sample(str(r["response"] or ""), rec, t, judge)}
 
 

@@ -799,7 +799,10 @@ class VidEmo(nn.Module):
             dtype = getattr(torch, dtype)
         if dtype is None:
             name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
-            dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
+            dtype = getattr(torch, name, None) if isinstance(name, str) else None
+            if name is not None and name != "auto" and not isinstance(dtype, torch.dtype):
+                raise ValueError(f"{cfg_file}: torch_dtype {name!r} is not a torch dtype (float32, bfloat16, ...)")
+            dtype = dtype if isinstance(dtype, torch.dtype) else None
 
         with torch.device("meta"):
             model = cls(config)

@@ -44,8 +44,13 @@ seed = 0
 
 def main():
     common.configure(globals())
-    if reasoning not in ("plain", "tree"):
-        raise common.ConfigError(f"config key 'reasoning': must be 'plain' or 'tree', got {reasoning!r}")
+    common.check([
+        ("reasoning", reasoning, reasoning in ("plain", "tree"), "plain or tree"),
+        ("scorer", scorer, scorer in ("logprob", "consistency"), "logprob or consistency"),
+        ("samples", samples, samples >= 1, ">= 1"), ("temperature", temperature, temperature > 0, "> 0"),
+        ("level_max_tokens", level_max_tokens, level_max_tokens >= 1, ">= 1"),
+        ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
+        ("video_prune_rate", video_prune_rate, 0 <= video_prune_rate < 1, "in [0, 1)")])
     if not video or not os.path.isfile(video):
         raise common.InputError(f"video not found: {video!r}")
     torch.manual_seed(seed)

@@ -102,6 +102,12 @@ wandb_project = ""
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# settings a resumed run must share with its checkpoint (the prompt stream, the groups, what is trained, the reference)
+RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokenizer_dir", "tasks", "fps", "max_frames",
+                   "min_pixels", "max_pixels", "num_generations", "prompts_per_step", "grad_accum", "train_vision",
+                   "beta", "seed")
+
+
 def resolve_paths():
     """(train_file, test_file, val_file) with the data_dir defaults filled in."""
     if val_file and val_file != "none" and eval_every > 0 and not os.path.exists(val_file):
@@ -122,6 +128,22 @@ def main():
     master = rank == 0
     G = num_generations
     eps_high = epsilon_high or epsilon
+    common.check([
+        ("grad_accum", grad_accum, grad_accum >= 1, ">= 1"), ("prompts_per_step", prompts_per_step,
+                                                                  prompts_per_step >= 1, ">= 1"),
+        ("max_steps", max_steps, max_steps >= 1, ">= 1"), ("num_iterations", num_iterations, num_iterations >= 1, ">= 1"),
+        ("lr", lr, lr > 0, "> 0"), ("min_lr", min_lr, 0 <= min_lr <= lr, "in [0, lr]"),
+        ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"), ("temperature", temperature, temperature > 0, "> 0"),
+        ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"), ("top_k", top_k, top_k >= 0, ">= 0"),
+        ("max_completion_length", max_completion_length, max_completion_length >= 1, ">= 1"),
+        ("beta", beta, beta >= 0, ">= 0"), ("epsilon", epsilon, 0 < epsilon < 1, "in (0, 1)"),
+        ("epsilon_high", epsilon_high, epsilon_high >= 0, ">= 0 (0 = epsilon)"),
+        ("video_prune_rate", video_prune_rate, 0 <= video_prune_rate < 1, "in [0, 1)"),
+        ("log_every", log_every, log_every >= 1, ">= 1"), ("save_every", save_every, save_every >= 0, ">= 0"),
+        ("eval_every", eval_every, eval_every >= 0, ">= 0"),
+        ("eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1"),
+        ("logprobs_backend", logprobs_backend, logprobs_backend in ("auto", "triton", "torch", "naive"),
+         "auto, triton, torch or naive")])
     for key, value, choices in (("loss_type", loss_type, ("grpo", "bnpo", "dr_grpo", "dapo")),
                                 ("scale_rewards", scale_rewards, ("group", "batch", "none")),
                                 ("dtype", dtype, ("auto", "float32", "bfloat16"))):
@@ -167,6 +189,7 @@ def main():
         if found is None:
             raise common.InputError(f"--resume: no complete checkpoint at {ckpt_path}")
         state = common.load_trainer_state(found)
+        common.check_resume(state.get("config", {}), config, RESUME_BREAKING)
         if state["world_size"] != world:
             raise common.InputError(f"--resume: checkpoint was written with world size {state['world_size']}, now {world}")
         policy = VidEmo.from_pretrained(found, device=dev)
@@ -214,7 +237,9 @@ def main():
                 skipped[str(e)] = skipped.get(str(e), 0) + 1
                 misses += 1
                 if misses > len(records):
-                    raise RuntimeError(f"every record of {train_file} was skipped: {skipped}")
+                    top = sorted(skipped.items(), key=lambda kv: -kv[1])[:3]
+                    raise common.InputError(f"{train_file}: every record was skipped; top reasons: {top}. Check "
+                                            f"--video_root and the records")
                 continue
             out.append((rec, enc))
         return out

@@ -8,6 +8,7 @@ Reads the whole loop top to bottom in `main()`: config, data + curriculum sample
 dir), DDP / FSDP2, AdamW with warmup + cosine, gradient accumulation, periodic validation, atomic checkpoints with
 exact resume, and a final evaluation on the test split that writes eval.json.
 """
+import collections
 import contextlib
 import functools
 import math
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 import common
 import evaluation
-from data import CurriculumSampler, EmoDataset, collate, load_records, load_tokenizer, special_ids
+from data import CurriculumSampler, EmoDataset, collate, curriculum_level, load_records, load_tokenizer, special_ids
 from model import VidEmo, scratch_config
 from reward import LEVELS
 
@@ -101,6 +102,13 @@ def model_inputs(batch):
     """What the model's forward takes from a collate batch (labels included: the model scores them itself)."""
     keys = ("input_ids", "attention_mask", "labels", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
     return dict({k: batch.get(k) for k in keys}, logprobs_backend=logprobs_backend)
+
+
+def load_weights(path):
+    try:
+        return VidEmo.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise common.InputError(f"could not load the model from {path}: {common.first_line(e)}") from None
 
 
 def set_trainable(model):
@@ -201,8 +209,40 @@ def validate(net, model, loader, dev, autocast, rank, world):
     return out
 
 
+# settings a resumed run must share with its checkpoint (model shape, data, batch layout, what is trained)
+RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokenizer_dir", "fps", "max_frames",
+                   "min_pixels", "max_pixels", "max_seq_len", "curriculum", "stage_epochs", "replay", "n_layer",
+                   "n_embd", "n_head", "n_kv_head", "n_inner", "vision_depth", "vision_embd", "vision_heads",
+                   "vision_inner", "tie_embeddings", "batch_size", "grad_accum", "freeze_vision", "freeze_merger",
+                   "freeze_llm", "fsdp", "seed")
+
+
+def check_config():
+    common.check([
+        ("batch_size", batch_size, batch_size >= 1, ">= 1"), ("grad_accum", grad_accum, grad_accum >= 1, ">= 1"),
+        ("max_steps", max_steps, max_steps >= 0, ">= 0 (0 = the schedule's length)"),
+        ("lr", lr, lr > 0, "> 0"), ("min_lr", min_lr, 0 <= min_lr <= lr, "in [0, lr]"),
+        ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"), ("grad_clip", grad_clip, grad_clip >= 0, ">= 0"),
+        ("replay", replay, 0 <= replay < 1, "in [0, 1)"),
+        ("stage_epochs", stage_epochs, len(stage_epochs) == 3 and all(e >= 0 for e in stage_epochs),
+         "three epoch counts >= 0 (attribute, expression, emotion)"),
+        ("fps", fps, fps > 0, "> 0"), ("max_frames", max_frames, max_frames >= 2, ">= 2"),
+        ("min_pixels", min_pixels, min_pixels > 0, "> 0"),
+        ("max_pixels", max_pixels, max_pixels >= max(min_pixels, 28 * 28), ">= min_pixels and >= 784 (28 x 28)"),
+        ("max_seq_len", max_seq_len, max_seq_len >= 0, ">= 0 (0 = no limit)"),
+        ("num_workers", num_workers, num_workers >= 0, ">= 0"), ("log_every", log_every, log_every >= 1, ">= 1"),
+        ("eval_every", eval_every, eval_every >= 0, ">= 0"), ("save_every", save_every, save_every >= 0, ">= 0"),
+        ("val_batches", val_batches, val_batches >= 0, ">= 0"),
+        ("eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1"),
+        ("dtype", dtype, dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
+        ("logprobs_backend", logprobs_backend, logprobs_backend in ("auto", "triton", "torch", "naive"),
+         "auto, triton, torch or naive"),
+        ("video_prune_rate", video_prune_rate, 0 <= video_prune_rate < 1, "in [0, 1)")])
+
+
 def main():
     config = common.configure(globals())
+    check_config()
     train_path = train_file or os.path.join(data_dir, "train.jsonl")
     val_path = val_file or os.path.join(data_dir, "val.jsonl")
     test_path = test_file or os.path.join(data_dir, "test.jsonl")
@@ -216,18 +256,34 @@ def main():
     # ---- model (a given init is loaded first: a bad path fails before any data work)
     torch.manual_seed(seed)  # identical init on every rank
     init_dir = None if init_from == "scratch" else common.resolve_checkpoint(init_from)
-    model = None if init_dir is None else VidEmo.from_pretrained(init_dir)
+    model = None if init_dir is None else load_weights(init_dir)
     # ---- data
     build_emosynth_if_missing(train_path, master)
     has_tok = init_dir is not None and os.path.isfile(os.path.join(init_dir, "tokenizer_config.json"))
-    tokenizer = load_tokenizer(tokenizer_dir or (init_dir if has_tok else os.path.join(data_dir, "tokenizer")))
+    tok_dir = tokenizer_dir or (init_dir if has_tok else os.path.join(data_dir, "tokenizer"))
+    try:
+        tokenizer = load_tokenizer(tok_dir)
+    except (OSError, ValueError) as e:
+        raise common.InputError(f"tokenizer {tok_dir}: {common.first_line(e)}") from None
     _, pad_id = special_ids(tokenizer)
     video_kwargs = dict(fps=fps, max_frames=max_frames, min_pixels=min_pixels, max_pixels=max_pixels)
     root = video_root or None  # None: each record's videos resolve against its own file's folder (data.py)
-    train_records = load_records(train_path)
-    levels = [r.get("level", "emotion") if isinstance(r, dict) else "emotion" for r in train_records]
+    try:
+        train_records = load_records(train_path)
+    except OSError as e:
+        raise common.InputError(f"config key 'train_file': {e}") from None
+    levels = [curriculum_level(r) for r in train_records]
+    excluded = collections.Counter(repr(r.get("level")) for r, lv in zip(train_records, levels) if lv is None)
+    if excluded:
+        common.print0(f"curriculum: {sum(excluded.values())} records left out, their level is not one of {LEVELS}: "
+                      + ", ".join(f"{k} x{v}" for k, v in excluded.most_common(5)))
     sampler = CurriculumSampler(levels, batch_size, stage_epochs=stage_epochs, replay=replay, mix=not curriculum,
                                 seed=seed, rank=rank, world_size=world)
+    if len(sampler) == 0:  # else the loop would wait for a batch that never comes
+        raise common.InputError(f"{train_path}: {len(train_records)} records ({len(train_records) - sum(excluded.values())} "
+                                f"with a curriculum level) make no full global batch of {batch_size * world} "
+                                f"(batch_size x world size) at stage_epochs={stage_epochs}; add data or lower "
+                                f"--batch_size")
     collate_fn = functools.partial(collate, pad_token_id=pad_id)
     train_set = EmoDataset(train_records, tokenizer, root, max_seq_len, video_kwargs)
     total_steps = max_steps or len(sampler) // grad_accum
@@ -248,8 +304,9 @@ def main():
         found = common.find_checkpoint(ckpt_path)
         if found is None:
             raise common.InputError(f"--resume: no complete checkpoint at {ckpt_path}")
-        model = VidEmo.from_pretrained(found)
+        model = load_weights(found)
         state = common.load_trainer_state(found)
+        common.check_resume(state.get("config", {}), config, RESUME_BREAKING)
         start_step = state["step"]
         sampler.load_state_dict(state["sampler"])
     model.to(dev)
@@ -282,8 +339,8 @@ def main():
     log = common.MetricLog(os.path.join(out_dir, "metrics.jsonl"), wandb_project if master else None, config)
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
                                               num_workers=num_workers, persistent_workers=False))
-    skipped = {}
-    bad_steps = 0
+    skipped, first_skip, used, n_skipped, skipped_batches, bad_steps = collections.Counter(), None, 0, 0, 0, 0
+    last_saved = start_step if resume else None
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not master,
                dynamic_ncols=True)
     t0, tokens_seen = time.time(), 0
@@ -297,57 +354,76 @@ def main():
                 loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
                                                           num_workers=num_workers))
         for b in micro:
-            for reason in b.get("skipped", []):
-                skipped[reason] = skipped.get(reason, 0) + 1
-        # normalise by the global count of supervised tokens, so any world size / accumulation gives the same loss
-        n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)), device=dev)
-        n_local = sum(int(b["attention_mask"].sum()) for b in micro)  # every token processed, for tokens/s
+            for reason in b.get("skipped", []):  # "file:line: why": counted by why, the first one kept whole
+                skipped[evaluation.skip_reason(reason.split(": ", 1)[-1])] += 1
+                first_skip = first_skip or reason
+        # a micro-batch whose records all dropped (missing videos, a wrong video_root): the step is skipped on every
+        # rank together (a lone rank skipping would leave the others waiting in a collective)
+        counts = torch.tensor([float(any(len(b["index"]) == 0 for b in micro)),
+                               float(sum(len(b["index"]) for b in micro)), float(sum(len(b["skipped"]) for b in micro))])
         if world > 1:
-            torch.distributed.all_reduce(n_tok)
-        step_lr = common.lr_at(step, total_steps, lr, min_lr, warmup_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = step_lr
-        loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
-        for i, batch in enumerate(micro):
-            batch = to_device(batch, dev)
-            sync = i == len(micro) - 1
-            ctx = net.no_sync() if (world > 1 and not fsdp and not sync) else contextlib.nullcontext()
-            with ctx:
-                if fsdp and world > 1:
-                    model.set_requires_gradient_sync(sync)
-                with autocast:
-                    logp = net(**model_inputs(batch))  # [n] log-probs of the supervised tokens
-                nll = -logp.sum()
-                loss = nll / n_tok.clamp(min=1) * world  # DDP / FSDP average gradients over ranks
-                loss.backward()
-            loss_sum += nll.detach().double()
-        if world > 1:
-            torch.distributed.all_reduce(loss_sum)
-        step_loss = (loss_sum / n_tok.clamp(min=1)).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else torch.zeros(())
-        if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
-            # never apply a NaN update: skip it; several in a row save the (still good) weights and stop
-            optimizer.zero_grad(set_to_none=True)
-            bad_steps += 1
-            common.print0(f"step {step}: non-finite loss {step_loss} / grad norm {float(grad_norm)}; update skipped")
-            if bad_steps >= 3:
-                save(ckpt_path, model, optimizer, tokenizer, step, sampler, master, config)
-                raise FloatingPointError(f"loss is NaN/inf for {bad_steps} steps in a row at step {step}; "
-                                         f"weights before it saved to {ckpt_path}; lower lr or check the data")
-            continue
-        bad_steps = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += n_local * world
+            counts = counts.to(dev)
+            torch.distributed.all_reduce(counts)
+            counts = counts.cpu()
+        used, n_skipped = used + int(counts[1]), n_skipped + int(counts[2])
+        if used == 0 and n_skipped >= min(len(train_records), 64):
+            reasons = ", ".join(f"{k} x{v}" for k, v in skipped.most_common(3))
+            raise common.InputError(f"{train_path}: the first {n_skipped} records were all skipped (first: "
+                                    f"{first_skip}); top reasons: {reasons}. Check --video_root and the records")
         done = step + 1
-        if master and (done % log_every == 0 or done == total_steps):
-            dt = time.time() - t0
-            row = {"step": done, "loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm),
-                   "stage": sampler.stage_of(step * grad_accum), "tok_per_s": tokens_seen / max(dt, 1e-9),
-                   "skipped": sum(skipped.values())}
-            log.log(**row)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_per_s']:.0f}",
-                            stage=row["stage"])
+        if counts[0] > 0:
+            skipped_batches += 1
+            common.print0(f"step {done}: a micro-batch had no usable record; step skipped ({skipped_batches} so far)")
+        else:
+            # normalise by the global count of supervised tokens, so any world size / accumulation gives the same loss
+            n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)), device=dev)
+            n_local = sum(int(b["attention_mask"].sum()) for b in micro)  # every token processed, for tokens/s
+            if world > 1:
+                torch.distributed.all_reduce(n_tok)
+            step_lr = common.lr_at(step, total_steps, lr, min_lr, warmup_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = step_lr
+            loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+            for i, batch in enumerate(micro):
+                batch = to_device(batch, dev)
+                sync = i == len(micro) - 1
+                ctx = net.no_sync() if (world > 1 and not fsdp and not sync) else contextlib.nullcontext()
+                with ctx:
+                    if fsdp and world > 1:
+                        model.set_requires_gradient_sync(sync)
+                    with autocast:
+                        logp = net(**model_inputs(batch))  # [n] log-probs of the supervised tokens
+                    nll = -logp.sum()
+                    loss = nll / n_tok.clamp(min=1) * world  # DDP / FSDP average gradients over ranks
+                    loss.backward()
+                loss_sum += nll.detach().double()
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum)
+            step_loss = (loss_sum / n_tok.clamp(min=1)).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else torch.zeros(())
+            if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
+                # never apply a NaN update: skip it; several in a row stop the run, writing nothing: weights that led
+                # here may be diverged even if finite, and must not replace the last good checkpoint
+                optimizer.zero_grad(set_to_none=True)
+                bad_steps += 1
+                common.print0(f"step {step}: non-finite loss {step_loss} / grad norm {float(grad_norm)}; update skipped")
+                if bad_steps >= 3:
+                    good = f"{ckpt_path} (step {last_saved})" if last_saved is not None else "none (no checkpoint yet)"
+                    raise FloatingPointError(f"loss is NaN/inf for {bad_steps} steps in a row at step {step}; nothing "
+                                             f"saved; the last good checkpoint is {good}; lower lr or check the data")
+                continue
+            bad_steps = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += n_local * world
+            if master and (done % log_every == 0 or done == total_steps):
+                dt = time.time() - t0
+                row = {"step": done, "loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm),
+                       "stage": sampler.stage_of(step * grad_accum), "tok_per_s": tokens_seen / max(dt, 1e-9),
+                       "skipped": sum(skipped.values()), "skipped_batches": skipped_batches}
+                log.log(**row)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_per_s']:.0f}",
+                                stage=row["stage"], skipped=row["skipped"])
         if val_loader is not None and eval_every > 0 and (done % eval_every == 0 or done == total_steps):
             v = validate(net, model, val_loader, dev, autocast, rank, world)
             if master:
@@ -355,13 +431,15 @@ def main():
                 bar.write(f"step {done}: " + " ".join(f"{k}={x:.4f}" for k, x in v.items()))
         if (save_every > 0 and done % save_every == 0) or done == total_steps or done == stop_at_step:
             save(ckpt_path, model, optimizer, tokenizer, done, sampler, master, config)
+            last_saved = done
         if done == stop_at_step:
             common.print0(f"stop_at_step={stop_at_step}: stopping; continue with --resume=True")
             common.cleanup_distributed()
             return
     bar.close()
     if skipped and master:
-        print("skipped records:", skipped)
+        print(f"skipped records: {sum(skipped.values())} ({dict(skipped.most_common(5))}); skipped steps: "
+              f"{skipped_batches}")
 
     # ---- final evaluation on the test split (rank 0, from the saved checkpoint)
     if eval_at_end and test_path != "none" and os.path.exists(test_path) and master:

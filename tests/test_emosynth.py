@@ -62,8 +62,19 @@ def test_deterministic_and_idempotent(build, tmp_path):
         assert (build / name).read_bytes() == (again / name).read_bytes(), name
     vids = sorted(p.name for p in (build / "videos").iterdir())
     assert vids == sorted(p.name for p in (again / "videos").iterdir())
+    # the drawn clips are exact; the mp4 bytes are not: this PyAV wheel's libx264 encodes the very same frames to
+    # different bytes from one call to the next (threads=1, bitexact, explicit pts: still so), a few grey levels
+    # apart after decoding. So the videos are compared decoded, within that encoder noise.
+    import av
     for v in vids:
-        assert (build / "videos" / v).read_bytes() == (again / "videos" / v).read_bytes(), v
+        dec = []
+        for root in (build, again):
+            with av.open(str(root / "videos" / v)) as c:
+                dec.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]).astype(int))
+        assert dec[0].shape == dec[1].shape and np.abs(dec[0] - dec[1]).mean() < 1.0, v
+    meta = [json.loads(l) for l in open(build / "meta.jsonl")]
+    spec = {k: v for k, v in meta[0].items() if k not in ("video", "split")}
+    assert np.array_equal(ep.render_clip(spec, TINY.get("size", 112)), ep.render_clip(spec, TINY.get("size", 112)))
     # a complete build with the same arguments is left alone; another seed gives other data
     stamp = (build / "done.json").stat().st_mtime_ns
     ep.prepare(build, verbose=False, **TINY)
