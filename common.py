@@ -110,8 +110,11 @@ def configure(g, argv=None):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file not found: {arg}")
             scope = {"__file__": os.path.abspath(arg)}  # a config may build on another one next to it
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), scope)
+            try:
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, "exec"), scope)
+            except Exception as e:  # a syntax error, a NameError, a missing file it builds on: one line, its name
+                raise ConfigError(f"config file {arg}: {type(e).__name__}: {first_line(e)}") from None
             for k, v in _config_keys(scope).items():
                 if k not in defaults:
                     raise ConfigError(f"unknown config key '{k}' in {arg}")

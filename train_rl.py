@@ -190,6 +190,9 @@ def main():
             raise common.InputError(f"--resume: no complete checkpoint at {ckpt_path}")
         state = common.load_trainer_state(found)
         common.check_resume(state.get("config", {}), config, RESUME_BREAKING)
+        if "data_pos" not in state or "world_size" not in state:
+            raise common.InputError(f"--resume: {found} was not written by train_rl.py (no prompt-stream position); "
+                                    f"start stage 2 from it with --init_from={found} instead")
         if state["world_size"] != world:
             raise common.InputError(f"--resume: checkpoint was written with world size {state['world_size']}, now {world}")
         policy = VidEmo.from_pretrained(found, device=dev)

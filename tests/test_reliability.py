@@ -264,3 +264,17 @@ def test_bad_torch_dtype_is_blamed_on_the_config(tmp_path):
     with pytest.raises(ValueError, match="config.json: torch_dtype 'nn'"):
         VidEmo.from_pretrained(tmp_path)
     assert reward.task_metric("emotion_single") == "accuracy"
+
+
+def test_a_broken_config_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("lr = (\n")
+    with pytest.raises(common.ConfigError, match="bad.py: SyntaxError"):
+        common.configure({"lr": 1.0}, [str(bad)])
+
+
+def test_rl_resume_from_an_sft_checkpoint_is_refused(build, tmp_path):
+    common.save_checkpoint(str(tmp_path / "o" / "ckpt"), lambda d: None, trainer_state={"step": 3, "sampler": {}})
+    r = run("train_rl.py", f"--out_dir={tmp_path / 'o'}", "--resume=True", f"--init_from={tmp_path / 'o' / 'ckpt'}",
+            f"--data_dir={build}", f"--tokenizer_dir={build / 'tokenizer'}", "--eval_every=0", timeout=120)
+    one_line_error(r, "not written by train_rl.py")
