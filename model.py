@@ -851,9 +851,10 @@ class VidEmo(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         return model.eval()
 
-    def save_pretrained(self, path, max_shard_size=4 * 2 ** 30):
+    def save_pretrained(self, path, max_shard_size=4 * 2 ** 30, dtype=None):
         """Write config.json + safetensors (sharded with an index when larger than max_shard_size bytes) in
-        the Hub layout that transformers' Qwen2_5_VLForConditionalGeneration.from_pretrained reads."""
+        the Hub layout that transformers' Qwen2_5_VLForConditionalGeneration.from_pretrained reads. dtype: the
+        floating-point dtype to store (default: as the weights are)."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         for fn in os.listdir(path):  # stale weights from an earlier save would shadow the new ones
@@ -863,10 +864,12 @@ class VidEmo(nn.Module):
         tied = self.ts["tie_word_embeddings"]
         tensors = {self._hf_name(k): v.detach().cpu().contiguous() for k, v in self.state_dict().items()
                    if not (tied and k == "lm_head.weight")}
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         config = dict(self.config)
         config.setdefault("model_type", "qwen2_5_vl")
         config.setdefault("architectures", ["Qwen2_5_VLForConditionalGeneration"])
-        dname = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
+        dname = str(dtype or self.embed_tokens.weight.dtype).removeprefix("torch.")
         present = [k for k in ("dtype", "torch_dtype") if k in config]
         for key in present or ["torch_dtype"]:
             config[key] = dname

@@ -84,7 +84,8 @@ beta2 = 0.99
 grad_clip = 1.0
 logprobs_backend = "auto"  # kernels.logprobs: auto (triton on CUDA, chunked torch on CPU) | triton | torch | naive
 grad_checkpointing = False
-dtype = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+dtype = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU (the policy trains in fp32 whatever its stored dtype)
+save_dtype = "auto"  # dtype of the saved HF weights: auto = as init_from stores them | float32 | bfloat16
 device = "auto"
 seed = 0
 # logging, checkpoints, evaluation
@@ -142,6 +143,7 @@ def main():
         ("log_every", log_every, log_every >= 1, ">= 1"), ("save_every", save_every, save_every >= 0, ">= 0"),
         ("eval_every", eval_every, eval_every >= 0, ">= 0"),
         ("eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1"),
+        ("save_dtype", save_dtype, save_dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
         ("logprobs_backend", logprobs_backend, logprobs_backend in ("auto", "triton", "torch", "naive"),
          "auto, triton, torch or naive")])
     for key, value, choices in (("loss_type", loss_type, ("grpo", "bnpo", "dr_grpo", "dapo")),
@@ -196,8 +198,14 @@ def main():
         if state["world_size"] != world:
             raise common.InputError(f"--resume: checkpoint was written with world size {state['world_size']}, now {world}")
         policy = VidEmo.from_pretrained(found, device=dev)
+        stored = policy.embed_tokens.weight.dtype  # what the first run saved in
+        if "master_weights" in state:  # saved in a lower precision: continue from the exact fp32 weights
+            policy.float().load_state_dict(state["master_weights"])
     else:
         policy = VidEmo.from_pretrained(init_dir, device=dev)
+        stored = policy.embed_tokens.weight.dtype
+    weights_dtype = stored if save_dtype == "auto" else getattr(torch, save_dtype)
+    policy.float()  # fp32 master weights: AdamW steps below bf16's resolution must not vanish
     # train_vision=False: the video is encoded once per prompt (no grad) and reused by every pass, so the vision tower
     # and merger get no gradient: freeze them (the reference then shares the policy's embeddings, which are its own).
     for name, p in policy.named_parameters():
@@ -470,7 +478,10 @@ def main():
             if master:
                 trainer_state = {"step": done, "optimizer": optimizer.state_dict(), "rng": common.rng_state(),
                                  "data_pos": pos, "world_size": world, "config": config}
-                common.save_checkpoint(ckpt_path, policy.save_pretrained, tokenizer, trainer_state)
+                if weights_dtype != torch.float32:  # the fp32 master weights, so that a resume is exact
+                    trainer_state["master_weights"] = {k: v.detach().cpu() for k, v in policy.state_dict().items()}
+                common.save_checkpoint(ckpt_path, lambda d: policy.save_pretrained(d, dtype=weights_dtype), tokenizer,
+                                       trainer_state)
             common.barrier()
         if done == stop_at_step:
             common.print0(f"stop_at_step={stop_at_step}: stopping; continue with --resume=True")

@@ -77,7 +77,8 @@ freeze_llm = False
 logprobs_backend = "auto"  # kernels.logprobs: auto (triton on CUDA, chunked torch on CPU) | triton | torch | naive
 grad_checkpointing = False
 fsdp = False  # FSDP2 (fully_shard per block, the vision tower as its own unit) instead of DDP
-dtype = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+dtype = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU (the weights train in fp32 whatever their stored dtype)
+save_dtype = "auto"  # dtype of the saved HF weights: auto = as init_from stores them (fp32 from scratch) | float32 | bfloat16
 device = "auto"
 seed = 0
 # logging, validation, checkpoints
@@ -155,20 +156,23 @@ def load_optimizer_state(model, optimizer, sd):
     set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(full_state_dict=True))
 
 
-def save(path, model, optimizer, tokenizer, step, sampler, master, config):
+def save(path, model, optimizer, tokenizer, step, sampler, master, config, weights_dtype):
     msd, osd = full_state(model), optimizer_state(model, optimizer)  # collective under FSDP
     if master:
         def write_model(d):
             if msd is None:
-                model.save_pretrained(d)
+                model.save_pretrained(d, dtype=weights_dtype)
             else:  # a plain CPU copy of the gathered weights, written in HF format
                 cpu = VidEmo(model.config)
                 cpu.load_state_dict(msd)
-                cpu.save_pretrained(d)
+                cpu.save_pretrained(d, dtype=weights_dtype)
         # the sampler's own counter runs ahead by the DataLoader's prefetch: record the batches actually consumed
         consumed = step * grad_accum % len(sampler)
         state = {"step": step, "optimizer": osd, "sampler": sampler.state_dict(step=consumed),
                  "rng": common.rng_state(), "config": config}
+        if weights_dtype != torch.float32:  # the fp32 master weights, so that a resume is exact
+            state["master_weights"] = msd if msd is not None else {k: v.detach().cpu()
+                                                                   for k, v in model.state_dict().items()}
         common.save_checkpoint(path, write_model, tokenizer, state)
     common.barrier()
 
@@ -235,6 +239,7 @@ def check_config():
         ("val_batches", val_batches, val_batches >= 0, ">= 0"),
         ("eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1"),
         ("dtype", dtype, dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
+        ("save_dtype", save_dtype, save_dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
         ("logprobs_backend", logprobs_backend, logprobs_backend in ("auto", "triton", "torch", "naive"),
          "auto, triton, torch or naive"),
         ("video_prune_rate", video_prune_rate, 0 <= video_prune_rate < 1, "in [0, 1)")])
@@ -257,6 +262,8 @@ def main():
     torch.manual_seed(seed)  # identical init on every rank
     init_dir = None if init_from == "scratch" else common.resolve_checkpoint(init_from)
     model = None if init_dir is None else load_weights(init_dir)
+    stored = torch.float32 if model is None else model.embed_tokens.weight.dtype  # hub checkpoints store bf16
+    weights_dtype = stored if save_dtype == "auto" else getattr(torch, save_dtype)
     # ---- data
     build_emosynth_if_missing(train_path, master)
     has_tok = init_dir is not None and os.path.isfile(os.path.join(init_dir, "tokenizer_config.json"))
@@ -307,9 +314,13 @@ def main():
         model = load_weights(found)
         state = common.load_trainer_state(found)
         common.check_resume(state.get("config", {}), config, RESUME_BREAKING)
+        if "master_weights" in state:  # saved in a lower precision: continue from the exact fp32 weights
+            model.float().load_state_dict(state["master_weights"])
         start_step = state["step"]
         sampler.load_state_dict(state["sampler"])
-    model.to(dev)
+    # fp32 master weights whatever the stored dtype: AdamW steps below bf16's resolution must not vanish (bf16 compute
+    # comes from autocast on CUDA)
+    model.float().to(dev)
     set_trainable(model)
     model.gradient_checkpointing = grad_checkpointing
     # the model scores its labels itself: the LM head runs inside the wrapped forward (DDP reduces its gradient like
@@ -430,7 +441,7 @@ def main():
                 log.log(step=done, **v)
                 bar.write(f"step {done}: " + " ".join(f"{k}={x:.4f}" for k, x in v.items()))
         if (save_every > 0 and done % save_every == 0) or done == total_steps or done == stop_at_step:
-            save(ckpt_path, model, optimizer, tokenizer, done, sampler, master, config)
+            save(ckpt_path, model, optimizer, tokenizer, done, sampler, master, config, weights_dtype)
             last_saved = done
         if done == stop_at_step:
             common.print0(f"stop_at_step={stop_at_step}: stopping; continue with --resume=True")

@@ -278,3 +278,47 @@ def test_rl_resume_from_an_sft_checkpoint_is_refused(build, tmp_path):
     r = run("train_rl.py", f"--out_dir={tmp_path / 'o'}", "--resume=True", f"--init_from={tmp_path / 'o' / 'ckpt'}",
             f"--data_dir={build}", f"--tokenizer_dir={build / 'tokenizer'}", "--eval_every=0", timeout=120)
     one_line_error(r, "not written by train_rl.py")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fp32 master weights whatever the stored dtype (a bf16 hub checkpoint must not swallow small AdamW steps)
+
+
+def test_bf16_init_trains_like_its_fp32_upcast(build, tmp_path):
+    import data as D
+    from model import VidEmo
+    from tiny import tiny_config
+    tok = D.load_tokenizer(build / "tokenizer")
+    tid = tok.convert_tokens_to_ids
+    torch.manual_seed(0)
+    model = VidEmo(tiny_config(vocab_size=len(tok), bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
+                               pad_token_id=tid("<|endoftext|>"), image_token_id=tid("<|image_pad|>"),
+                               video_token_id=tid("<|video_pad|>"), vision_start_token_id=tid("<|vision_start|>"),
+                               vision_end_token_id=tid("<|vision_end|>")))
+    inits = {}
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        d = tmp_path / name
+        model.to(torch.bfloat16).to(dt).save_pretrained(d)  # the fp32 copy is the exact upcast of the bf16 one
+        tok.save_pretrained(d)
+        inits[name] = d
+    losses, outs = {}, {}
+    for name, d in inits.items():
+        out = tmp_path / f"run_{name}"
+        r = run("train_sft.py", f"--init_from={d}", f"--data_dir={build}", "--batch_size=2", "--max_steps=20",
+                "--lr=1e-6", "--min_lr=1e-6", "--warmup_steps=0", "--save_every=0", "--num_workers=0",
+                "--eval_at_end=False", "--eval_every=0", "--log_every=1", f"--out_dir={out}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[name] = [json.loads(l)["loss"] for l in open(out / "metrics.jsonl")]
+        outs[name] = out
+    assert len(losses["bf16"]) == 20 and max(abs(a - b) for a, b in zip(losses["bf16"], losses["fp32"])) <= 1e-5
+    # the bf16 run saves bf16 weights (as its init was stored) and keeps the fp32 masters for an exact resume
+    saved = VidEmo.from_pretrained(outs["bf16"] / "ckpt")
+    assert saved.embed_tokens.weight.dtype == torch.bfloat16
+    master = common.load_trainer_state(str(outs["bf16"] / "ckpt"))["master_weights"]
+    init = VidEmo.from_pretrained(inits["fp32"]).state_dict()
+    fp32_run = VidEmo.from_pretrained(outs["fp32"] / "ckpt").state_dict()
+    for k in init:  # the same training: the bf16 run's masters are the fp32 run's weights
+        torch.testing.assert_close(master[k], fp32_run[k], rtol=0, atol=1e-7, msg=k)
+    n_moved = sum(int((master[k] != init[k]).sum()) for k in init)
+    n = sum(v.numel() for v in init.values())
+    assert n_moved / n > 0.99  # bf16 weights updated in place keep ~1 % of such steps; here only zero-grad ones stay
