@@ -17,7 +17,7 @@ import evaluation as E
 import inference as S
 import reward as R
 from reward import LEVELS
-from tiny import tiny_config
+from tiny import tokenizer_config
 
 QUESTION = "Analyse the person's attributes, facial expression and emotion step by step, then give the emotion."
 
@@ -60,13 +60,8 @@ def tiny_ckpt(emo, tmp_path_factory):
     import data as D
     from model import VidEmo
     tok = D.load_tokenizer(emo / "tokenizer")
-    tid = tok.convert_tokens_to_ids
-    cfg = tiny_config(vocab_size=len(tok), bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
-                      pad_token_id=tid("<|endoftext|>"), image_token_id=tid("<|image_pad|>"),
-                      video_token_id=tid("<|video_pad|>"), vision_start_token_id=tid("<|vision_start|>"),
-                      vision_end_token_id=tid("<|vision_end|>"))
     torch.manual_seed(0)
-    model = VidEmo(cfg).eval()
+    model = VidEmo(tokenizer_config(tok)).eval()
     path = tmp_path_factory.mktemp("ckpt") / "ckpt"
     common.save_checkpoint(str(path), model.save_pretrained, tokenizer=tok)
     return path

@@ -3,7 +3,6 @@ a function uses exists, the README's layout table and import picture match the i
 toy sizes, and no pointer in code or docs leads outside the repository."""
 import ast
 import builtins
-import json
 import os
 import re
 import subprocess
@@ -151,18 +150,14 @@ def test_every_bench_section_runs_at_toy_sizes(tmp_path):
 
     import data as D
     from model import VidEmo
-    from tiny import tiny_config
+    from tiny import tokenizer_config
     spec = importlib.util.spec_from_file_location("emosynth_prepare", ROOT / "data" / "emosynth" / "prepare.py")
     prep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prep)
     build = prep.prepare(tmp_path / "build", num_train=8, num_val=2, num_test=8, workers=1, verbose=False)
     tok = D.load_tokenizer(build / "tokenizer")
-    tid = tok.convert_tokens_to_ids
     torch.manual_seed(0)
-    model = VidEmo(tiny_config(vocab_size=len(tok), bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
-                               pad_token_id=tid("<|endoftext|>"), image_token_id=tid("<|image_pad|>"),
-                               video_token_id=tid("<|video_pad|>"), vision_start_token_id=tid("<|vision_start|>"),
-                               vision_end_token_id=tid("<|vision_end|>")))
+    model = VidEmo(tokenizer_config(tok))
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
     tok.save_pretrained(ckpt)

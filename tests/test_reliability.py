@@ -287,14 +287,10 @@ def test_rl_resume_from_an_sft_checkpoint_is_refused(build, tmp_path):
 def test_bf16_init_trains_like_its_fp32_upcast(build, tmp_path):
     import data as D
     from model import VidEmo
-    from tiny import tiny_config
+    from tiny import tokenizer_config
     tok = D.load_tokenizer(build / "tokenizer")
-    tid = tok.convert_tokens_to_ids
     torch.manual_seed(0)
-    model = VidEmo(tiny_config(vocab_size=len(tok), bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
-                               pad_token_id=tid("<|endoftext|>"), image_token_id=tid("<|image_pad|>"),
-                               video_token_id=tid("<|video_pad|>"), vision_start_token_id=tid("<|vision_start|>"),
-                               vision_end_token_id=tid("<|vision_end|>")))
+    model = VidEmo(tokenizer_config(tok))
     inits = {}
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         d = tmp_path / name

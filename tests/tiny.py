@@ -78,6 +78,15 @@ def tiny_config(tied=True, window=False, vocab_size=512, **overrides):
     return cfg
 
 
+def tokenizer_config(tok, **overrides):
+    """tiny_config sized for a real tokenizer (the EmoSynth or Qwen one): its vocabulary and its special-token ids."""
+    tid = tok.convert_tokens_to_ids
+    return tiny_config(vocab_size=len(tok), bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
+                       pad_token_id=tid("<|endoftext|>"), image_token_id=tid("<|image_pad|>"),
+                       video_token_id=tid("<|video_pad|>"), vision_start_token_id=tid("<|vision_start|>"),
+                       vision_end_token_id=tid("<|vision_end|>"), **overrides)
+
+
 TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
              "max_position_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id")
