@@ -388,8 +388,51 @@ def video_inputs(path, video_kwargs=None, cache=None):
 # tokenizer and records
 
 
-def load_tokenizer(path):
-    """Any Hugging Face tokenizer directory that has Qwen's chat tokens and vision tokens."""
+_CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")  # precedence order
+
+
+def _default_template(value):
+    """A chat_template entry: a string, a {name: template} dict or a [{name, template}] list -> the default one."""
+    if isinstance(value, list):
+        value = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+    if isinstance(value, dict):
+        value = value.get("default")
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _chat_templates(path, tok):
+    """[(file, template)] in precedence order: chat_template.jinja (newer Hub uploads; what transformers 5 saves),
+    chat_template.json (key "chat_template": what Qwen2.5-VL's processor reads), tokenizer_config.json's entry."""
+    found = []
+    for fn in _CHAT_TEMPLATE_FILES:
+        full = os.path.join(path, fn)
+        if not os.path.isfile(full):
+            continue
+        try:
+            with open(full, encoding="utf-8") as f:
+                value = f.read() if fn.endswith(".jinja") else json.load(f).get("chat_template")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"{full}: cannot read the chat template ({type(e).__name__}: {e})") from None
+        if (template := _default_template(value)) is not None:
+            found.append((full, template))
+    if not found and _default_template(getattr(tok, "chat_template", None)):  # e.g. a chat_templates/ folder
+        found.append((path, _default_template(tok.chat_template)))
+    return found
+
+
+def _has_vision_template(template):
+    """True when a chat template renders video content itself (Qwen2-VL / 2.5-VL: a {"type": "video"} part ->
+    <|vision_start|><|video_pad|><|vision_end|>), as serving stacks that send content lists need."""
+    return "<|vision_start|>" in template and "video" in template
+
+
+def load_tokenizer(path, require_vision=True):
+    """Any Hugging Face tokenizer directory that has Qwen's chat tokens and vision tokens. The chat template is
+    chosen explicitly: the first of chat_template.jinja > chat_template.json > tokenizer_config.json that has vision
+    handling (a Hub repo often carries a text-only template in tokenizer_config.json beside the VL one that
+    transformers' processor uses). No template with vision handling is a ValueError naming the files, unless
+    require_vision=False (a text-only ChatML template also works for our string content, where <video> is
+    already expanded to the placeholder run; then the first file in that order wins)."""
     from transformers import AutoTokenizer
     path = str(path)
     if not os.path.isdir(path):
@@ -402,8 +445,16 @@ def load_tokenizer(path):
                or len(tok.encode(t, add_special_tokens=False)) != 1]
     if missing:
         raise ValueError(f"tokenizer {path} lacks Qwen special tokens {missing}")
-    if not getattr(tok, "chat_template", None):
-        raise ValueError(f"tokenizer {path} has no chat_template (tokenizer_config.json / chat_template.jinja)")
+    templates = _chat_templates(path, tok)
+    if not templates:
+        raise ValueError(f"tokenizer {path} has no chat_template (looked in {' / '.join(_CHAT_TEMPLATE_FILES)})")
+    vision = [t for t in templates if _has_vision_template(t[1])]
+    if require_vision and not vision:
+        names = ", ".join(os.path.basename(f) for f, _ in templates)
+        raise ValueError(f"{templates[0][0]}: the chat template has no vision handling (no '<|vision_start|>' / "
+                         f"video part; checked {names}): a text-only template cannot render video content for "
+                         "serving; add the Qwen2.5-VL template as chat_template.json or chat_template.jinja")
+    tok.chat_template = (vision or templates)[0][1]
     if tok.pad_token_id is None:
         tok.pad_token = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else IM_END
     return tok

@@ -704,8 +704,10 @@ class VidEmo(nn.Module):
                                                second_per_grid_ts, pixel_values, image_grid_thw, video_embeds,
                                                video_keep_mask, padding_side="left")
         B, L, _ = x.shape
+        dev = x.device.type  # under autocast the keys / values are bf16 whatever the (fp32 master) embedding gives
+        cache_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         cache = KVCache(len(self.layers), B * n, self.ts["num_key_value_heads"], L + max_new_tokens,
-                        self.layers[0].self_attn.hd, x.dtype, x.device, expand=n)
+                        self.layers[0].self_attn.hd, cache_dtype, x.device, expand=n)
         cos, sin = self.mrope(pos, x.dtype)
         h = self._layers(x, cos, sin, self._prefill_mask(real), cache)
         logits = self.lm_head(self.norm(h[:, -1])).repeat_interleave(n, 0)  # [B*n, V]; left padded: last is real
@@ -761,15 +763,63 @@ class VidEmo(nn.Module):
     def _hf_name(name):  # ours -> the Hub's (transformers-4) naming, which every transformers version loads
         return name if name.startswith(("visual.", "lm_head.")) else "model." + name
 
+    # What a checkpoint holds beside config.json and the weights, for the stacks that read them (transformers'
+    # AutoProcessor / AutoImageProcessor / GenerationConfig, vLLM, SGLang). Loaded from a directory that has them,
+    # they are carried over byte for byte; otherwise save_pretrained writes ours (hf_preprocessor_config, ...).
+    SIDE_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "generation_config.json")
+    # data.py's preprocessing, which model.py cannot import (data -> model): OpenAI CLIP mean/std as Qwen uses,
+    # x / 255 then normalised, and data.VIDEO_DEFAULTS' pixel budget. tests/test_checkpoint_files.py checks these
+    # equal data.CLIP_MEAN / CLIP_STD / VIDEO_DEFAULTS and that transformers' processor reproduces our patches.
+    IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+    IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+    MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 128 * 28 * 28
+
+    def hf_preprocessor_config(self):
+        """preprocessor_config.json in the Qwen2-VL image-processor format (read by transformers 4 and 5)."""
+        vs = self.vs
+        return {
+            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+            "do_convert_rgb": True, "do_resize": True, "resample": 3,  # PIL bicubic, as data.load_image
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(self.IMAGE_MEAN), "image_std": list(self.IMAGE_STD),
+            "min_pixels": self.MIN_PIXELS, "max_pixels": self.MAX_PIXELS,
+            "size": {"shortest_edge": self.MIN_PIXELS, "longest_edge": self.MAX_PIXELS},
+            "patch_size": vs["patch_size"], "temporal_patch_size": vs["temporal_patch_size"],
+            "merge_size": vs["spatial_merge_size"],
+        }
+
+    def hf_generation_config(self):
+        """generation_config.json: bos / pad / eos ids from config.json (top level or text_config). Generation stops
+        on <|im_end|> (config eos_token_id) and on <|endoftext|> (Qwen's bos_token_id, also its pad), as Qwen's own."""
+        text = self.config.get("text_config") or {}
+        get = lambda k: self.config.get(k, text.get(k))  # noqa: E731
+        bos, pad, eos = get("bos_token_id"), get("pad_token_id"), get("eos_token_id")
+        endoftext = pad if pad is not None else bos
+        eos_ids = []
+        for i in (eos if isinstance(eos, list) else [eos]) + [endoftext]:
+            if isinstance(i, int) and i not in eos_ids:
+                eos_ids.append(i)
+        out = {"bos_token_id": bos, "pad_token_id": endoftext,
+               "eos_token_id": eos_ids if len(eos_ids) != 1 else eos_ids[0]}
+        return {k: v for k, v in out.items() if v is not None and v != []}
+
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
         """Load a Hugging Face Qwen2.5-VL directory (config.json + model.safetensors, or shards + index).
-        Every tensor is checked (known key, right shape, none missing) before the model is returned."""
+        Every tensor is checked (known key, right shape, none missing) before the model is returned. The directory's
+        SIDE_FILES (preprocessor / generation configs) are remembered in `model.hf_files`, and save_pretrained
+        writes them back unchanged."""
         from safetensors import safe_open
         path = str(path)  # a local directory: common.resolve_checkpoint turns a Hub id into one
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a checkpoint directory")
         cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file) and os.path.isfile(os.path.join(path, "adapter_config.json")):
+            import lora  # LoRA adapters saved alone (lora_save=adapter): their base, with the adapters merged in
+            model = cls.from_pretrained(lora.read_adapter_config(path)[0], device=device)
+            stored = model.embed_tokens.weight.dtype
+            lora.merge_(lora.load_adapter(model.float(), path))
+            return model.to(dtype or stored)
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"{cfg_file}: missing (a Qwen2.5-VL checkpoint directory needs config.json)")
         try:
@@ -849,12 +899,19 @@ class VidEmo(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         if tied:  # assign replaced the parameter objects: re-tie
             model.lm_head.weight = model.embed_tokens.weight
+        model.hf_files = {}
+        for fn in cls.SIDE_FILES:
+            full = os.path.join(path, fn)
+            if os.path.isfile(full):
+                with open(full, "rb") as f:
+                    model.hf_files[fn] = f.read()
         return model.eval()
 
-    def save_pretrained(self, path, max_shard_size=4 * 2 ** 30, dtype=None):
+    def save_pretrained(self, path, max_shard_size=4 * 2 ** 30, dtype=None, state_dict=None):
         """Write config.json + safetensors (sharded with an index when larger than max_shard_size bytes) in
         the Hub layout that transformers' Qwen2_5_VLForConditionalGeneration.from_pretrained reads. dtype: the
-        floating-point dtype to store (default: as the weights are)."""
+        floating-point dtype to store (default: as the weights are). state_dict: write these tensors (our names)
+        instead of the module's own: a gathered FSDP state, or LoRA adapters merged into the base."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         for fn in os.listdir(path):  # stale weights from an earlier save would shadow the new ones
@@ -862,19 +919,28 @@ class VidEmo(nn.Module):
                     (fn.startswith("model-") and fn.endswith(".safetensors")):
                 os.remove(os.path.join(path, fn))
         tied = self.ts["tie_word_embeddings"]
-        tensors = {self._hf_name(k): v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+        sd = self.state_dict() if state_dict is None else state_dict
+        tensors = {self._hf_name(k): v.detach().cpu().contiguous() for k, v in sd.items()
                    if not (tied and k == "lm_head.weight")}
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         config = dict(self.config)
         config.setdefault("model_type", "qwen2_5_vl")
         config.setdefault("architectures", ["Qwen2_5_VLForConditionalGeneration"])
-        dname = str(dtype or self.embed_tokens.weight.dtype).removeprefix("torch.")
+        dname = str(dtype or sd["embed_tokens.weight"].dtype).removeprefix("torch.")
         present = [k for k in ("dtype", "torch_dtype") if k in config]
         for key in present or ["torch_dtype"]:
             config[key] = dname
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
+        side = dict(getattr(self, "hf_files", None) or {})  # as loaded, else ours
+        if "preprocessor_config.json" not in side:
+            side["preprocessor_config.json"] = json.dumps(self.hf_preprocessor_config(), indent=2).encode()
+        if "generation_config.json" not in side:
+            side["generation_config.json"] = json.dumps(self.hf_generation_config(), indent=2).encode()
+        for fn, content in side.items():
+            with open(os.path.join(path, fn), "wb") as f:
+                f.write(content)
         shards, size = [{}], 0
         for k, v in tensors.items():
             nbytes = v.numel() * v.element_size()

