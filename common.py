@@ -6,6 +6,7 @@ Every script keeps its defaults as module-level globals at its top and calls `co
     python train_sft.py config/sft_emosynth.py --batch_size=8 --lr=3e-4
 """
 import ast
+import contextlib
 import json
 import math
 import os
@@ -81,6 +82,8 @@ def _coerce(key, value, default):
     elif isinstance(default, (tuple, list)):
         if isinstance(value, (tuple, list)):
             return type(default)(value)
+        if isinstance(value, str) and all(isinstance(d, str) for d in default):  # --tasks=a,b for a tuple of names
+            return type(default)(x.strip() for x in value.split(",") if x.strip())
     return _fail(key, value, default)
 
 
@@ -150,6 +153,11 @@ def setup_distributed(device="auto"):
     return rank, world, torch.device(device)
 
 
+def rank():
+    """This process's global rank (0 without torchrun); LOCAL_RANK only picks the GPU within a node."""
+    return int(os.environ.get("RANK", 0))
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -158,6 +166,69 @@ def cleanup_distributed():
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def shard_model(model, bf16):
+    """FSDP2 over `model` (a VidEmo): each decoder block and the vision tower are their own units (one all-gather per
+    block, the tower's many small tensors in one), the embeddings / norm / LM head form the root unit. bf16: compute
+    in bf16 over fp32 shards, gradients reduced in fp32. The methods the trainers call outside forward run inside the
+    root's hooks, so the root (not the tower) is the unit FSDP initialises first."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    fully_shard(model.visual, mp_policy=mp)
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for name in ("generate", "encode_video"):
+        register_fsdp_forward_method(model, name)
+    return model
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Inside: every FSDP2 unit of `model` all-gathered once and kept whole (generation runs a forward per token: per
+    block per token all-gathers would dominate it). Costs one full copy of the weights in the compute dtype for the
+    duration. No-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        if m is not model:  # the root never reshards after forward anyway
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in units:
+            m.reshard()
+            if m is not model:
+                m.set_reshard_after_forward(True, recurse=False)
+
+
+def full_state_dict(model, sharded):
+    """The full model state dict on CPU: gathered from the shards under FSDP2 (a collective: every rank calls it;
+    rank 0 gets the tensors), the module's own tensors otherwise."""
+    if not sharded:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state_dict(model, optimizer, sharded):
+    """AdamW's state with full (unsharded) tensors, so that a checkpoint does not depend on the world size layout."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, sd, sharded):
+    if not sharded:
+        optimizer.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(full_state_dict=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -246,8 +317,9 @@ def resolve_checkpoint(path, what="init_from"):
         found = find_checkpoint(cand)
         if found:
             return found
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise InputError(f"{what}={path!r}: not a model directory (no config.json, no complete checkpoint)")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
+        raise InputError(f"{what}={path!r}: not a model directory (no config.json, no adapter_config.json, no "
+                         f"complete checkpoint)")
     return path
 
 

@@ -22,6 +22,7 @@ import common
 import data as D
 import evaluation
 import grpo
+import lora
 import reward as R
 from model import VidEmo
 
@@ -83,7 +84,13 @@ beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0
 logprobs_backend = "auto"  # kernels.logprobs: auto (triton on CUDA, chunked torch on CPU) | triton | torch | naive
-grad_checkpointing = False
+grad_checkpointing = False  # activation checkpointing of every decoder block (and vision block) in the policy pass
+fsdp = False  # FSDP2: policy and reference sharded per decoder block, the vision tower its own unit (README: memory)
+# LoRA: lora_rank > 0 trains adapters only (lora.py); the frozen base is bf16 on CUDA and is also the reference
+lora_rank = 0
+lora_alpha = 32.0
+lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # visual.X: the tower's
+lora_save = "merged"  # merged: a plain HF directory with W + BA | adapter: the adapters only (+ adapter_config.json)
 dtype = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU (the policy trains in fp32 whatever its stored dtype)
 save_dtype = "auto"  # dtype of the saved HF weights: auto = as init_from stores them | float32 | bfloat16
 device = "auto"
@@ -106,7 +113,7 @@ wandb_project = ""
 # settings a resumed run must share with its checkpoint (the prompt stream, the groups, what is trained, the reference)
 RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokenizer_dir", "tasks", "fps", "max_frames",
                    "min_pixels", "max_pixels", "num_generations", "prompts_per_step", "grad_accum", "train_vision",
-                   "beta", "seed")
+                   "beta", "seed", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def resolve_paths():
@@ -144,6 +151,10 @@ def main():
         ("eval_every", eval_every, eval_every >= 0, ">= 0"),
         ("eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1"),
         ("save_dtype", save_dtype, save_dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
+        ("lora_rank", lora_rank, lora_rank >= 0, ">= 0 (0 = full fine-tuning)"),
+        ("lora_alpha", lora_alpha, lora_alpha > 0, "> 0"),
+        ("lora_save", lora_save, lora_save in ("merged", "adapter"), "merged or adapter"),
+        ("fsdp", fsdp, not (fsdp and lora_rank), "False with lora_rank > 0 (LoRA's trainable state is small: DDP)"),
         ("logprobs_backend", logprobs_backend, logprobs_backend in ("auto", "triton", "torch", "naive"),
          "auto, triton, torch or naive")])
     for key, value, choices in (("loss_type", loss_type, ("grpo", "bnpo", "dr_grpo", "dapo")),
@@ -189,7 +200,8 @@ def main():
     if resume:
         found = common.find_checkpoint(ckpt_path)
         if found is None:
-            raise common.InputError(f"--resume: no complete checkpoint at {ckpt_path}")
+            raise common.InputError(f"--resume: no complete checkpoint at {ckpt_path} (rank {common.rank()}; "
+                                    f"on several nodes, out_dir must be on a filesystem they share)")
         state = common.load_trainer_state(found)
         common.check_resume(state.get("config", {}), config, RESUME_BREAKING)
         if "data_pos" not in state or "world_size" not in state:
@@ -197,26 +209,44 @@ def main():
                                     f"start stage 2 from it with --init_from={found} instead")
         if state["world_size"] != world:
             raise common.InputError(f"--resume: checkpoint was written with world size {state['world_size']}, now {world}")
+    if state is not None and not lora_rank:
         policy = VidEmo.from_pretrained(found, device=dev)
         stored = policy.embed_tokens.weight.dtype  # what the first run saved in
         if "master_weights" in state:  # saved in a lower precision: continue from the exact fp32 weights
             policy.float().load_state_dict(state["master_weights"])
-    else:
+    else:  # LoRA resumes from its base + the adapters in trainer_state
         policy = VidEmo.from_pretrained(init_dir, device=dev)
         stored = policy.embed_tokens.weight.dtype
     weights_dtype = stored if save_dtype == "auto" else getattr(torch, save_dtype)
     policy.float()  # fp32 master weights: AdamW steps below bf16's resolution must not vanish
-    # train_vision=False: the video is encoded once per prompt (no grad) and reused by every pass, so the vision tower
-    # and merger get no gradient: freeze them (the reference then shares the policy's embeddings, which are its own).
-    for name, p in policy.named_parameters():
-        p.requires_grad_(train_vision or not name.startswith("visual."))
+    if lora_rank:
+        torch.manual_seed(seed)  # the adapters' random init: the same on every rank and in every run of this seed
+        try:
+            lora.add_adapters(policy, lora_rank, lora_alpha, lora_targets,
+                              base_dtype=torch.bfloat16 if use_bf16 else None)
+        except ValueError as e:
+            raise common.ConfigError(f"config key 'lora_targets': {e}") from None
+        if state is not None:
+            policy.load_state_dict(state["adapters"], strict=False)
+    else:
+        # train_vision=False: the video is encoded once per prompt (no grad) and reused by every pass, so the vision
+        # tower and merger get no gradient: freeze them (the reference then shares the policy's embeddings)
+        for name, p in policy.named_parameters():
+            p.requires_grad_(train_vision or not name.startswith("visual."))
+    # re-encode the video with grad in the policy pass only when some vision weight trains (a frozen tower's output
+    # is the rollout's); the reference re-encodes with its own tower in the same case
+    reencode = train_vision and any(p.requires_grad for n, p in policy.named_parameters() if n.startswith("visual."))
     policy.gradient_checkpointing = grad_checkpointing
     ref_model = None
-    if beta != 0.0:
-        ref_dtype = torch.bfloat16 if use_bf16 else None  # never trained: no fp32 master copy needed
+    if beta != 0.0 and not lora_rank:  # with LoRA the reference is the policy with its adapters off
+        ref_dtype = torch.bfloat16 if use_bf16 and not fsdp else None  # never trained: no fp32 master copy needed
         ref_model = VidEmo.from_pretrained(init_dir, dtype=ref_dtype, device=dev).eval().requires_grad_(False)
-    net = grpo.GroupScorer(policy, temperature, reencode=train_vision, backend=logprobs_backend)
-    if world > 1:
+        if fsdp:  # sharded like the policy: 1/N of its weights per rank, gathered block by block in its pass
+            common.shard_model(ref_model, use_bf16)
+    if fsdp:
+        common.shard_model(policy, use_bf16)
+    net = grpo.GroupScorer(policy, temperature, reencode=reencode, backend=logprobs_backend)
+    if world > 1 and not fsdp:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -224,9 +254,17 @@ def main():
                                   lr=lr, betas=(beta1, beta2))
     start_step, stream = 0, grpo.PromptStream(len(records), seed, rank, world)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        common.load_optimizer_state(policy, optimizer, state["optimizer"], fsdp)
         common.set_rng_state(state["rng"])
         start_step, stream.pos = state["step"], state["data_pos"][rank]
+
+    def reference_logps(mb):
+        """The frozen reference's completion log-probs (its own vision tower when the policy's trains)."""
+        if lora_rank:
+            with lora.disabled(policy):
+                return grpo.completion_logps(policy, mb, temperature, reencode=reencode, backend=logprobs_backend)[0]
+        return grpo.completion_logps(ref_model, mb, temperature, reencode=reencode, backend=logprobs_backend)[0]
+
     placeholders = (policy.video_token_id, policy.image_token_id)  # a sampled one ends the completion (group_batch)
     common.print0(f"GRPO: {sum(p.numel() for p in params) / 1e6:.2f}M trainable params | {len(records)} records "
                   f"of {len(set(r.get('task') for r in records))} tasks | {prompts_per_step} prompts x G={G} per step "
@@ -264,7 +302,8 @@ def main():
         grid, sec = b["video_grid_thw"].to(dev), b["second_per_grid_ts"].to(dev)  # [B, 3], [B]
         policy.eval()
         t0 = time.time()
-        with autocast:
+        # FSDP2: the policy is gathered once for the whole rollout, not per block per decoded token
+        with (common.unsharded(policy) if fsdp else contextlib.nullcontext()), autocast:
             video_embeds = policy.encode_video(b["pixel_values_videos"].to(dev), grid)  # [n_vid, D], once per prompt
             keep = None
             if video_prune_rate > 0:  # [n_vid] bool, computed once here and shared by every pass of the group
@@ -277,7 +316,7 @@ def main():
         t_gen = time.time() - t0
         mb = grpo.group_batch(ids, attn, seqs, video_embeds, grid, sec, keep, G, policy.vision_token_counts(grid),
                               eos_id, pad_id, placeholders, mask_truncated_completions,
-                              b["pixel_values_videos"].to(dev) if train_vision else None)
+                              b["pixel_values_videos"].to(dev) if reencode else None)
         # score: decode each completion (up to and including EOS) and apply the rule-based rewards: reward.score is
         # also eval's metric, so GRPO maximises exactly the number the evaluation reports
         t0 = time.time()
@@ -294,6 +333,19 @@ def main():
         mb.update(gen_logps=gen_logps, total=total, terms=terms, texts=texts, records=recs, scores=scores)
         return mb, t_gen, t_score
 
+    def save(msd, osd, done, pos):
+        """rank 0: the HF checkpoint (merged LoRA by default) + everything an exact resume needs."""
+        state = {"step": done, "optimizer": osd, "rng": common.rng_state(), "data_pos": pos, "world_size": world,
+                 "config": config}
+        if lora_rank:
+            state["adapters"] = lora.adapter_state(policy)  # the base comes from init_from again
+            write = lora.checkpoint_writer(policy, lora_save, weights_dtype, init_dir, lora_targets)
+        else:
+            if weights_dtype != torch.float32:  # the fp32 master weights, so that a resume is exact
+                state["master_weights"] = msd
+            write = lambda d: policy.save_pretrained(d, dtype=weights_dtype, state_dict=msd)  # noqa: E731
+        common.save_checkpoint(ckpt_path, write, tokenizer, state)
+
     # ---- held-out curve: greedy scores of the RL tasks on the val split (rank 0 evaluates, the others wait)
     val_records = []
     if eval_every > 0 and val_file != "none" and os.path.exists(val_file):
@@ -305,13 +357,15 @@ def main():
 
     def heldout():
         scores = {}
-        if master:
-            res = evaluation.evaluate(policy, tokenizer, val_records, root, video_kwargs, batch_size=eval_batch_size,
-                                      max_new_tokens=eval_max_new_tokens, device=dev, progress=False,
-                                      video_prune_rate=video_prune_rate)
-            scores = {f"val/{t}": v["score"] for t, v in res["tasks"].items()}
-            print("held-out (val): " + " | ".join(f"{k[4:]} {v:.4f}" for k, v in scores.items()), flush=True)
-        common.barrier()
+        # FSDP2: every rank gathers the weights (a collective), then rank 0 evaluates alone on the whole model
+        with common.unsharded(policy) if fsdp else contextlib.nullcontext():
+            if master:
+                res = evaluation.evaluate(policy, tokenizer, val_records, root, video_kwargs,
+                                          batch_size=eval_batch_size, max_new_tokens=eval_max_new_tokens, device=dev,
+                                          progress=False, video_prune_rate=video_prune_rate)
+                scores = {f"val/{t}": v["score"] for t, v in res["tasks"].items()}
+                print("held-out (val): " + " | ".join(f"{k[4:]} {v:.4f}" for k, v in scores.items()), flush=True)
+            common.barrier()
         return scores
 
     # ---- train
@@ -355,8 +409,7 @@ def main():
                 # old: the rollout's embeddings are the old policy's own; ref: its own (frozen) vision tower
                 mb["old"] = grpo.completion_logps(policy, mb, temperature, backend=logprobs_backend)[0] \
                     if num_iterations > 1 else None
-                mb["ref"] = grpo.completion_logps(ref_model, mb, temperature, reencode=train_vision,
-                                                  backend=logprobs_backend)[0] if ref_model is not None else None
+                mb["ref"] = reference_logps(mb) if beta != 0.0 else None
         t_ref = time.time() - t0
         # dapo normalises by the active tokens of the whole rollout batch over all ranks (DDP then averages ranks)
         counts = torch.zeros(2, device=dev)  # [loss tokens, sequences] that enter the loss
@@ -386,7 +439,9 @@ def main():
                     rows = torch.arange(len(rows), device=rows.device) < G
                 sub = mb if rows is None else grpo.subset(mb, rows)
                 last = i == len(micro) - 1
-                with (net.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast:
+                if fsdp and world > 1:  # reduce-scatter the gradients on the last micro-batch only
+                    policy.set_requires_gradient_sync(last)
+                with (net.no_sync() if world > 1 and not fsdp and not last else contextlib.nullcontext()), autocast:
                     logps, ent = net(sub, with_entropy=it == 0)  # [n, Tc] through the DDP-wrapped forward
                     old = sub["old"] if num_iterations > 1 else logps.detach()  # mu = 1: ratio 1, grad of plain PG
                     loss, st = grpo.grpo_loss(logps, old, sub["ref"], sub["adv"], sub["cmask"], beta, epsilon, eps_high,
@@ -409,6 +464,7 @@ def main():
                         glp = sub["gen_logps"][:, :m.shape[1]].to(logps.dtype)
                         logp_diff.append(float((glp - logps.detach())[m].abs().mean()))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else torch.zeros(())
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
             if not torch.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 bad_steps += 1
@@ -475,13 +531,10 @@ def main():
         # 6. checkpoint (rank 0 writes; every rank's data position is saved)
         if (save_every > 0 and done % save_every == 0) or done == max_steps or done == stop_at_step:
             pos = grpo.gather_rows(torch.tensor([stream.pos], device=dev)).cpu().tolist()
+            msd = common.full_state_dict(policy, fsdp) if not lora_rank else None  # a collective under FSDP
+            osd = common.optimizer_state_dict(policy, optimizer, fsdp)
             if master:
-                trainer_state = {"step": done, "optimizer": optimizer.state_dict(), "rng": common.rng_state(),
-                                 "data_pos": pos, "world_size": world, "config": config}
-                if weights_dtype != torch.float32:  # the fp32 master weights, so that a resume is exact
-                    trainer_state["master_weights"] = {k: v.detach().cpu() for k, v in policy.state_dict().items()}
-                common.save_checkpoint(ckpt_path, lambda d: policy.save_pretrained(d, dtype=weights_dtype), tokenizer,
-                                       trainer_state)
+                save(msd, osd, done, pos)
             common.barrier()
         if done == stop_at_step:
             common.print0(f"stop_at_step={stop_at_step}: stopping; continue with --resume=True")
@@ -490,12 +543,16 @@ def main():
     if skipped and master:
         print("skipped records:", skipped)
 
-    # ---- final evaluation on the test split (rank 0)
-    if eval_at_end and test_file != "none" and os.path.exists(test_file) and master:
+    # ---- final evaluation on the test split (rank 0; FSDP2: on the gathered weights)
+    if eval_at_end and test_file != "none" and os.path.exists(test_file):
         policy.eval()
-        test_records = D.load_records(test_file)[:eval_max_records or None]
-        evaluation.report(policy, tokenizer, test_records, root, video_kwargs, out_dir, batch_size=eval_batch_size,
-                          max_new_tokens=eval_max_new_tokens, device=dev, video_prune_rate=video_prune_rate)
+        with common.unsharded(policy) if fsdp else contextlib.nullcontext():
+            if master:
+                test_records = D.load_records(test_file)[:eval_max_records or None]
+                evaluation.report(policy, tokenizer, test_records, root, video_kwargs, out_dir,
+                                  batch_size=eval_batch_size, max_new_tokens=eval_max_new_tokens, device=dev,
+                                  video_prune_rate=video_prune_rate)
+            common.barrier()
     common.barrier()
     common.cleanup_distributed()
 

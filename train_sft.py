@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import common
 import evaluation
+import lora
 from data import CurriculumSampler, EmoDataset, collate, curriculum_level, load_records, load_tokenizer, special_ids
 from model import VidEmo, scratch_config
 from reward import LEVELS
@@ -77,6 +78,11 @@ freeze_llm = False
 logprobs_backend = "auto"  # kernels.logprobs: auto (triton on CUDA, chunked torch on CPU) | triton | torch | naive
 grad_checkpointing = False
 fsdp = False  # FSDP2 (fully_shard per block, the vision tower as its own unit) instead of DDP
+# LoRA: lora_rank > 0 trains adapters only (lora.py); the frozen base is bf16 on CUDA (README: memory)
+lora_rank = 0
+lora_alpha = 32.0
+lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # visual.X: the tower's
+lora_save = "merged"  # merged: a plain HF directory with W + BA | adapter: the adapters only (+ adapter_config.json)
 dtype = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU (the weights train in fp32 whatever their stored dtype)
 save_dtype = "auto"  # dtype of the saved HF weights: auto = as init_from stores them (fp32 from scratch) | float32 | bfloat16
 device = "auto"
@@ -130,50 +136,28 @@ def build_emosynth_if_missing(train_file, master):
         prepare = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "emosynth", "prepare.py")
         subprocess.run([sys.executable, prepare, f"--out_dir={data_dir}"], check=True)
     common.barrier()
+    if not os.path.isfile(os.path.join(data_dir, "done.json")):  # rank 0 built it on another node's disk
+        raise common.InputError(f"rank {common.rank()}: {data_dir} was built by rank 0 but is not visible here; "
+                                f"multi-node runs need data_dir and out_dir on a filesystem every node shares (or "
+                                f"build the data on each node first: python data/emosynth/prepare.py)")
 
 
-def full_state(model):
-    """The full (unsharded) model state dict on every rank's CPU (FSDP2 gathers; DDP has it already: None)."""
-    if not fsdp:
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def optimizer_state(model, optimizer):
-    if not fsdp:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                               cpu_offload=True))
-
-
-def load_optimizer_state(model, optimizer, sd):
-    if not fsdp:
-        optimizer.load_state_dict(sd)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(full_state_dict=True))
-
-
-def save(path, model, optimizer, tokenizer, step, sampler, master, config, weights_dtype):
-    msd, osd = full_state(model), optimizer_state(model, optimizer)  # collective under FSDP
+def save(path, model, optimizer, tokenizer, step, sampler, master, config, weights_dtype, base):
+    msd = common.full_state_dict(model, fsdp) if not lora_rank else None  # a collective under FSDP
+    osd = common.optimizer_state_dict(model, optimizer, fsdp)
     if master:
-        def write_model(d):
-            if msd is None:
-                model.save_pretrained(d, dtype=weights_dtype)
-            else:  # a plain CPU copy of the gathered weights, written in HF format
-                cpu = VidEmo(model.config)
-                cpu.load_state_dict(msd)
-                cpu.save_pretrained(d, dtype=weights_dtype)
         # the sampler's own counter runs ahead by the DataLoader's prefetch: record the batches actually consumed
         consumed = step * grad_accum % len(sampler)
         state = {"step": step, "optimizer": osd, "sampler": sampler.state_dict(step=consumed),
                  "rng": common.rng_state(), "config": config}
-        if weights_dtype != torch.float32:  # the fp32 master weights, so that a resume is exact
-            state["master_weights"] = msd if msd is not None else {k: v.detach().cpu()
-                                                                   for k, v in model.state_dict().items()}
-        common.save_checkpoint(path, write_model, tokenizer, state)
+        if lora_rank:
+            state["adapters"] = lora.adapter_state(model)  # a resume rebuilds the base from init_from
+            write = lora.checkpoint_writer(model, lora_save, weights_dtype, base, lora_targets)
+        else:
+            if weights_dtype != torch.float32:  # the fp32 master weights, so that a resume is exact
+                state["master_weights"] = msd
+            write = lambda d: model.save_pretrained(d, dtype=weights_dtype, state_dict=msd)  # noqa: E731
+        common.save_checkpoint(path, write, tokenizer, state)
     common.barrier()
 
 
@@ -218,7 +202,7 @@ RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokeniz
                    "min_pixels", "max_pixels", "max_seq_len", "curriculum", "stage_epochs", "replay", "n_layer",
                    "n_embd", "n_head", "n_kv_head", "n_inner", "vision_depth", "vision_embd", "vision_heads",
                    "vision_inner", "tie_embeddings", "batch_size", "grad_accum", "freeze_vision", "freeze_merger",
-                   "freeze_llm", "fsdp", "seed")
+                   "freeze_llm", "fsdp", "seed", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def check_config():
@@ -240,6 +224,12 @@ def check_config():
         ("eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1"),
         ("dtype", dtype, dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
         ("save_dtype", save_dtype, save_dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
+        ("lora_rank", lora_rank, lora_rank >= 0, ">= 0 (0 = full fine-tuning)"),
+        ("lora_alpha", lora_alpha, lora_alpha > 0, "> 0"),
+        ("lora_save", lora_save, lora_save in ("merged", "adapter"), "merged or adapter"),
+        ("fsdp", fsdp, not (fsdp and lora_rank), "False with lora_rank > 0 (LoRA's trainable state is small: DDP)"),
+        ("lora_save", lora_save, not (lora_rank and lora_save == "adapter" and init_from == "scratch"),
+         "merged with init_from=scratch (adapters alone need their base directory)"),
         ("logprobs_backend", logprobs_backend, logprobs_backend in ("auto", "triton", "torch", "naive"),
          "auto, triton, torch or naive"),
         ("video_prune_rate", video_prune_rate, 0 <= video_prune_rate < 1, "in [0, 1)")])
@@ -310,10 +300,12 @@ def main():
     if resume:
         found = common.find_checkpoint(ckpt_path)
         if found is None:
-            raise common.InputError(f"--resume: no complete checkpoint at {ckpt_path}")
-        model = load_weights(found)
+            raise common.InputError(f"--resume: no complete checkpoint at {ckpt_path} (rank {common.rank()}; "
+                                    f"on several nodes, out_dir must be on a filesystem they share)")
         state = common.load_trainer_state(found)
         common.check_resume(state.get("config", {}), config, RESUME_BREAKING)
+        if not lora_rank:  # (LoRA continues from its base, built above, and the adapters in the state)
+            model = load_weights(found)
         if "master_weights" in state:  # saved in a lower precision: continue from the exact fp32 weights
             model.float().load_state_dict(state["master_weights"])
         start_step = state["step"]
@@ -321,17 +313,21 @@ def main():
     # fp32 master weights whatever the stored dtype: AdamW steps below bf16's resolution must not vanish (bf16 compute
     # comes from autocast on CUDA)
     model.float().to(dev)
-    set_trainable(model)
+    if lora_rank:  # adapters only; the freeze_* keys do not apply
+        try:
+            lora.add_adapters(model, lora_rank, lora_alpha, lora_targets, base_dtype=torch.bfloat16 if use_bf16 else None)
+        except ValueError as e:
+            raise common.ConfigError(f"config key 'lora_targets': {e}") from None
+        if state is not None:
+            model.load_state_dict(state["adapters"], strict=False)
+    else:
+        set_trainable(model)
     model.gradient_checkpointing = grad_checkpointing
     # the model scores its labels itself: the LM head runs inside the wrapped forward (DDP reduces its gradient like
     # every other parameter's, FSDP has it unsharded)
     net = model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
-        fully_shard(model.visual)  # the vision tower is its own unit
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
+        common.shard_model(model, use_bf16)
     elif world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -341,7 +337,7 @@ def main():
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(beta1, beta2),
                                   fused=dev.type == "cuda")
     if state is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"])
+        common.load_optimizer_state(model, optimizer, state["optimizer"], fsdp)
         common.set_rng_state(state["rng"])
     common.print0(f"VidEmo: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {len(train_records)} "
                   f"train records | {total_steps} steps x {batch_size * grad_accum * world} samples | world {world}")
@@ -441,7 +437,7 @@ def main():
                 log.log(step=done, **v)
                 bar.write(f"step {done}: " + " ".join(f"{k}={x:.4f}" for k, x in v.items()))
         if (save_every > 0 and done % save_every == 0) or done == total_steps or done == stop_at_step:
-            save(ckpt_path, model, optimizer, tokenizer, done, sampler, master, config, weights_dtype)
+            save(ckpt_path, model, optimizer, tokenizer, done, sampler, master, config, weights_dtype, init_from)
             last_saved = done
         if done == stop_at_step:
             common.print0(f"stop_at_step={stop_at_step}: stopping; continue with --resume=True")

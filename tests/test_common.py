@@ -111,3 +111,37 @@ def test_emosynth_config_files_list_the_embedded_defaults(script, config):
     for key, value in values.items():
         assert hasattr(mod, key), f"{config}: {key} is not a {script} key"
         assert getattr(mod, key) == value, f"{config}: {key} = {value!r}, {script} default {getattr(mod, key)!r}"
+
+
+CONFIGS = sorted(f for f in os.listdir(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                    "config")) if f.endswith(".py"))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_recipe_is_a_valid_config_of_its_script(config):
+    """Every config/ recipe loads through its script's own configure(): known keys, right types; an RL recipe's
+    prompts split into whole groups per rank at the world size its header names (torchrun --nproc_per_node=N)."""
+    import importlib.util
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = "train_sft" if config.startswith("sft_") else "train_rl"
+    spec = importlib.util.spec_from_file_location(f"fresh_{script}_{config}", os.path.join(root, f"{script}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = os.path.join(root, "config", config)
+    cfg = common.configure(vars(mod), [path])
+    header = open(path).read()
+    m = re.search(r"--nproc_per_node=(\d+)", header)
+    world = int(m.group(1)) if m else 1
+    assert f"{script}.py config/{config}" in header  # the header's command runs this very file
+    if script == "train_rl":
+        assert cfg["prompts_per_step"] % (world * cfg["grad_accum"]) == 0, (world, cfg["grad_accum"])
+    assert not (cfg["fsdp"] and cfg["lora_rank"])
+
+
+def test_tuple_keys_take_comma_lists():
+    g = {"tasks": ("a",), "stage_epochs": (1.0, 2.0)}
+    common.configure(g, ["--tasks=x, y,z"])
+    assert g["tasks"] == ("x", "y", "z")
+    with pytest.raises(common.ConfigError, match="stage_epochs"):
+        common.configure(g, ["--stage_epochs=fast,slow"])

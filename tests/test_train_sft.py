@@ -108,3 +108,65 @@ def test_bad_config_and_missing_init(tmp_path):
     assert r.returncode != 0 and "bacth_size" in r.stderr
     r = launch([f"--init_from={tmp_path}/nope", f"--out_dir={tmp_path}/o", "--data_dir=/nonexistent"], check=False)
     assert r.returncode != 0 and "nope" in (r.stderr + r.stdout)
+
+
+def test_lora_learns_saves_merged_or_adapter_and_resumes(tiny_data, tmp_path):
+    """LoRA SFT from a checkpoint: the merged checkpoint is the base plus (alpha / r) B A in the
+    adapted layers and the base elsewhere; an adapter-only checkpoint loads to the same weights; resume is exact."""
+    import torch
+
+    import lora
+    from model import VidEmo
+    data = [f"--data_dir={tiny_data}"]
+    base = tmp_path / "base"
+    launch(data + TINY_MODEL + COMMON + ["--batch_size=4", f"--out_dir={base}", "--max_steps=1"])
+    kw = data + COMMON + ["--batch_size=4", f"--init_from={base}/ckpt", "--lora_rank=4", "--lora_alpha=8"]
+    launch(kw + [f"--out_dir={tmp_path / 'a'}", "--lora_save=adapter"])
+    straight = losses(tmp_path / "a")
+    assert sorted(straight) == [1, 2, 3, 4]  # (that it learns: README, LoRA SFT on EmoSynth)
+    launch(kw + [f"--out_dir={tmp_path / 'm'}", "--stop_at_step=2"])
+    launch(kw + [f"--out_dir={tmp_path / 'm'}", "--resume=True"])
+    resumed = losses(tmp_path / "m")
+    for s in straight:
+        assert abs(resumed[s] - straight[s]) <= 1e-6, (s, resumed[s], straight[s])
+    adapter_ckpt, merged_ckpt = tmp_path / "a" / "ckpt", tmp_path / "m" / "ckpt"
+    assert (adapter_ckpt / lora.ADAPTER_CONFIG).exists() and not (adapter_ckpt / "config.json").exists()
+    a, m, b = (VidEmo.from_pretrained(d) for d in (adapter_ckpt, merged_ckpt, base / "ckpt"))
+    state = torch.load(merged_ckpt / "trainer_state.pt", weights_only=True)
+    adapted = {n.rsplit(".", 1)[0] for n in state["adapters"]}
+    for (n, pa), (_, pm), (_, pb) in zip(a.named_parameters(), m.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa, pm, rtol=0, atol=1e-6, msg=n)
+        owner = n.rsplit(".", 1)[0]
+        if owner in adapted and n.endswith(".weight"):
+            delta = 2.0 * state["adapters"][owner + ".lora_B"] @ state["adapters"][owner + ".lora_A"]
+            torch.testing.assert_close(pm, pb + delta, rtol=0, atol=1e-6, msg=n)
+            assert delta.abs().max() > 0, n
+        else:
+            assert torch.equal(pm, pb), n
+    r = launch(kw[:-3] + ["--lora_rank=4", "--lora_save=adapter", f"--out_dir={tmp_path / 'x'}"], check=False)
+    assert r.returncode == 2 and "init_from" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_two_nodes_equal_one_process(tiny_data, tmp_path):
+    """Multi-node torchrun (2 "nodes" of 1 process each on this machine, c10d rendezvous): on node 1 LOCAL_RANK is 0
+    but RANK is 1, so anything that mixed the two (device placement, who writes, the data shard) would show here.
+    Same losses as one process on the same global batch; only global rank 0 writes the checkpoint."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [f"--data_dir={tiny_data}"] + TINY_MODEL + COMMON + ["--batch_size=2", f"--out_dir={tmp_path / 'nodes'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={n}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                               "--rdzv_id=videmo-test", str(ROOT / "train_sft.py")] + args, env=env, cwd=str(ROOT),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[1][-3000:] for o in outs)
+    ref = tmp_path / "one"
+    launch([f"--data_dir={tiny_data}"] + TINY_MODEL + COMMON + ["--batch_size=4", f"--out_dir={ref}"])
+    want, got = losses(ref), losses(tmp_path / "nodes")
+    assert sorted(got) == [1, 2, 3, 4]
+    for s in want:
+        assert abs(got[s] - want[s]) <= 1e-5, (s, got[s], want[s])
+    assert (tmp_path / "nodes" / "ckpt" / "COMPLETE").exists() and not (tmp_path / "nodes" / "ckpt.tmp").exists()
