@@ -21,6 +21,7 @@ import torch
 
 import common
 import data as D
+import memplan as MP
 from kernels.logprobs import logits_logprobs, naive_logits_logprobs, naive_logprobs, token_logprobs
 from kernels.token_compress import prune_video_tokens
 from model import VidEmo, scratch_config
@@ -51,6 +52,22 @@ sft_batch = 16  # clips per step
 init_from = "out/sft_emosynth/ckpt"  # the SFT checkpoint they start from
 data_dir = "data/emosynth/build"  # its EmoSynth build
 rl_overrides = ""  # extra train_rl.py flags for the rl section, space separated (e.g. "--num_generations=4")
+# memory section: per-GPU memory plan (memplan.py) of init_from's config.json, or of a built-in shape
+# (init_from=qwen2.5-vl-3b | qwen2.5-vl-7b; both when init_from does not exist)
+world = 8  # the FSDP2 row's world size
+ddp_world = 1  # the full-DDP and LoRA rows' world size (> 1 adds DDP's gradient buckets)
+lora_rank = 16
+lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # visual.X: the ViT's
+mem_frames = 8  # video frames per sample
+mem_size = 448  # frame side in pixels
+mem_text = 200  # prompt text tokens
+mem_completion = 256  # supervised (SFT) / generated (RL) tokens
+mem_batch = 1  # SFT micro-batch (samples per GPU)
+mem_prompts = 2  # RL prompts per rank (x mem_G completions in one update micro-batch)
+mem_G = 8
+mem_beta = 0.04  # RL KL coefficient: > 0 keeps a frozen reference model (full fine-tuning)
+mem_ckpt = True  # the total assumes activation checkpointing
+memory_check = False  # also measure a small model on CPU against the plan's formulas
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -512,8 +529,49 @@ def bench_rl(cfg):
     return mean
 
 
+def bench_memory(cfg):
+    """Per-GPU memory plan (GiB) for SFT and RL, one row per recipe: full fine-tuning (DDP, FSDP2) and LoRA; with
+    memory_check=True also the plan's formulas against measurements of a small model on this CPU."""
+    src = cfg["init_from"]
+    if src in MP.BUILTIN or os.path.exists(src):
+        shapes = [(src, MP.load_config(src))]
+    else:
+        print(f"memory: no checkpoint at {src}; planning the built-in shapes {', '.join(MP.BUILTIN)}")
+        shapes = [(name, MP.builtin_config(name)) for name in MP.BUILTIN]
+    targets = cfg["lora_targets"]
+    r, ddp, world = cfg["lora_rank"], cfg["ddp_world"], cfg["world"]
+    recipes = [(f"full, DDP x{ddp}", MP.Recipe("full", "ddp", ddp, r, targets)),
+               (f"full, FSDP2 x{world}", MP.Recipe("full", "fsdp2", world, r, targets)),
+               (f"LoRA r={r}, x{ddp}", MP.Recipe("lora", "ddp", ddp, r, targets))]
+    for name, config in shapes:
+        n = MP.param_counts(MP.meta_model(config), r, targets)
+        for stage in ("sft", "rl"):
+            w = MP.Workload(stage, frames=cfg["mem_frames"], height=cfg["mem_size"], width=cfg["mem_size"],
+                            text=cfg["mem_text"], completion=cfg["mem_completion"], batch=cfg["mem_batch"],
+                            prompts=cfg["mem_prompts"], G=cfg["mem_G"], beta=cfg["mem_beta"], ckpt=cfg["mem_ckpt"])
+            _, patches, vid = MP.video_shape(config, w.frames, w.height, w.width)
+            rows = w.batch if stage == "sft" else f"{w.prompts} prompts x G={w.G}"
+            print(f"\n{name} {stage.upper()}: {n['total'] / 1e9:.2f}B params (LoRA {n['lora'] / 1e6:.1f}M) | "
+                  f"{w.frames}x{w.height}x{w.width} video = {vid} tokens ({patches} patches) "
+                  f"+ {w.text} text + {w.completion} completion | rows {rows} | ckpt {w.ckpt} | GiB per GPU (CUDA, bf16)")
+            print(MP.table(config, recipes, w))
+    if cfg["memory_check"]:
+        ids = {"<|vision_start|>": 1000, "<|vision_end|>": 1001, "<|image_pad|>": 1002, "<|video_pad|>": 1003,
+               "<|im_end|>": 1004, "<|endoftext|>": 1005}
+        cases = [("hidden 256, GQA 4/2, untied, 112px", scratch_config(2048, ids, n_embd=256, n_inner=688, n_head=4,
+                                                                         n_kv_head=2, tie_embeddings=False),
+                  MP.Workload("sft", frames=2, height=112, width=112, text=400, completion=100, batch=4)),
+                 ("hidden 256, MHA, tied, padded, 84x112px", scratch_config(2048, ids, n_embd=256, n_inner=512,
+                                                                             n_head=4, n_kv_head=4),
+                  MP.Workload("sft", frames=4, height=84, width=112, text=300, completion=64, batch=3, padded=True))]
+        for label, config, w in cases:
+            print(f"\nmemory check (CPU fp32, measured vs plan): {label}, batch {w.batch}")
+            for part, p, m in MP.check(config, w):
+                print(f"  {part:30s} plan {p / 2**20:9.2f} MiB  measured {m / 2**20:9.2f} MiB  plan/measured {p / m:.3f}")
+
+
 SECTIONS = {"generate": bench_generate, "data": bench_data, "kernels": bench_kernels, "sft": bench_sft,
-            "prune": bench_prune, "rl": bench_rl}
+            "prune": bench_prune, "rl": bench_rl, "memory": bench_memory}
 
 
 def main():
