@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"train_sft", "train_rl", "eval", "sample", "bench", "plot", "prepare"}  # entry scripts (module names)
+SCRIPTS = {"train_sft", "train_rl", "eval", "sample", "bench", "plot", "prepare", "gpu_check"}  # entry scripts (module names)
 
 
 def py_files():

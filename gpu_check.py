@@ -1,0 +1,475 @@
+"""GPU check: the CUDA paths against fp32 / torch references on one H100/H200 (under 10 minutes), as one JSON.
+
+    python gpu_check.py --out=out/gpu_check.json                    # all checks; exit 1 if any check fails
+    python gpu_check.py --checks="('kernels','bf16_forward')"        # a subset (rerun what failed)
+    python gpu_check.py --dry_run=True --out=/tmp/gpu_check.json     # CPU, tiny shapes, Triton interpreted: checks 1-3
+
+Checks (each writes its figures under checks.<name> with "ok", and the file is rewritten after every check):
+  kernels       Triton token_logprobs / logits_logprobs forward + backward vs the torch backend and an fp64
+                reference; the EVS similarity / keep-mask kernel vs its torch reference (same masks)
+  bf16_forward  a Qwen2.5-VL-3B-shaped model at truncated depth: bf16 autocast logits vs fp32 (relative error, top-1
+                agreement) and the fused label log-probs of both
+  flash_attn    the vision tower with flash_attn_varlen_func vs the SDPA path (skipped when flash_attn is missing)
+  fsdp_rl       a tiny EmoSynth build, a 20-step scratch SFT, then `torchrun --nproc_per_node=1 train_rl.py
+                --fsdp=True` (NCCL, FSDP2 world 1): finished, and its step times
+  memory        torch.cuda.max_memory_allocated of one SFT step (bf16 autocast, AdamW) on the 3B-shaped model vs the
+                memory plan (memplan, when that module exists)
+  bench         `python bench.py --section=kernels` and `--section=generate`, their output included
+Without CUDA (and without --dry_run=True) it stops at once: one line, exit code 2.
+"""
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import common
+import model as M
+from kernels.logprobs import INTERPRET, logits_logprobs, token_logprobs
+from kernels.token_compress import frame_similarity, prune_video_tokens
+from model import VidEmo, scratch_config
+
+# ----------------------------------------------------------------------------------------------------------------------
+# defaults (override with a config file or --key=value; `--help` lists them)
+out = "out/gpu_check.json"
+checks = ("kernels", "bf16_forward", "flash_attn", "fsdp_rl", "memory", "bench")
+dry_run = False  # CPU, tiny shapes, Triton through TRITON_INTERPRET=1: kernels, bf16_forward, flash_attn only
+depth = 4  # decoder layers (and vision blocks) of the 3B-shaped model: the widths are real, the depth is cut
+batch = 2  # videos per batch in bf16_forward / memory
+frames = 8  # frames per video (2 per temporal patch)
+size = 224  # frame side in pixels (multiple of 28)
+text_len = 128  # text tokens after each video (supervised in the memory step)
+sft_steps = 20  # scratch SFT steps before the FSDP RL run
+rl_steps = 3
+work_dir = ""  # default: a fresh temporary directory (EmoSynth build, SFT and RL outputs)
+subprocess_timeout = 300  # seconds for each subprocess (EmoSynth, SFT, RL, each bench section)
+seed = 0
+# ----------------------------------------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ALL_CHECKS = ("kernels", "bf16_forward", "flash_attn", "fsdp_rl", "memory", "bench")
+DRY_CHECKS = ("kernels", "bf16_forward", "flash_attn")
+# Qwen2.5-VL-3B-Instruct's widths (config.json), depth set by `depth`
+QWEN25VL_3B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "vocab_size": 151936,
+    "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+    "num_key_value_heads": 2, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "max_position_embeddings": 128000,
+    "tie_word_embeddings": True, "image_token_id": 151655, "video_token_id": 151656,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653, "eos_token_id": 151645, "bos_token_id": 151643,
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                      "hidden_act": "silu", "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2, "tokens_per_second": 2, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "out_hidden_size": 2048},
+}
+
+
+def model_config(cfg):
+    """The 3B-shaped config at `depth` (full attention in the last vision block), or a tiny one for the dry run."""
+    if cfg["dry_run"]:
+        return scratch_config(512, {"<|vision_start|>": 500, "<|vision_end|>": 501, "<|image_pad|>": 502,
+                                    "<|video_pad|>": 503, "<|im_end|>": 504, "<|endoftext|>": 505})
+    c = json.loads(json.dumps(QWEN25VL_3B))
+    c["num_hidden_layers"] = c["vision_config"]["depth"] = cfg["depth"]
+    c["vision_config"]["fullatt_block_indexes"] = [cfg["depth"] - 1]
+    return c
+
+
+def video_batch(config, n, frames, size, text_len, device, seed):
+    """n samples of a random video (frames x size x size) + text_len text tokens; labels on the text."""
+    g = torch.Generator().manual_seed(seed)
+    t, h, w = frames // 2, size // 14, size // 14
+    n_video = t * h * w // 4
+    ids = [[config["vision_start_token_id"]] + [config["video_token_id"]] * n_video + [config["vision_end_token_id"]] +
+           torch.randint(0, min(config["vocab_size"], 500), (text_len,), generator=g).tolist() for _ in range(n)]
+    input_ids = torch.tensor(ids)
+    labels = input_ids.clone()
+    labels[:, :n_video + 2] = -100
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+           "pixel_values_videos": torch.randn(n * t * h * w, 3 * 2 * 14 * 14, generator=g),
+           "video_grid_thw": torch.tensor([[t, h, w]] * n), "second_per_grid_ts": torch.ones(n)}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def rel(a, b):
+    """max |a - b| / max |b|, in fp64."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def cuda_ms(fn, repeats=10):
+    for _ in range(3):  # warm-up, also Triton's autotuning
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def run_sub(cmd, timeout, env=None):
+    """A subprocess from the repository root: (return code, seconds, output tail)."""
+    t0 = time.time()
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                           env=dict(os.environ, **(env or {})))
+        return r.returncode, time.time() - t0, (r.stdout + r.stderr)[-6000:]
+    except subprocess.TimeoutExpired as e:
+        tail = ((e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"))[-6000:]
+        return 124, time.time() - t0, tail + f"\n(timed out after {timeout} s)"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# (1) Triton kernels vs the torch backend and fp64
+
+
+def ref_logprobs(logits, targets, tau, ignore_index=-100):
+    """fp64 log_softmax(logits / tau) at targets and the entropy; ignored rows 0."""
+    logp_all = torch.log_softmax(logits.double() / tau, -1)
+    valid = targets != ignore_index
+    logp = logp_all.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    ent = -(logp_all.exp() * torch.where(logp_all.isfinite(), logp_all, 0.0)).sum(-1)
+    return torch.where(valid, logp, 0.0), torch.where(valid, ent, 0.0)
+
+
+def check_kernels(cfg, dev):
+    dry = cfg["dry_run"]
+    n, d, v = (37, 29, 1013) if dry else (2048, 2048, 151936)  # not multiples of any block / the real vocabulary
+    tau = 0.7
+    res, ok = {"shape": {"N": n, "D": d, "V": v}, "temperature": tau}, True
+    g = torch.Generator(device=dev).manual_seed(cfg["seed"])
+    for dtype, val_tol, grad_tol in [(torch.bfloat16, 1e-4 if not dry else 5e-5, 2e-2), (torch.float32, 1e-4, 1e-3)]:
+        name = str(dtype).removeprefix("torch.")
+        h0 = torch.randn(n, d, device=dev, generator=g).to(dtype)
+        w0 = (0.1 * torch.randn(v, d, device=dev, generator=g)).to(dtype)
+        t = torch.randint(0, v, (n,), device=dev, generator=g)
+        t[::7] = -100
+        g_lp, g_ent = torch.randn(n, device=dev, generator=g), torch.randn(n, device=dev, generator=g)
+        h64, w64 = h0.double().requires_grad_(), w0.double().requires_grad_()
+        logits64 = h64 @ w64.T
+        r_lp, r_ent = ref_logprobs(logits64, t, tau)
+        (r_lp * g_lp + r_ent * g_ent).sum().backward()
+        row = {}
+        for backend in ("triton", "torch"):
+            h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+            logp, ent = token_logprobs(h, w, t, tau, return_entropy=True, backend=backend)
+            (logp * g_lp + ent * g_ent).sum().backward()
+            row[backend] = {"logp_abs_err": (logp.double() - r_lp).abs().max().item(),
+                            "entropy_abs_err": (ent.double() - r_ent).abs().max().item(),
+                            "grad_h_rel_err": rel(h.grad, h64.grad), "grad_w_rel_err": rel(w.grad, w64.grad)}
+            row[backend]["ok"] = (row[backend]["logp_abs_err"] <= val_tol and row[backend]["entropy_abs_err"] <= val_tol
+                                  and row[backend]["grad_h_rel_err"] <= grad_tol
+                                  and row[backend]["grad_w_rel_err"] <= grad_tol)
+            row[backend]["_out"] = (logp.detach(), h.grad, w.grad)
+        a, b = row["triton"].pop("_out"), row["torch"].pop("_out")
+        row["triton_vs_torch"] = {"logp_abs_diff": (a[0] - b[0]).abs().max().item(),
+                                  "grad_h_rel_diff": rel(a[1], b[1]), "grad_w_rel_diff": rel(a[2], b[2])}
+        if not dry:
+            h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+            for backend in ("triton", "torch"):
+                row[backend]["fwd_ms"] = cuda_ms(lambda: token_logprobs(h, w, t, tau, backend=backend))
+                row[backend]["fwd_bwd_ms"] = cuda_ms(
+                    lambda: torch.autograd.grad(token_logprobs(h, w, t, tau, backend=backend).sum(), [h, w]))
+        # logits_logprobs: the same scoring from materialised logits
+        x = logits64.detach().to(dtype).requires_grad_()
+        x64 = x.double().detach().requires_grad_()
+        r_lp2, r_ent2 = ref_logprobs(x64, t, tau)
+        (r_lp2 * g_lp + r_ent2 * g_ent).sum().backward()
+        lp2, ent2 = logits_logprobs(x, t, tau, return_entropy=True, backend="triton")
+        (lp2 * g_lp + ent2 * g_ent).sum().backward()
+        row["logits_logprobs_triton"] = {"logp_abs_err": (lp2.double() - r_lp2).abs().max().item(),
+                                         "entropy_abs_err": (ent2.double() - r_ent2).abs().max().item(),
+                                         "grad_rel_err": rel(x.grad, x64.grad)}
+        row["logits_logprobs_triton"]["ok"] = (row["logits_logprobs_triton"]["logp_abs_err"] <= val_tol and
+                                               row["logits_logprobs_triton"]["entropy_abs_err"] <= val_tol and
+                                               row["logits_logprobs_triton"]["grad_rel_err"] <= grad_tol)
+        ok &= row["triton"]["ok"] and row["torch"]["ok"] and row["logits_logprobs_triton"]["ok"]
+        res[f"token_logprobs_{name}"] = row
+        del h64, w64, logits64, x, x64
+    # EVS token compression: the similarity kernel and both keep-mask modes vs the torch reference
+    ts, s, dd = (5, 23, 37) if dry else (9, 300, 1280)
+    gx = torch.Generator().manual_seed(cfg["seed"] + 1)
+    x = torch.randn(ts, s, dd, generator=gx)
+    x[2] = x[1] + 0.3 * torch.randn(s, dd, generator=gx)  # a near-static slice, as in real video
+    x[1, s // 2] = 0.0  # a zero token: similarity 0, not NaN
+    comp = {"shape": [ts, s, dd]}
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dev, dtype)
+        sim_t, sim_r = frame_similarity(xd, backend="triton"), frame_similarity(xd, backend="torch")
+        key = str(dtype).removeprefix("torch.")
+        comp[f"similarity_abs_diff_{key}"] = (sim_t[1:].double() - sim_r[1:].double()).abs().max().item()
+        for kw in (dict(rate=0.6), dict(threshold=0.3)):
+            m_t = prune_video_tokens(xd, backend="triton", **kw)
+            m_r = prune_video_tokens(xd, backend="torch", **kw)
+            comp[f"mask_equal_{key}_{next(iter(kw))}"] = bool(torch.equal(m_t.cpu(), m_r.cpu()))
+    comp["ok"] = comp["similarity_abs_diff_float32"] <= 1e-5 and all(v for k, v in comp.items()
+                                                                      if k.startswith("mask_equal_float32"))
+    if not dry:
+        xd = x.to(dev)
+        comp["prune_rate_ms_triton"] = cuda_ms(lambda: prune_video_tokens(xd, rate=0.5, backend="triton"))
+        comp["prune_rate_ms_torch"] = cuda_ms(lambda: prune_video_tokens(xd, rate=0.5, backend="torch"))
+    res["token_compress"] = comp
+    res["ok"] = ok and comp["ok"]
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# (2) bf16 autocast forward vs fp32
+
+
+def check_bf16_forward(cfg, dev):
+    config = model_config(cfg)
+    torch.manual_seed(cfg["seed"])
+    model = VidEmo(config).to(dev).eval()
+    frames_, size_, text_ = (4, 56, 16) if cfg["dry_run"] else (cfg["frames"], cfg["size"], cfg["text_len"])
+    inputs = video_batch(config, cfg["batch"], frames_, size_, text_, dev, cfg["seed"])
+    plain = {k: v for k, v in inputs.items() if k != "labels"}
+    with torch.no_grad():
+        ref = model(**plain).float()
+        ref_lp = model(**inputs)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            got = model(**plain).float()
+            got_lp = model(**inputs)
+    err = (got - ref).abs()
+    top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    # agreement where fp32's top-1 is clear (margin over the runner-up above bf16's resolution of the logits)
+    top2 = ref.topk(2, -1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 8 * err.max()
+    top1_clear = (got.argmax(-1) == ref.argmax(-1))[clear].float().mean().item() if clear.any() else float("nan")
+    res = {"params_M": round(model.num_params() / 1e6, 1), "layers": config["num_hidden_layers"],
+           "tokens": int(inputs["input_ids"].numel()), "logits_rel_err_max": rel(got, ref),
+           "logits_rel_err_mean": (err.mean() / ref.abs().mean()).item(), "top1_agreement": top1,
+           "top1_agreement_clear": top1_clear, "clear_positions": int(clear.sum()),
+           "label_logp_abs_err_max": (got_lp.float() - ref_lp.float()).abs().max().item(),
+           "label_logp_fp32_mean": ref_lp.float().mean().item()}
+    res["ok"] = res["logits_rel_err_max"] <= 5e-2 and (math.isnan(top1_clear) or top1_clear >= 0.99)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# (3) flash-attn vs SDPA in the vision tower
+
+
+def check_flash_attn(cfg, dev):
+    if M.flash_attn_varlen_func is None or dev.type != "cuda":
+        why = "flash_attn does not import" if M.flash_attn_varlen_func is None else "flash_attn needs CUDA"
+        print(f"  flash_attn: skipped ({why})")
+        return {"skipped": why, "ok": True}
+    config = model_config(cfg)
+    torch.manual_seed(cfg["seed"])
+    tower = VidEmo(config).visual.to(dev).eval()
+    inputs = video_batch(config, cfg["batch"], cfg["frames"], cfg["size"], 0, dev, cfg["seed"])
+    px, grid = inputs["pixel_values_videos"], inputs["video_grid_thw"]
+    flash = M.flash_attn_varlen_func
+
+    def sdpa(fn):  # run fn with the SDPA path forced (model.py picks flash-attn when it imports)
+        M.flash_attn_varlen_func = None
+        try:
+            return fn()
+        finally:
+            M.flash_attn_varlen_func = flash
+    with torch.no_grad():
+        ref = tower(px, grid).float()  # fp32: SDPA (flash-attn takes half precision only)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y_flash = tower(px, grid).float()
+            y_sdpa = sdpa(lambda: tower(px, grid).float())
+            ms_flash = cuda_ms(lambda: tower(px, grid))
+            ms_sdpa = sdpa(lambda: cuda_ms(lambda: tower(px, grid)))
+    res = {"patches": int(px.shape[0]), "flash_vs_sdpa_rel": rel(y_flash, y_sdpa), "flash_vs_fp32_rel": rel(y_flash, ref),
+           "sdpa_vs_fp32_rel": rel(y_sdpa, ref), "tower_ms_flash_bf16": ms_flash, "tower_ms_sdpa_bf16": ms_sdpa}
+    res["ok"] = res["flash_vs_sdpa_rel"] <= 2e-2 and res["flash_vs_fp32_rel"] <= 2 * res["sdpa_vs_fp32_rel"] + 1e-2
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# (4) FSDP2 world-1 GRPO step over NCCL
+
+
+def check_fsdp_rl(cfg, work):
+    py = sys.executable
+    build, sft, rl = (os.path.join(work, k) for k in ("emosynth", "sft", "rl"))
+    res, T = {}, cfg["subprocess_timeout"]
+    steps = [
+        ("emosynth", [py, "data/emosynth/prepare.py", f"--out_dir={build}", "--num_train=128", "--num_val=8",
+                      "--num_test=8", "--workers=4"]),
+        ("sft", [py, "train_sft.py", f"--data_dir={build}", f"--out_dir={sft}", f"--max_steps={cfg['sft_steps']}",
+                 "--eval_at_end=False", "--eval_every=0", f"--save_every={cfg['sft_steps']}", "--val_file=none",
+                 "--num_workers=2", "--batch_size=8", "--warmup_steps=2", "--log_every=5"]),
+        ("rl", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train_rl.py", "--fsdp=True",
+                f"--init_from={os.path.join(sft, 'ckpt')}", f"--data_dir={build}", f"--out_dir={rl}",
+                f"--max_steps={cfg['rl_steps']}", "--num_generations=4", "--prompts_per_step=4", "--grad_accum=2",
+                "--max_completion_length=48", "--eval_every=0", "--eval_at_end=False",
+                f"--save_every={cfg['rl_steps']}", "--sample_table_every=0", "--log_every=1"]),
+    ]
+    for name, cmd in steps:
+        rc, sec, tail = run_sub(cmd, T)
+        res[name] = {"returncode": rc, "seconds": round(sec, 1)}
+        if rc != 0:
+            res[name]["output_tail"] = tail
+            res["ok"] = False
+            return res
+    res["rl"]["command"] = " ".join(cmd[1:])
+    rows = [json.loads(line) for line in open(os.path.join(rl, "metrics.jsonl")) if '"step_time"' in line]
+    res["rl"].update(finished=len(rows) == cfg["rl_steps"] and os.path.isfile(os.path.join(rl, "ckpt", "COMPLETE")),
+                     step_time_s=[round(r["step_time"], 3) for r in rows],
+                     t_generate_s=[round(r.get("t_generate", float("nan")), 3) for r in rows],
+                     t_update_s=[round(r.get("t_update", float("nan")), 3) for r in rows],
+                     loss=[r.get("loss") for r in rows],
+                     finite=all(math.isfinite(r.get("loss", 0.0)) and math.isfinite(r.get("grad_norm", 0.0))
+                                for r in rows))
+    res["ok"] = res["rl"]["finished"] and res["rl"]["finite"]
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# (5) memory of one SFT step vs the plan
+
+
+def check_memory(cfg, dev):
+    """One SFT step (bf16 autocast, fp32 masters, AdamW, no activation checkpointing) on the 3B-shaped model: peak
+    allocated bytes vs memplan.plan for the same workload (full fine-tuning, one GPU) when memplan exists."""
+    config = model_config(cfg)
+    try:
+        import memplan
+    except ImportError:
+        memplan = None
+    res, plan = {}, None
+    if memplan is not None:
+        try:
+            w = memplan.Workload("sft", frames=cfg["frames"], height=cfg["size"], width=cfg["size"], text=64,
+                                 completion=cfg["text_len"], batch=cfg["batch"], ckpt=False)
+            inputs = {k: v.to(dev) for k, v in memplan.sft_inputs(config, w, seed=cfg["seed"]).items()}
+            plan = memplan.plan(config, memplan.Recipe("full", "ddp", world=1), w, cuda=True)
+        except Exception as e:  # the plan is another module's: report it, never fail the measurement on it
+            res["plan"] = f"plan unavailable (memplan: {type(e).__name__}: {common.first_line(e)})"
+    else:
+        res["plan"] = "plan unavailable (no memplan module)"
+    if plan is None:
+        inputs = video_batch(config, cfg["batch"], cfg["frames"], cfg["size"], cfg["text_len"], dev, cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    model = VidEmo(config).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logp = model(**inputs)
+        (-logp.mean()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()  # the first step allocates the AdamW moments
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    step()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - base
+    res.update(layers=config["num_hidden_layers"], params_M=round(model.num_params() / 1e6, 1), batch=cfg["batch"],
+               seq_len=int(inputs["input_ids"].shape[1]), patches=int(inputs["pixel_values_videos"].shape[0]),
+               max_allocated_GiB=measured / 2**30, step_s=round(time.time() - t0, 3))
+    if plan is not None:
+        res["plan_GiB"] = {k: v / 2**30 for k, v in plan.items() if not k.startswith("n_")}
+        res["plan_total_over_measured"] = plan["total"] / measured
+    res["ok"] = True  # figures to compare, not a pass / fail
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# (6) bench.py's GPU figures
+
+
+def check_bench(cfg):
+    res = {}
+    for section in ("kernels", "generate"):
+        rc, sec, tail = run_sub([sys.executable, "bench.py", f"--section={section}"], cfg["subprocess_timeout"])
+        print(f"--- bench.py --section={section} (exit {rc}, {sec:.0f} s)\n{tail}")
+        res[section] = {"returncode": rc, "seconds": round(sec, 1), "output": tail}
+    res["ok"] = all(r["returncode"] == 0 for r in res.values())
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main():
+    cfg = common.configure(globals())
+    names = tuple(cfg["checks"])
+    common.check([("checks", names, set(names) <= set(ALL_CHECKS), f"a tuple of {', '.join(ALL_CHECKS)}"),
+                  ("depth", cfg["depth"], cfg["depth"] >= 1, ">= 1"),
+                  ("frames", cfg["frames"], cfg["frames"] >= 2 and cfg["frames"] % 2 == 0, "even, >= 2"),
+                  ("size", cfg["size"], cfg["size"] >= 28 and cfg["size"] % 28 == 0, "a multiple of 28")])
+    if cfg["dry_run"]:
+        if not INTERPRET:  # Triton on CPU tensors: the interpreter, which must be set before kernels are imported
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+        names = tuple(n for n in names if n in DRY_CHECKS)
+        dev = torch.device("cpu")
+    else:
+        if not torch.cuda.is_available():
+            raise common.InputError("gpu_check.py needs a CUDA GPU (--dry_run=True runs checks 1-3 on CPU at tiny "
+                                    "sizes)")
+        if INTERPRET:
+            raise common.InputError("TRITON_INTERPRET=1 is set: unset it to check the compiled kernels")
+        dev = torch.device("cuda")
+    out_path = os.path.abspath(cfg["out"])
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    report = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)",
+              "torch": torch.__version__, "cuda": torch.version.cuda, "dry_run": cfg["dry_run"],
+              "flash_attn": M.flash_attn_varlen_func is not None, "checks": {}}
+    try:
+        import triton
+        report["triton"] = triton.__version__
+    except ImportError:
+        report["triton"] = None
+    t_all = time.time()
+    for name in names:
+        print(f"[gpu_check] {name} ...", flush=True)
+        t0 = time.time()
+        try:
+            if name == "kernels":
+                res = check_kernels(cfg, dev)
+            elif name == "bf16_forward":
+                res = check_bf16_forward(cfg, dev)
+            elif name == "flash_attn":
+                res = check_flash_attn(cfg, dev)
+            elif name == "fsdp_rl":
+                work = cfg["work_dir"] or tempfile.mkdtemp(prefix="gpu_check_")  # kept, for a look after
+                res = dict(check_fsdp_rl(cfg, work), work_dir=work)
+            elif name == "memory":
+                res = check_memory(cfg, dev)
+            else:
+                res = check_bench(cfg)
+        except Exception as e:  # one check's crash is its figure; the others still run
+            res = {"ok": False, "error": f"{type(e).__name__}: {common.first_line(e)}"}
+        res["seconds"] = round(time.time() - t0, 1)
+        gc.collect()  # the check's model and optimizer: freed before the next check (or a subprocess) runs
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        report["checks"][name] = res
+        report["ok"] = all(r["ok"] for r in report["checks"].values())
+        report["wall_s"] = round(time.time() - t_all, 1)
+        with open(out_path + ".tmp", "w") as f:
+            json.dump(report, f, indent=2, default=str)
+        os.replace(out_path + ".tmp", out_path)
+        brief = {k: v for k, v in res.items() if not isinstance(v, (dict, list, str)) or k == "error"}
+        print(f"[gpu_check] {name}: {'ok' if res['ok'] else 'FAILED'} {json.dumps(brief, default=str)}", flush=True)
+    failed = [n for n, r in report["checks"].items() if not r["ok"]]
+    print(f"[gpu_check] {len(names) - len(failed)}/{len(names)} checks ok in {time.time() - t_all:.0f} s -> {out_path}")
+    if failed:
+        print(f"[gpu_check] failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    common.run(main)

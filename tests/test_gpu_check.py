@@ -1,0 +1,53 @@
+"""gpu_check.py on a machine without a GPU: --dry_run=True runs checks 1-3 at tiny sizes on CPU (Triton through the
+interpreter) and writes its JSON; without --dry_run it stops at once with one line and exit code 2."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, env=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / "gpu_check.py"), *args], capture_output=True, text=True,
+                          cwd=str(ROOT), env=env, timeout=120)
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])  # "0": the script re-executes itself under the interpreter
+def test_dry_run_writes_the_figures(tmp_path, interpret):
+    out = tmp_path / "sub" / "gpu_check.json"
+    r = run("--dry_run=True", f"--out={out}", env={"TRITON_INTERPRET": interpret})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["dry_run"] is True and rep["ok"] is True
+    assert list(rep["checks"]) == ["kernels", "bf16_forward", "flash_attn"]  # the GPU-only checks are left out
+    k = rep["checks"]["kernels"]
+    for dtype in ("bfloat16", "float32"):
+        row = k[f"token_logprobs_{dtype}"]
+        for backend in ("triton", "torch"):
+            assert row[backend]["ok"] and row[backend]["logp_abs_err"] <= 1e-4
+        assert row["triton_vs_torch"]["logp_abs_diff"] <= 1e-4 and row["logits_logprobs_triton"]["ok"]
+    assert k["token_compress"]["mask_equal_float32_rate"] and k["token_compress"]["mask_equal_float32_threshold"]
+    f = rep["checks"]["bf16_forward"]
+    assert 0 < f["logits_rel_err_max"] <= 5e-2 and 0.9 <= f["top1_agreement"] <= 1.0
+    assert rep["checks"]["flash_attn"]["skipped"]
+    assert "3/3 checks ok" in r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_needs_a_gpu_without_dry_run(tmp_path):
+    r = run(f"--out={tmp_path / 'g.json'}")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: gpu_check.py needs a CUDA GPU (--dry_run=True runs checks 1-3 "
+                                             "on CPU at tiny sizes)"]
+    assert not (tmp_path / "g.json").exists()
+
+
+def test_bad_check_name_is_one_line(tmp_path):
+    r = run("--dry_run=True", "--checks=('kernels','nope')", f"--out={tmp_path / 'g.json'}")
+    assert r.returncode == 2 and "config key 'checks'" in r.stderr and "Traceback" not in r.stderr
