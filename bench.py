@@ -68,6 +68,7 @@ mem_G = 8
 mem_beta = 0.04  # RL KL coefficient: > 0 keeps a frozen reference model (full fine-tuning)
 mem_ckpt = True  # the total assumes activation checkpointing
 memory_check = False  # also measure a small model on CPU against the plan's formulas
+memory_recipes = False  # instead: the plan of every config/ recipe for Qwen2.5-VL (the README's table)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -376,18 +377,7 @@ def bench_kernels(cfg):
 # peak dense bf16 tensor FLOP/s (no sparsity), for MFU
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
-QWEN25VL_3B = {
-    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "vocab_size": 151936,
-    "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
-    "num_key_value_heads": 2, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "max_position_embeddings": 128000,
-    "tie_word_embeddings": True, "image_token_id": 151655, "video_token_id": 151656,
-    "vision_start_token_id": 151652, "vision_end_token_id": 151653, "eos_token_id": 151645, "bos_token_id": 151643,
-    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-                      "hidden_act": "silu", "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
-                      "temporal_patch_size": 2, "tokens_per_second": 2, "window_size": 112,
-                      "fullatt_block_indexes": [7, 15, 23, 31], "out_hidden_size": 2048},
-}
+QWEN25VL_3B = MP.builtin_config("qwen2.5-vl-3b")
 
 
 def _sft_batch(config, batch, frames, size, text_len, device):
@@ -529,9 +519,51 @@ def bench_rl(cfg):
     return mean
 
 
+# the config/ recipes as the plan sees them: videos of 16 (or 8) frames at <= 128*28*28 pixels (316 x 316), 200
+# prompt tokens, 512 supervised tokens per SFT sample; (label, config file, shape, Recipe args, Workload args)
+RECIPES = [
+    ("7B SFT, 8 x 80 GB, full, FSDP2", "sft_qwen25vl_7b.py", "qwen2.5-vl-7b", ("full", "fsdp2", 8),
+     dict(stage="sft", frames=16, batch=4, completion=512)),
+    ("7B RL, 8 x 80 GB, full, FSDP2", "rl_qwen25vl_7b.py", "qwen2.5-vl-7b", ("full", "fsdp2", 8),
+     dict(stage="rl", frames=16, prompts=1, G=8, completion=1024)),
+    ("3B SFT, 8 x 80 GB, full, FSDP2", "sft_qwen25vl_3b.py", "qwen2.5-vl-3b", ("full", "fsdp2", 8),
+     dict(stage="sft", frames=16, batch=4, completion=512)),
+    ("3B RL, 8 x 80 GB, full, FSDP2", "rl_qwen25vl_3b.py", "qwen2.5-vl-3b", ("full", "fsdp2", 8),
+     dict(stage="rl", frames=16, prompts=1, G=8, completion=1024)),
+    ("3B SFT, 1 x 80 GB, full", "sft_qwen25vl_3b_1gpu.py", "qwen2.5-vl-3b", ("full", "ddp", 1),
+     dict(stage="sft", frames=16, batch=2, completion=512)),
+    ("3B RL, 1 x 80 GB, full, beta 0", "rl_qwen25vl_3b_1gpu.py", "qwen2.5-vl-3b", ("full", "ddp", 1),
+     dict(stage="rl", frames=16, prompts=1, G=8, completion=512, beta=0.0)),
+    ("7B SFT, 1 x 80 GB, LoRA r 16", "sft_qwen25vl_7b_lora.py", "qwen2.5-vl-7b", ("lora", "ddp", 1, 16),
+     dict(stage="sft", frames=16, batch=4, completion=512)),
+    ("7B RL, 1 x 80 GB, LoRA r 16", "rl_qwen25vl_7b_lora.py", "qwen2.5-vl-7b", ("lora", "ddp", 1, 16),
+     dict(stage="rl", frames=16, prompts=1, G=8, completion=512)),
+    ("7B SFT, 1 x 24 GB, LoRA r 16", "sft_qwen25vl_7b_lora_24gb.py", "qwen2.5-vl-7b", ("lora", "ddp", 1, 16),
+     dict(stage="sft", frames=8, batch=1, completion=512)),
+    ("7B RL, 1 x 24 GB, LoRA r 16", "rl_qwen25vl_7b_lora_24gb.py", "qwen2.5-vl-7b", ("lora", "ddp", 1, 16),
+     dict(stage="rl", frames=8, prompts=1, G=4, completion=512)),
+]
+
+
+def memory_recipes_table():
+    GiB = MP.GiB
+    print("| recipe | `config/` | weights + grads + AdamW | activations (ckpt) | KV cache | scorer | reference | "
+          "rollout copy | FSDP units / autocast cache | **total** | fits |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for label, file, shape, recipe, work in RECIPES:
+        p = MP.plan(MP.builtin_config(shape), MP.Recipe(*recipe), MP.Workload(height=316, width=316, text=200, **work))
+        g = {k: f"{v / GiB:.1f}" for k, v in p.items()}
+        state = (p["params"] + p["grads"] + p["optim"]) / GiB
+        print(f"| {label} | `{file}` | {state:.1f} | {g['act_ckpt']} | {g['kv']} | {g['scorer']} | {g['ref']} | "
+              f"{g['rollout_copy']} | {g['buffers']} | **{g['total']}** | "
+              f"{MP.fits(p['total'], 24.0 if '24 GB' in label else 79.6)} |")
+
+
 def bench_memory(cfg):
     """Per-GPU memory plan (GiB) for SFT and RL, one row per recipe: full fine-tuning (DDP, FSDP2) and LoRA; with
     memory_check=True also the plan's formulas against measurements of a small model on this CPU."""
+    if cfg["memory_recipes"]:
+        return memory_recipes_table()
     src = cfg["init_from"]
     if src in MP.BUILTIN or os.path.exists(src):
         shapes = [(src, MP.load_config(src))]

@@ -1,7 +1,7 @@
 """GPU check: the CUDA paths against fp32 / torch references on one H100/H200 (under 10 minutes), as one JSON.
 
     python gpu_check.py --out=out/gpu_check.json                    # all checks; exit 1 if any check fails
-    python gpu_check.py --checks="('kernels','bf16_forward')"        # a subset (rerun what failed)
+    python gpu_check.py --checks=kernels,bf16_forward                 # a subset (rerun what failed)
     python gpu_check.py --dry_run=True --out=/tmp/gpu_check.json     # CPU, tiny shapes, Triton interpreted: checks 1-3
 
 Checks (each writes its figures under checks.<name> with "ok", and the file is rewritten after every check):
@@ -30,8 +30,9 @@ import time
 import torch
 
 import common
+import memplan
 import model as M
-from kernels.logprobs import INTERPRET, logits_logprobs, token_logprobs
+from kernels.logprobs import INTERPRET, logits_logprobs, naive_logits_logprobs, token_logprobs
 from kernels.token_compress import frame_similarity, prune_video_tokens
 from model import VidEmo, scratch_config
 
@@ -56,18 +57,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 ALL_CHECKS = ("kernels", "bf16_forward", "flash_attn", "fsdp_rl", "memory", "bench")
 DRY_CHECKS = ("kernels", "bf16_forward", "flash_attn")
 # Qwen2.5-VL-3B-Instruct's widths (config.json), depth set by `depth`
-QWEN25VL_3B = {
-    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "vocab_size": 151936,
-    "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
-    "num_key_value_heads": 2, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "max_position_embeddings": 128000,
-    "tie_word_embeddings": True, "image_token_id": 151655, "video_token_id": 151656,
-    "vision_start_token_id": 151652, "vision_end_token_id": 151653, "eos_token_id": 151645, "bos_token_id": 151643,
-    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-                      "hidden_act": "silu", "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
-                      "temporal_patch_size": 2, "tokens_per_second": 2, "window_size": 112,
-                      "fullatt_block_indexes": [7, 15, 23, 31], "out_hidden_size": 2048},
-}
+QWEN25VL_3B = memplan.builtin_config("qwen2.5-vl-3b")
 
 
 def model_config(cfg):
@@ -133,15 +123,6 @@ def run_sub(cmd, timeout, env=None):
 # (1) Triton kernels vs the torch backend and fp64
 
 
-def ref_logprobs(logits, targets, tau, ignore_index=-100):
-    """fp64 log_softmax(logits / tau) at targets and the entropy; ignored rows 0."""
-    logp_all = torch.log_softmax(logits.double() / tau, -1)
-    valid = targets != ignore_index
-    logp = logp_all.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
-    ent = -(logp_all.exp() * torch.where(logp_all.isfinite(), logp_all, 0.0)).sum(-1)
-    return torch.where(valid, logp, 0.0), torch.where(valid, ent, 0.0)
-
-
 def check_kernels(cfg, dev):
     dry = cfg["dry_run"]
     n, d, v = (37, 29, 1013) if dry else (2048, 2048, 151936)  # not multiples of any block / the real vocabulary
@@ -157,7 +138,7 @@ def check_kernels(cfg, dev):
         g_lp, g_ent = torch.randn(n, device=dev, generator=g), torch.randn(n, device=dev, generator=g)
         h64, w64 = h0.double().requires_grad_(), w0.double().requires_grad_()
         logits64 = h64 @ w64.T
-        r_lp, r_ent = ref_logprobs(logits64, t, tau)
+        r_lp, r_ent = naive_logits_logprobs(logits64, t, tau, return_entropy=True)  # fp64 in, fp64 out
         (r_lp * g_lp + r_ent * g_ent).sum().backward()
         row = {}
         for backend in ("triton", "torch"):
@@ -183,7 +164,7 @@ def check_kernels(cfg, dev):
         # logits_logprobs: the same scoring from materialised logits
         x = logits64.detach().to(dtype).requires_grad_()
         x64 = x.double().detach().requires_grad_()
-        r_lp2, r_ent2 = ref_logprobs(x64, t, tau)
+        r_lp2, r_ent2 = naive_logits_logprobs(x64, t, tau, return_entropy=True)
         (r_lp2 * g_lp + r_ent2 * g_ent).sum().backward()
         lp2, ent2 = logits_logprobs(x, t, tau, return_entropy=True, backend="triton")
         (lp2 * g_lp + ent2 * g_ent).sum().backward()
@@ -337,25 +318,13 @@ def check_fsdp_rl(cfg, work):
 
 def check_memory(cfg, dev):
     """One SFT step (bf16 autocast, fp32 masters, AdamW, no activation checkpointing) on the 3B-shaped model: peak
-    allocated bytes vs memplan.plan for the same workload (full fine-tuning, one GPU) when memplan exists."""
+    allocated bytes vs memplan.plan for the same workload (full fine-tuning, one GPU)."""
     config = model_config(cfg)
-    try:
-        import memplan
-    except ImportError:
-        memplan = None
-    res, plan = {}, None
-    if memplan is not None:
-        try:
-            w = memplan.Workload("sft", frames=cfg["frames"], height=cfg["size"], width=cfg["size"], text=64,
-                                 completion=cfg["text_len"], batch=cfg["batch"], ckpt=False)
-            inputs = {k: v.to(dev) for k, v in memplan.sft_inputs(config, w, seed=cfg["seed"]).items()}
-            plan = memplan.plan(config, memplan.Recipe("full", "ddp", world=1), w, cuda=True)
-        except Exception as e:  # the plan is another module's: report it, never fail the measurement on it
-            res["plan"] = f"plan unavailable (memplan: {type(e).__name__}: {common.first_line(e)})"
-    else:
-        res["plan"] = "plan unavailable (no memplan module)"
-    if plan is None:
-        inputs = video_batch(config, cfg["batch"], cfg["frames"], cfg["size"], cfg["text_len"], dev, cfg["seed"])
+    w = memplan.Workload("sft", frames=cfg["frames"], height=cfg["size"], width=cfg["size"], text=64,
+                         completion=cfg["text_len"], batch=cfg["batch"], ckpt=False)
+    inputs = {k: v.to(dev) for k, v in memplan.sft_inputs(config, w, seed=cfg["seed"]).items()}
+    plan = memplan.plan(config, memplan.Recipe("full", "ddp", world=1), w, cuda=True)
+    res = {}
     torch.manual_seed(cfg["seed"])
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -378,9 +347,8 @@ def check_memory(cfg, dev):
     res.update(layers=config["num_hidden_layers"], params_M=round(model.num_params() / 1e6, 1), batch=cfg["batch"],
                seq_len=int(inputs["input_ids"].shape[1]), patches=int(inputs["pixel_values_videos"].shape[0]),
                max_allocated_GiB=measured / 2**30, step_s=round(time.time() - t0, 3))
-    if plan is not None:
-        res["plan_GiB"] = {k: v / 2**30 for k, v in plan.items() if not k.startswith("n_")}
-        res["plan_total_over_measured"] = plan["total"] / measured
+    res["plan_GiB"] = {k: v / 2**30 for k, v in plan.items() if not k.startswith("n_")}
+    res["plan_total_over_measured"] = plan["total"] / measured
     res["ok"] = True  # figures to compare, not a pass / fail
     return res
 

@@ -150,12 +150,20 @@ def save_adapter(path, model, base, targets):
                    "adapted_layers": sorted(mods)}, f, indent=2)
 
 
-def checkpoint_writer(model, mode, dtype, base, targets):
-    """What a trainer's checkpoint writes for an adapted model: mode "merged" = a plain HF directory with the
-    adapters merged in (in `dtype`), "adapter" = the adapters only. -> a function of the directory."""
-    if mode == "adapter":
-        return lambda d: save_adapter(d, model, base, targets)
-    return lambda d: model.save_pretrained(d, dtype=dtype, state_dict=merged_state_dict(model, dtype))
+def checkpoint_writer(model, state, msd, dtype, mode, base, targets):
+    """What a trainer's checkpoint writes -> a function of the directory; adds to `state` (trainer_state.pt) what an
+    exact resume needs. An adapted model: the adapters go in `state` (the base comes from init_from again) and the
+    directory gets the merged model in `dtype` (mode "merged") or the adapters alone ("adapter"). Full fine-tuning:
+    `msd` (the full state dict, gathered under FSDP) in `dtype`, and the fp32 masters in `state` when dtype is not
+    fp32."""
+    if layers(model):
+        state["adapters"] = adapter_state(model)
+        if mode == "adapter":
+            return lambda d: save_adapter(d, model, base, targets)
+        return lambda d: model.save_pretrained(d, dtype=dtype, state_dict=merged_state_dict(model, dtype))
+    if dtype != torch.float32:
+        state["master_weights"] = msd
+    return lambda d: model.save_pretrained(d, dtype=dtype, state_dict=msd)
 
 
 def read_adapter_config(path):

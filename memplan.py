@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+import lora
 import model as M
 from kernels import logprobs as LP
 
@@ -52,7 +53,7 @@ def builtin_config(name):
     return dict(t, architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl", hidden_act="silu",
                 rms_norm_eps=1e-6, rope_theta=1000000.0, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
                 image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-                vision_end_token_id=151653, eos_token_id=151645, bos_token_id=151643,
+                vision_end_token_id=151653, eos_token_id=151645, bos_token_id=151643, max_position_embeddings=128000,
                 vision_config=dict(_VISION, out_hidden_size=t["hidden_size"]))
 
 
@@ -509,4 +510,13 @@ def check(config, w, seed=0):
     out.append(("scorer", scorer_bytes(scored, V, D, cuda=False, need_w=True), measure_scorer(scored, V, D)))
     out.append(("scorer (entropy, frozen head)", scorer_bytes(scored, V, D, cuda=False, need_w=False, entropy=True),
                 measure_scorer(scored, V, D, need_w=False, entropy=True)))
+    # LoRA on the same model (fp32 base on CPU): adapter grads + AdamW, and the activations of the frozen base
+    r = 8
+    names = lora.add_adapters(model, r, 2.0 * r)
+    pl = plan(config, Recipe("lora", "ddp", 1, r), w, cuda=False, model=meta_model(config))
+    _, grads, optim = measure_states(model, inputs)
+    held, saved = measure_activations(model, inputs, ckpt=False)
+    out += [("LoRA grads", pl["grads"], grads), ("LoRA optim", pl["optim"], optim),
+            ("LoRA act (saved tensors)", activations(model, w, cuda=False, vision_grad=False, lora=(r, len(names))),
+             saved)]
     return out

@@ -208,6 +208,18 @@ def segment_plan(cu_seqlens, device):
     return groups, torch.argsort(torch.cat(order))
 
 
+class Packed:
+    """Variable-length sequences laid end to end in one row (no padding): cu_seqlens [n + 1] boundaries, the
+    longest length, and segment_plan's equal-length groups for the SDPA path. Causal attention stays inside each
+    sequence: what a key-padding mask gives the padded batch, without computing the padding."""
+
+    def __init__(self, lengths):
+        self.lengths = lengths  # [n] long
+        self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        self.max_len = int(lengths.max())
+        self.plan = segment_plan(self.cu_seqlens, lengths.device)
+
+
 class VisionAttention(nn.Module):
     def __init__(self, vs):
         super().__init__()
@@ -364,6 +376,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(mask, Packed):  # B = 1: sequences end to end
+            return self.o_proj(self._packed(q[0], k[0], v[0], mask).reshape(1, T, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)
         gqa = self.n_kv != self.n_head
@@ -374,6 +388,22 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _packed(self, q, k, v, packed):  # q [H, N, hd], k/v [Hkv, N, hd] -> [N, H, hd]
+        if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            cu, n = packed.cu_seqlens, packed.max_len
+            return flash_attn_varlen_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu, cu, n, n,
+                                          causal=True)
+        if self.n_kv != self.n_head:  # the per-group calls below are few and small: repeat kv heads
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv, 0) for t in (k, v))
+        groups, inverse = packed.plan
+        outs = []
+        for n, idx in groups:  # sequences of equal length attend in one batched causal call
+            qs, ks, vs = (t.view(t.shape[0], -1, n, t.shape[-1]).transpose(0, 1) if idx is None else
+                          t[:, idx].transpose(0, 1) for t in (q, k, v))  # [n_seq, H, n, hd]
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+            outs.append(o.transpose(1, 2).reshape(-1, *o.shape[1:2], o.shape[-1]))  # [n_seq * n, H, hd]
+        return outs[0] if inverse is None else torch.cat(outs)[inverse]
 
 
 class DecoderLayer(nn.Module):
@@ -617,7 +647,7 @@ class VidEmo(nn.Module):
     def forward(self, input_ids, attention_mask=None, pixel_values_videos=None, video_grid_thw=None,
                 second_per_grid_ts=None, pixel_values=None, image_grid_thw=None, video_embeds=None,
                 video_keep_mask=None, return_hidden=False, labels=None, temperature=1.0, return_entropy=False,
-                logprobs_backend="auto"):
+                logprobs_backend="auto", packed=True):
         """-> logits [B, L, V] (or final hidden states [B, L, D] with return_hidden). With video_keep_mask the
         sequence is compacted to [B, L', ...] (see keep_index).
 
@@ -625,10 +655,16 @@ class VidEmo(nn.Module):
         softmax(logits / temperature) at the position before it, through kernels.logprobs.token_logprobs (only
         the scored positions reach the LM head, never as an [N, V] tensor). -> logp [n] fp32 in row-major order
         of the scored labels (and entropy [n] with return_entropy). Compaction by the keep-mask is applied to
-        the labels too; a label on a dropped video token is an error."""
+        the labels too; a label on a dropped video token is an error. With labels and padding, `packed` (default)
+        lays the rows' real tokens end to end and attends within each (Packed): no layer computes a padding token;
+        the same log-probs as the padded batch. A row's first real token has no position before it in its row, so
+        a label there is not scored (the padded batch would score it from a padding position)."""
         x, pos, real, _, index = self._prepare(input_ids, attention_mask, pixel_values_videos, video_grid_thw,
                                                second_per_grid_ts, pixel_values, image_grid_thw, video_embeds,
                                                video_keep_mask, return_index=True)
+        if labels is not None and real is not None and packed:
+            return self._packed_logprobs(x, pos, real, labels if index is None else labels.gather(1, index),
+                                         labels, temperature, return_entropy, logprobs_backend)
         cos, sin = self.mrope(pos, x.dtype)
         h = self.norm(self._layers(x, cos, sin, self._prefill_mask(real)))  # [B, L', D]
         if labels is None:
@@ -641,6 +677,22 @@ class VidEmo(nn.Module):
         sel = targets != -100
         return token_logprobs(h[:, :-1][sel], self.lm_head.weight, targets[sel], temperature=temperature,
                               return_entropy=return_entropy, backend=logprobs_backend)
+
+    def _packed_logprobs(self, x, pos, real, labels, given, temperature, return_entropy, backend):
+        """forward's labels path on the real tokens only. x [B, L, D], pos [3, B, L], real [B, L] (each row's real
+        tokens contiguous: left / right padding, or keep_index's compaction), labels [B, L] lined up with x."""
+        if int((given != -100).sum()) != int((labels != -100).sum()):
+            raise ValueError("labels fall on video tokens that the keep-mask drops")
+        flat = real.flatten().nonzero()[:, 0]  # [N] real positions, row-major
+        lengths = real.sum(1)  # [B]
+        h = self.norm(self._layers(x.flatten(0, 1)[flat][None], *self.mrope(pos.flatten(1, 2)[:, flat][:, None],
+                                                                            x.dtype), Packed(lengths)))[0]  # [N, D]
+        targets = labels.flatten()[flat][1:].clone()  # [N-1]: token j predicts label j+1 ...
+        ends = (lengths.cumsum(0) - 1)[:-1]
+        targets[ends[ends >= 0]] = -100  # ... within its own row (a row's last token never predicts the next's first)
+        sel = targets != -100
+        return token_logprobs(h[:-1][sel], self.lm_head.weight, targets[sel], temperature=temperature,
+                              return_entropy=return_entropy, backend=backend)
 
     # --- generation -----------------------------------------------------------
 

@@ -337,13 +337,7 @@ def main():
         """rank 0: the HF checkpoint (merged LoRA by default) + everything an exact resume needs."""
         state = {"step": done, "optimizer": osd, "rng": common.rng_state(), "data_pos": pos, "world_size": world,
                  "config": config}
-        if lora_rank:
-            state["adapters"] = lora.adapter_state(policy)  # the base comes from init_from again
-            write = lora.checkpoint_writer(policy, lora_save, weights_dtype, init_dir, lora_targets)
-        else:
-            if weights_dtype != torch.float32:  # the fp32 master weights, so that a resume is exact
-                state["master_weights"] = msd
-            write = lambda d: policy.save_pretrained(d, dtype=weights_dtype, state_dict=msd)  # noqa: E731
+        write = lora.checkpoint_writer(policy, state, msd, weights_dtype, lora_save, init_dir, lora_targets)
         common.save_checkpoint(ckpt_path, write, tokenizer, state)
 
     # ---- held-out curve: greedy scores of the RL tasks on the val split (rank 0 evaluates, the others wait)

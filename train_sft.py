@@ -150,13 +150,7 @@ def save(path, model, optimizer, tokenizer, step, sampler, master, config, weigh
         consumed = step * grad_accum % len(sampler)
         state = {"step": step, "optimizer": osd, "sampler": sampler.state_dict(step=consumed),
                  "rng": common.rng_state(), "config": config}
-        if lora_rank:
-            state["adapters"] = lora.adapter_state(model)  # a resume rebuilds the base from init_from
-            write = lora.checkpoint_writer(model, lora_save, weights_dtype, base, lora_targets)
-        else:
-            if weights_dtype != torch.float32:  # the fp32 master weights, so that a resume is exact
-                state["master_weights"] = msd
-            write = lambda d: model.save_pretrained(d, dtype=weights_dtype, state_dict=msd)  # noqa: E731
+        write = lora.checkpoint_writer(model, state, msd, weights_dtype, lora_save, base, lora_targets)
         common.save_checkpoint(path, write, tokenizer, state)
     common.barrier()
 

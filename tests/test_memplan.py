@@ -2,6 +2,7 @@
 part of the plan within 20 % of a measurement on CPU (fp32) at small widths: states after a real AdamW step, the saved
 tensors of a real forward (with and without checkpointing), a real generate's KV cache, the scorer's peak."""
 import json
+import os
 
 import pytest
 import torch
@@ -75,3 +76,39 @@ CASES = [  # config, workload: GQA + untied + window attention with uneven windo
 def test_plan_within_20_percent_of_measurement(config, w):
     for part, planned, measured in MP.check(config, w, seed=1):
         assert measured > 0 and abs(planned - measured) <= 0.2 * measured, (part, planned, measured)
+
+
+def test_readme_recipe_plans_match_their_config_files():
+    """bench.py's RECIPES (the README's memory table) describe their config/ files: frames, batch, G, completion
+    length, beta, LoRA rank, FSDP2 and the world size in the file's torchrun line."""
+    import importlib.util
+    import re
+
+    import common
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def fresh(script):
+        spec = importlib.util.spec_from_file_location(f"fresh_{script}_memplan", os.path.join(root, f"{script}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    bench = fresh("bench")
+    assert len(bench.RECIPES) == 10
+    for label, file, shape, recipe, work in bench.RECIPES:
+        path = os.path.join(root, "config", file)
+        cfg = common.configure(vars(fresh("train_sft" if file.startswith("sft_") else "train_rl")), [path])
+        method, parallel, world = recipe[:3]
+        m = re.search(r"--nproc_per_node=(\d+)", open(path).read())
+        assert (int(m.group(1)) if m else 1) == world, file
+        assert cfg["fsdp"] == (parallel == "fsdp2") and (cfg["lora_rank"] > 0) == (method == "lora"), file
+        if method == "lora":
+            assert cfg["lora_rank"] == recipe[3], file
+        assert cfg["max_frames"] == work["frames"] and cfg["max_pixels"] == 128 * 28 * 28, file
+        assert shape.split("-")[-1].upper() in label and cfg["grad_checkpointing"], file
+        if work["stage"] == "sft":
+            assert cfg["batch_size"] == work["batch"], file
+        else:
+            assert cfg["num_generations"] == work["G"] and cfg["max_completion_length"] == work["completion"], file
+            assert cfg["prompts_per_step"] // (world * cfg["grad_accum"]) == work["prompts"], file
+            assert cfg["beta"] == work.get("beta", 0.04), file
