@@ -593,8 +593,8 @@ def bench_memory(cfg):
         cases = [("hidden 256, GQA 4/2, untied, 112px", scratch_config(2048, ids, n_embd=256, n_inner=688, n_head=4,
                                                                          n_kv_head=2, tie_embeddings=False),
                   MP.Workload("sft", frames=2, height=112, width=112, text=400, completion=100, batch=4)),
-                 ("hidden 256, MHA, tied, padded, 84x112px", scratch_config(2048, ids, n_embd=256, n_inner=512,
-                                                                             n_head=4, n_kv_head=4),
+                 ("4 layers x 256, MHA, tied, padded, 84x112px", scratch_config(2048, ids, n_layer=4, n_embd=256,
+                                                                             n_inner=512, n_head=4, n_kv_head=4),
                   MP.Workload("sft", frames=4, height=84, width=112, text=300, completion=64, batch=3, padded=True))]
         for label, config, w in cases:
             print(f"\nmemory check (CPU fp32, measured vs plan): {label}, batch {w.batch}")

@@ -174,6 +174,9 @@ def shard_model(model, bf16):
     in bf16 over fp32 shards, gradients reduced in fp32. The methods the trainers call outside forward run inside the
     root's hooks, so the root (not the tower) is the unit FSDP initialises first."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        raise ConfigError("config key 'fsdp': FSDP2 needs a process group; launch with torchrun (one GPU too: "
+                          "torchrun --standalone --nproc_per_node=1 ...)")
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
     fully_shard(model.visual, mp_policy=mp)

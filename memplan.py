@@ -180,20 +180,22 @@ def _seq(config, w):
 # converts the bool mask to a bf16 bias per layer. These CUDA figures are derived, not measured (no GPU here).
 
 
-def _decoder_layer(ts, N, rows, L, masked, cuda):
+def _decoder_layer(ts, N, rows, L, masked, cuda, packed=False):
     D, I = ts["hidden_size"], ts["intermediate_size"]
     H, kv = ts["num_attention_heads"], ts["num_key_value_heads"]
     kvd = D // H * kv
     if not cuda:
         b = 4 * (3 * N * D + N) * 2  # two norms
-        b += 4 * (2 * N * D + 2 * N * kvd + N * H)  # SDPA: q, out, k, v, lse
+        # SDPA: q, out, k, v, lse. Packed rows of several lengths (CPU: one SDPA call per length) repeat GQA's k, v
+        # to all heads, and o_proj saves the outputs put back in order (a copy, not a view of SDPA's output)
+        b += 4 * (2 * N * D + 2 * N * (D if packed and kv != H else kvd) + N * H) + (4 * N * D if packed else 0)
         b += 4 * 4 * N * I  # SwiGLU
         b += 4 * rows * L * L if masked else 0  # SDPA's float copy of the bool mask
         return b
     b = (4 * 2 * N * D + 4 * N) * 2  # two norms: fp32 x, x_hat, rstd
     b += 2 * N * D * (3 + 2)  # bf16 input casts: q, k, v and gate, up
     b += 2 * N * D * 2 + 4 * N * H  # SDPA: q, out bf16, lse fp32
-    b += 2 * 2 * N * (D if masked and kv != H else kvd)  # k, v bf16 (repeated to all heads when masked GQA)
+    b += 2 * 2 * N * (D if masked and kv != H else kvd)  # k, v bf16 (flash-attn's varlen kernel takes GQA as is)
     b += 2 * rows * L * L if masked else 0  # the bias SDPA makes of the bool mask
     b += 2 * 4 * N * I  # SwiGLU, bf16
     return b
@@ -226,11 +228,12 @@ def activations(model, w, cuda=True, ckpt=False, vision_grad=True, lora=None, re
     input (+ with `recompute` one block's full set, alive while it is recomputed in backward). lora: (rank, number of
     adapted decoder linears) adds each adapter's [N, r] intermediate; vision_grad False: the tower builds no graph."""
     ts, vs, config = model.ts, model.vs, model.config
-    rows, L, patches, scored, masked = _seq(config, w)
+    rows, L, patches, scored, packed = _seq(config, w)
+    masked = False  # labelled passes run packed (model.Packed): a padded batch builds no attention mask
     N = rows * L
     D, hd = ts["hidden_size"], ts["hidden_size"] // ts["num_attention_heads"]
     act = 2 if cuda else 4  # bytes of an activation element (bf16 / fp32)
-    layer = _decoder_layer(ts, N, rows, L, masked, cuda)
+    layer = _decoder_layer(ts, N, rows, L, masked, cuda, packed)
     nl = ts["num_hidden_layers"]
     # around the layers: ids (int64) for the embedding backward, masked_scatter's mask, M-RoPE cos/sin fp32
     # [rows, 1, L, hd] (shared by all layers), the final norm (x, x_hat, rstd: fp32), the scorer's inputs: the

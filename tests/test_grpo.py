@@ -619,7 +619,8 @@ def test_e2e_fsdp_two_ranks_equal_one_process(emosynth_tiny, straight_run, tmp_p
     starts from identical weights: same rollouts, losses and grad norms within 1e-5. (Later steps are not compared:
     FSDP's reduce-scatter rounds the gradient sum differently from one process at 1e-7, and Adam's first steps move
     every element by ~lr * sign(g), so mathematically-zero gradients such as the key biases' flip sign on noise.)
-    mu = 1 also evaluates greedily at the end on the gathered weights: the same predictions as one process. mu = 2
+    mu = 1 also checkpoints every block of the policy pass, and evaluates greedily at the end on the gathered
+    weights: the same predictions as one process. mu = 2
     also stops after step 1 and resumes under FSDP: the same step 2 as the uninterrupted FSDP run."""
     build, init = emosynth_tiny
     kw = dict(RUN_KW, num_iterations=mu)
@@ -628,7 +629,7 @@ def test_e2e_fsdp_two_ranks_equal_one_process(emosynth_tiny, straight_run, tmp_p
         one, _ = run_rl(tmp_path, _args(build, init, tmp_path / "one", **kw), reward="vowel")
     else:
         one = straight_run[0]
-    fsdp_kw = dict(kw, grad_accum=1, fsdp=True)
+    fsdp_kw = dict(kw, grad_accum=1, fsdp=True, grad_checkpointing=mu == 1)  # checkpointing changes no number
     sharded, _ = run_rl(tmp_path, _args(build, init, tmp_path / "fsdp", **fsdp_kw), reward="vowel", nproc=2)
     assert [r["step"] for r in sharded] == [1, 2]
     for k in COMPARE:

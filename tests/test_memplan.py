@@ -67,7 +67,7 @@ def test_fsdp2_shards_the_states_and_lora_trains_only_adapters():
 CASES = [  # config, workload: GQA + untied + window attention with uneven windows (84 px), MHA + tied, padding
     (small(tied=False, window=True, num_key_value_heads=2),
      MP.Workload("sft", frames=2, height=84, width=112, text=300, completion=80, batch=3)),
-    (small(tied=True, num_key_value_heads=4),
+    (small(tied=True, num_key_value_heads=4, num_hidden_layers=4),
      MP.Workload("sft", frames=4, height=112, width=112, text=400, completion=64, batch=4, padded=True)),
 ]
 
