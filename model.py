@@ -728,25 +728,29 @@ class VidEmo(nn.Module):
     def generate(self, input_ids, attention_mask=None, pixel_values_videos=None, video_grid_thw=None,
                  second_per_grid_ts=None, pixel_values=None, image_grid_thw=None, video_embeds=None,
                  video_keep_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, eos_token_id=None,
-                 pad_token_id=None, num_return_sequences=1, return_logprobs=False, generator=None):
+                 pad_token_id=None, num_return_sequences=1, return_logprobs=False, generator=None, compact_every=8):
         """Batched generation with a static KV cache. Prompts may be left or right padded (they are compacted to
         left padding). The vision tower and the prefill run once per prompt; their keys/values are copied to the
         num_return_sequences completions (rows b*n .. b*n+n-1 belong to prompt b). Decode positions continue from
         each prompt's max M-RoPE position + 1, as transformers does. temperature 0 = greedy.
         -> (new tokens [B*n, T] long, pad_token_id after EOS; log-probs [B*n, T] float (0 after EOS) or None).
         Log-probs are log_softmax(logits / temperature) at the chosen token, from the unfiltered distribution
-        (top-k/top-p only decide what is sampled), like TRL: they match a teacher-forced forward."""
+        (top-k/top-p only decide what is sampled), like TRL: they match a teacher-forced forward.
+        Every `compact_every` steps (0 = never) the rows that have finished leave the decode batch (their cache rows
+        too), and only then does the loop look at the device (no host sync per token): late steps do not compute
+        for dead rows. Greedy output is unchanged; sampled rows draw from the same distributions, in a different
+        order of random numbers."""
         with torch.inference_mode():  # cheaper per op than no_grad; the outputs are cloned back to normal tensors
             tokens, logps = self._generate(input_ids, attention_mask, pixel_values_videos, video_grid_thw,
                                            second_per_grid_ts, pixel_values, image_grid_thw, video_embeds,
                                            video_keep_mask, max_new_tokens, temperature, top_p, top_k,
                                            eos_token_id, pad_token_id, num_return_sequences, return_logprobs,
-                                           generator)
+                                           generator, compact_every)
         return tokens.clone(), (logps.clone() if logps is not None else None)
 
     def _generate(self, input_ids, attention_mask, pixel_values_videos, video_grid_thw, second_per_grid_ts,
                   pixel_values, image_grid_thw, video_embeds, video_keep_mask, max_new_tokens, temperature, top_p,
-                  top_k, eos_token_id, pad_token_id, num_return_sequences, return_logprobs, generator):
+                  top_k, eos_token_id, pad_token_id, num_return_sequences, return_logprobs, generator, compact_every):
         n = num_return_sequences
         eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
                               device=input_ids.device).flatten()
@@ -777,20 +781,31 @@ class VidEmo(nn.Module):
         rows = next_pos.repeat_interleave(n) - base  # [B*n]
         tokens = torch.full((B * n, max_new_tokens), pad_token_id, dtype=torch.long, device=x.device)
         logps = torch.zeros(B * n, max_new_tokens, device=x.device) if return_logprobs else None
-        done = torch.zeros(B * n, dtype=torch.bool, device=x.device)
+        done = torch.zeros(B * n, dtype=torch.bool, device=x.device)  # of the rows still in the batch
+        alive = torch.arange(B * n, device=x.device)  # [b] which output row each decode row is
+        last = torch.full((B * n,), max_new_tokens - 1, device=x.device)  # the step of each row's stop token
         T = 0
         for t in range(max_new_tokens):
             tok, lp = self._sample(logits, temperature, top_k, top_p, generator, return_logprobs)
             if eos.numel():
                 tok = tok.masked_fill(done, pad_token_id)
-            tokens[:, t] = tok
+            tokens[alive, t] = tok
             if return_logprobs:
-                logps[:, t] = lp.masked_fill(done, 0.0)
+                logps[alive, t] = lp.masked_fill(done, 0.0)
             T = t + 1
             if eos.numel():
-                done |= torch.isin(tok, eos)
-                if bool(done.all()):
-                    break
+                stop = torch.isin(tok, eos) & ~done
+                last[alive] = torch.where(stop, t, last[alive])
+                done |= stop
+                if compact_every <= 0 or (t + 1) % compact_every == 0 or t == max_new_tokens - 1:
+                    live = (~done).nonzero()[:, 0]  # the one host sync, every compact_every steps
+                    if live.numel() == 0:
+                        break
+                    if compact_every > 0 and live.numel() < done.numel():  # finished rows leave the batch
+                        alive, done, rows, tok = alive[live], done[live], rows[live], tok[live]
+                        cache.k = [k[live] for k in cache.k]
+                        cache.v = [v[live] for v in cache.v]
+                        key_bias = None if key_bias is None else key_bias[live]
             if t == max_new_tokens - 1:
                 break
             mask = None if key_bias is None else key_bias[..., :cache.len + 1]
@@ -798,6 +813,8 @@ class VidEmo(nn.Module):
             h = self._layers(self.embed_tokens(tok)[:, None], tcos[r][:, None, None], tsin[r][:, None, None],
                              mask, cache)
             logits = self.lm_head(self.norm(h[:, 0]))
+        if eos.numel():  # the batch ends with its last row to stop (a compaction step may come later)
+            T = min(T, int(last.max()) + 1)
         return tokens[:, :T], (logps[:, :T] if return_logprobs else None)
 
     # --- checkpoints ----------------------------------------------------------

@@ -1,0 +1,57 @@
+"""Decode with finished rows leaving the batch (generate's compact_every): greedy output identical to never
+compacting, and sampled tokens drawn from the right distributions (the log-probs generate reports equal a
+teacher-forced forward over what it sampled, row by row, after rows have left)."""
+import pytest
+import torch
+
+from model import VidEmo
+from tiny import PAD, fake_video_inputs, tiny_config
+
+EOS = list(range(0, 500, 7))  # many stop tokens: rows of a random model end at different steps
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return VidEmo(tiny_config(tied=False, window=True, initializer_range=0.2)).eval()
+
+
+@pytest.mark.parametrize("every", [1, 3, 8])
+def test_greedy_identical_with_compaction(every):
+    model = _model()
+    inp = fake_video_inputs([(2, 8, 8), (2, 6, 6), (2, 4, 8)], side="left", seed=1)
+    ids = inp.pop("input_ids")
+    kw = dict(max_new_tokens=24, temperature=0.0, eos_token_id=EOS, pad_token_id=PAD, num_return_sequences=2,
+              return_logprobs=True, **inp)
+    want, lp_want = model.generate(ids, compact_every=0, **kw)
+    got, lp_got = model.generate(ids, compact_every=every, **kw)
+    ends = [(r == PAD).nonzero()[0, 0].item() if (r == PAD).any() else r.numel() for r in want]
+    assert len(set(ends)) > 2  # rows do finish at different steps
+    assert torch.equal(got, want)
+    torch.testing.assert_close(lp_got, lp_want, rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_logprobs_match_teacher_forcing_after_compaction():
+    model = _model(1)
+    inp = fake_video_inputs([(2, 8, 8), (2, 6, 6)], side="left", seed=2)
+    ids = inp.pop("input_ids")
+    g = torch.Generator().manual_seed(0)
+    toks, lps = model.generate(ids, max_new_tokens=20, temperature=0.8, eos_token_id=EOS, pad_token_id=PAD,
+                               num_return_sequences=4, return_logprobs=True, generator=g, compact_every=2, **inp)
+    valid = torch.zeros_like(toks, dtype=torch.bool)  # up to and including each row's first stop token
+    for i, row in enumerate(toks):
+        stop = [j for j, t in enumerate(row.tolist()) if t in EOS]
+        valid[i, :(stop[0] + 1 if stop else row.numel())] = True
+    assert valid.sum(1).unique().numel() > 2
+    rep = lambda t: t.repeat_interleave(4, 0)  # noqa: E731
+    full_ids = torch.cat([rep(ids), toks], 1)
+    attn = torch.cat([rep(inp["attention_mask"]), valid.long()], 1)
+    labels = torch.cat([torch.full_like(rep(ids), -100), toks.masked_fill(~valid, -100)], 1)
+    n_vid = model.vision_token_counts(inp["video_grid_thw"])
+    with torch.no_grad():
+        emb = model.encode_video(inp["pixel_values_videos"], inp["video_grid_thw"])
+        per = list(emb.split(n_vid.tolist()))
+        emb_rows = torch.cat([p for p in per for _ in range(4)])
+        grid = rep(inp["video_grid_thw"])
+        tf = model(full_ids, attention_mask=attn, video_embeds=emb_rows, video_grid_thw=grid,
+                   second_per_grid_ts=rep(inp["second_per_grid_ts"]), labels=labels, temperature=0.8)
+    torch.testing.assert_close(lps[valid], tf, rtol=1e-4, atol=1e-4)
