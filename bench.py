@@ -11,7 +11,6 @@ the test suite run every section at toy sizes on CPU.
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -227,22 +226,6 @@ def kernel_memory(cfg):
                       "inputs": h.nbytes + w.nbytes, "grads": gh.nbytes + gw.nbytes}))
 
 
-def _cuda_ms(fn, repeats):
-    """Median milliseconds of fn over CUDA events (after warm-up, which also runs Triton autotuning)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def _cuda_peak(fn):
     """Peak bytes allocated by fn above what was allocated before it, minus what it returns (the gradients)."""
     torch.cuda.synchronize()
@@ -303,10 +286,10 @@ def bench_kernels(cfg):
     dev, bf16, reps = "cuda", torch.bfloat16, max(cfg["repeats"], 10)
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() / (_cuda_ms(lambda: dst.copy_(src), reps) / 1e3)  # bytes read + written per second
+    copy_bw = 2 * src.numel() / (common.cuda_ms(lambda: dst.copy_(src), reps) / 1e3)  # bytes read + written per second
     del src, dst
     a = torch.randn(8192, 8192, device=dev, dtype=bf16)
-    mm_rate = 2 * 8192 ** 3 / (_cuda_ms(lambda: a @ a, reps) / 1e3)
+    mm_rate = 2 * 8192 ** 3 / (common.cuda_ms(lambda: a @ a, reps) / 1e3)
     del a
     print(f"  GPU {torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s (read+write), "
           f"bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s (8192^3)")
@@ -321,8 +304,8 @@ def bench_kernels(cfg):
     with torch.no_grad():
         logits = h @ w.T
         floor = logits.nbytes / copy_bw * 1e3
-        ours = _cuda_ms(lambda: logits_logprobs(logits, t, return_entropy=True), reps)
-        ref = _cuda_ms(lambda: naive_logits_logprobs(logits, t, 1.0, True), reps)
+        ours = common.cuda_ms(lambda: logits_logprobs(logits, t, return_entropy=True), reps)
+        ref = common.cuda_ms(lambda: naive_logits_logprobs(logits, t, 1.0, True), reps)
         del logits
     print(f"  logits_logprobs fwd (logp+entropy) [{N}, {V}] bf16: {ours:.2f} ms ({ours / floor:.2f}x floor "
           f"{floor:.2f} ms); torch log_softmax+gather+entropy {ref:.2f} ms -> {ref / ours:.1f}x faster (goal >= 10x)")
@@ -331,9 +314,9 @@ def bench_kernels(cfg):
     # token_logprobs forward vs the bare GEMM
     with torch.no_grad():
         floor = flops / mm_rate * 1e3
-        bare = _cuda_ms(lambda: h @ w.T, reps)
-        ours = _cuda_ms(lambda: token_logprobs(h, w, t), reps)
-        ours_e = _cuda_ms(lambda: token_logprobs(h, w, t, return_entropy=True), reps)
+        bare = common.cuda_ms(lambda: h @ w.T, reps)
+        ours = common.cuda_ms(lambda: token_logprobs(h, w, t), reps)
+        ours_e = common.cuda_ms(lambda: token_logprobs(h, w, t, return_entropy=True), reps)
     print(f"  token_logprobs fwd: {ours:.2f} ms (+entropy {ours_e:.2f}) vs bare h @ W.T {bare:.2f} ms -> "
           f"{ours / bare:.3f}x (goal <= 1.15); floor {floor:.2f} ms, ours {ours / floor:.2f}x floor")
     res.update(token_fwd_ms=ours, token_fwd_entropy_ms=ours_e, bare_gemm_ms=bare, gemm_floor_ms=floor)
@@ -355,7 +338,7 @@ def bench_kernels(cfg):
     floor = 3 * flops / mm_rate * 1e3
     print(f"  fwd+bwd of -mean(logp), floor 3 GEMMs {floor:.1f} ms:")
     for name, fn in methods:
-        ms = _cuda_ms(fn, reps)
+        ms = common.cuda_ms(fn, reps)
         peak = _cuda_peak(fn)
         print(f"    {name:16s}{ms:9.1f} ms ({ms / floor:.2f}x floor){peak / 2**30:9.2f} GiB added")
         res[f"fwd_bwd_{name}"] = (ms, peak)
@@ -365,8 +348,8 @@ def bench_kernels(cfg):
     T, S = 32, 1024
     x = torch.randn(T, S, D, device=dev, dtype=bf16)
     x[1::2] = x[::2] + 0.1 * torch.randn_like(x[::2])
-    thr = _cuda_ms(lambda: prune_video_tokens(x, threshold=0.9), reps)
-    rate = _cuda_ms(lambda: prune_video_tokens(x, rate=0.5), reps)
+    thr = common.cuda_ms(lambda: prune_video_tokens(x, threshold=0.9), reps)
+    rate = common.cuda_ms(lambda: prune_video_tokens(x, rate=0.5), reps)
     bw = x.nbytes / (thr / 1e3)
     print(f"  prune_video_tokens [{T}, {S}, {D}] bf16 ({x.nbytes / 2**20:.0f} MiB): threshold {thr:.3f} ms = "
           f"{bw / 1e12:.2f} TB/s read = {bw / copy_bw:.0%} of copy bandwidth (goal >= 60%); rate {rate:.3f} ms")

@@ -365,6 +365,26 @@ def _fsync_dir(d):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# GPU timing (bench.py, gpu_check.py)
+
+
+def cuda_ms(fn, repeats=10):
+    """Median milliseconds of fn over CUDA events, after 3 warm-up calls (which also run Triton's autotuning)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # logging
 
 

@@ -21,7 +21,6 @@ import gc
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,21 +91,6 @@ def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def cuda_ms(fn, repeats=10):
-    for _ in range(3):  # warm-up, also Triton's autotuning
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def run_sub(cmd, timeout, env=None):
     """A subprocess from the repository root: (return code, seconds, output tail)."""
     t0 = time.time()
@@ -158,8 +142,8 @@ def check_kernels(cfg, dev):
         if not dry:
             h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
             for backend in ("triton", "torch"):
-                row[backend]["fwd_ms"] = cuda_ms(lambda: token_logprobs(h, w, t, tau, backend=backend))
-                row[backend]["fwd_bwd_ms"] = cuda_ms(
+                row[backend]["fwd_ms"] = common.cuda_ms(lambda: token_logprobs(h, w, t, tau, backend=backend))
+                row[backend]["fwd_bwd_ms"] = common.cuda_ms(
                     lambda: torch.autograd.grad(token_logprobs(h, w, t, tau, backend=backend).sum(), [h, w]))
         # logits_logprobs: the same scoring from materialised logits
         x = logits64.detach().to(dtype).requires_grad_()
@@ -197,8 +181,8 @@ def check_kernels(cfg, dev):
                                                                       if k.startswith("mask_equal_float32"))
     if not dry:
         xd = x.to(dev)
-        comp["prune_rate_ms_triton"] = cuda_ms(lambda: prune_video_tokens(xd, rate=0.5, backend="triton"))
-        comp["prune_rate_ms_torch"] = cuda_ms(lambda: prune_video_tokens(xd, rate=0.5, backend="torch"))
+        comp["prune_rate_ms_triton"] = common.cuda_ms(lambda: prune_video_tokens(xd, rate=0.5, backend="triton"))
+        comp["prune_rate_ms_torch"] = common.cuda_ms(lambda: prune_video_tokens(xd, rate=0.5, backend="torch"))
     res["token_compress"] = comp
     res["ok"] = ok and comp["ok"]
     return res
@@ -264,8 +248,8 @@ def check_flash_attn(cfg, dev):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y_flash = tower(px, grid).float()
             y_sdpa = sdpa(lambda: tower(px, grid).float())
-            ms_flash = cuda_ms(lambda: tower(px, grid))
-            ms_sdpa = sdpa(lambda: cuda_ms(lambda: tower(px, grid)))
+            ms_flash = common.cuda_ms(lambda: tower(px, grid))
+            ms_sdpa = sdpa(lambda: common.cuda_ms(lambda: tower(px, grid)))
     res = {"patches": int(px.shape[0]), "flash_vs_sdpa_rel": rel(y_flash, y_sdpa), "flash_vs_fp32_rel": rel(y_flash, ref),
            "sdpa_vs_fp32_rel": rel(y_sdpa, ref), "tower_ms_flash_bf16": ms_flash, "tower_ms_sdpa_bf16": ms_sdpa}
     res["ok"] = res["flash_vs_sdpa_rel"] <= 2e-2 and res["flash_vs_fp32_rel"] <= 2 * res["sdpa_vs_fp32_rel"] + 1e-2
