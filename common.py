@@ -7,6 +7,7 @@ Every script keeps its defaults as module-level globals at its top and calls `co
 """
 import ast
 import contextlib
+import gc
 import json
 import math
 import os
@@ -46,6 +47,10 @@ def run(main):
     except (InputError, ConfigError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    # free the DDP / FSDP modules (reference cycles) while the interpreter is whole: the process group they hold must
+    # not be torn down during interpreter shutdown, where gloo's worker threads can abort the process
+    gc.collect()
+    cleanup_distributed()
 
 
 def first_line(e):
