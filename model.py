@@ -337,12 +337,20 @@ class VisionTower(nn.Module):
 
 class KVCache:
     """Preallocated per-layer key/value buffers [B, kv_heads, max_len, hd]. The prefill may run on B/expand rows
-    (one per prompt); its keys/values are copied to the `expand` rows of each prompt's completions."""
+    (one per prompt); its keys/values are copied to the `expand` rows of each prompt's completions.
 
-    def __init__(self, n_layer, batch, n_kv, max_len, hd, dtype, device, expand=1):
+    Decode is eager (keys sliced to the length so far, `bias` the additive key mask [B, 1, 1, max_len] or None) or,
+    with static=True, fixed-shape: a step writes its key at position `at` (a device tensor) with index_copy_ and
+    attends over the whole buffer, `bias` hiding the positions not written yet; rows that leave the batch are
+    compacted into the front of the same buffers (`b` rows in use). No shape, address or host value changes from
+    step to step, so a step can be captured as a CUDA graph."""
+
+    def __init__(self, n_layer, batch, n_kv, max_len, hd, dtype, device, expand=1, static=False):
         self.k = [torch.empty(batch, n_kv, max_len, hd, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.empty(batch, n_kv, max_len, hd, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.expand, self.len = expand, 0
+        self.expand, self.len, self.static, self.b = expand, 0, static, batch
+        self.bias = None  # [B, 1, 1, max_len] additive key mask (0 = visible, -inf = not), or None: all visible
+        self.at = torch.zeros(1, dtype=torch.long, device=device)  # static: the position the next step writes
 
     def update(self, i, k, v):  # k, v [b, n_kv, T, hd] -> keys/values to attend over
         T, s = k.shape[2], self.len
@@ -354,9 +362,65 @@ class KVCache:
                 self.k[i][:, :, :T] = k
                 self.v[i][:, :, :T] = v
             return k, v
+        if self.static:
+            kb, vb = self.k[i][:self.b], self.v[i][:self.b]
+            kb.index_copy_(2, self.at, k)
+            vb.index_copy_(2, self.at, v)
+            return kb, vb
         self.k[i][:, :, s:s + T] = k
         self.v[i][:, :, s:s + T] = v
         return self.k[i][:, :, :s + T], self.v[i][:, :, :s + T]
+
+    def step_mask(self):
+        """The key mask of the next decode step ([b, 1, 1, S] additive, or None when every key is visible)."""
+        if self.static:
+            m = self.bias[:self.b]
+            m.index_fill_(3, self.at, 0.0)  # the step's own position becomes visible
+            return m
+        return None if self.bias is None else self.bias[..., :self.len + 1]
+
+    def keep(self, index):
+        """Only rows `index` [b'] of the batch stay, in that order."""
+        if self.static:  # in place, into the front of the same buffers: captured graphs keep their addresses
+            for buf in self.k + self.v + [self.bias]:
+                buf[:index.numel()] = buf[index]
+            self.b = index.numel()
+        else:
+            self.k = [k[index] for k in self.k]
+            self.v = [v[index] for v in self.v]
+            self.bias = None if self.bias is None else self.bias[index]
+
+
+class DecodeGraphs:
+    """A decode step replayed from CUDA graphs, one per batch size, each captured the first time that size comes up
+    (compaction keeps sizes to a few buckets). `step(tok, r)` must touch only tensors whose addresses stay fixed:
+    the static KVCache, its mask and position, and the input buffers here. Its warm-up run is harmless: a step
+    rewrites the same cache slot with the same values."""
+
+    def __init__(self, step, batch, device):
+        self.step, self.graphs, self.pool = step, {}, None
+        self.tok = torch.zeros(batch, dtype=torch.long, device=device)
+        self.r = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def __call__(self, tok, r):  # tok, r [b] -> logits [b, V] (overwritten by the next call)
+        b = tok.shape[0]
+        self.tok[:b].copy_(tok)
+        self.r[:b].copy_(r)
+        if b not in self.graphs:
+            args = (self.tok[:b], self.r[:b])
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.step(*args)
+            self.pool = graph.pool()
+            self.graphs[b] = (graph, out)
+        graph, out = self.graphs[b]
+        graph.replay()
+        return out
 
 
 class Attention(nn.Module):
@@ -380,6 +444,10 @@ class Attention(nn.Module):
             return self.o_proj(self._packed(q[0], k[0], v[0], mask).reshape(1, T, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)
+            if T == 1:  # one query per row: the heads of a kv group become that group's queries, no kv repeat
+                g = self.n_head // self.n_kv
+                y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, g, self.hd), k, v, attn_mask=mask)
+                return self.o_proj(y.reshape(B, 1, -1))  # [B, Hkv, g, hd] is head order h = kv * g + j
         gqa = self.n_kv != self.n_head
         if gqa and mask is not None and x.is_cuda:  # CUDA's masked SDPA kernels lack GQA: repeat the kv heads
             k, v = (t.repeat_interleave(self.n_head // self.n_kv, 1) for t in (k, v))
@@ -728,7 +796,8 @@ class VidEmo(nn.Module):
     def generate(self, input_ids, attention_mask=None, pixel_values_videos=None, video_grid_thw=None,
                  second_per_grid_ts=None, pixel_values=None, image_grid_thw=None, video_embeds=None,
                  video_keep_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, eos_token_id=None,
-                 pad_token_id=None, num_return_sequences=1, return_logprobs=False, generator=None, compact_every=8):
+                 pad_token_id=None, num_return_sequences=1, return_logprobs=False, generator=None, compact_every=8,
+                 decode="eager"):
         """Batched generation with a static KV cache. Prompts may be left or right padded (they are compacted to
         left padding). The vision tower and the prefill run once per prompt; their keys/values are copied to the
         num_return_sequences completions (rows b*n .. b*n+n-1 belong to prompt b). Decode positions continue from
@@ -739,19 +808,42 @@ class VidEmo(nn.Module):
         Every `compact_every` steps (0 = never) the rows that have finished leave the decode batch (their cache rows
         too), and only then does the loop look at the device (no host sync per token): late steps do not compute
         for dead rows. Greedy output is unchanged; sampled rows draw from the same distributions, in a different
-        order of random numbers."""
+        order of random numbers.
+        decode: "eager" (keys sliced to the length so far), "static" (every step the same shapes and addresses:
+        the whole cache attended under a key mask; compaction to power-of-two batch sizes, in place) or "graphs"
+        (static, each step replayed from a CUDA graph: no launch overhead; CUDA only). All three give the same
+        greedy tokens."""
+        if decode not in ("eager", "static", "graphs"):
+            raise ValueError(f"decode must be eager, static or graphs, got {decode!r}")
+        if decode == "graphs" and input_ids.device.type != "cuda":
+            raise ValueError("decode='graphs' needs CUDA (use 'static' or 'eager' on CPU)")
         with torch.inference_mode():  # cheaper per op than no_grad; the outputs are cloned back to normal tensors
             tokens, logps = self._generate(input_ids, attention_mask, pixel_values_videos, video_grid_thw,
                                            second_per_grid_ts, pixel_values, image_grid_thw, video_embeds,
                                            video_keep_mask, max_new_tokens, temperature, top_p, top_k,
                                            eos_token_id, pad_token_id, num_return_sequences, return_logprobs,
-                                           generator, compact_every)
+                                           generator, compact_every, decode)
         return tokens.clone(), (logps.clone() if logps is not None else None)
+
+    def _decode_step(self, cache, tcos, tsin, tok, r):
+        """One decode step: tokens [b] at rotary rows r [b] -> logits [b, V]; writes the step's keys into cache."""
+        mask = cache.step_mask()
+        h = self._layers(self.embed_tokens(tok)[:, None], tcos[r][:, None, None], tsin[r][:, None, None], mask, cache)
+        return self.lm_head(self.norm(h[:, 0]))
+
+    @staticmethod
+    def _bucket(n, full):
+        """Static decode's batch sizes: the full batch, else the smallest power of two >= n."""
+        size = 1
+        while size < n:
+            size *= 2
+        return min(size, full)
 
     def _generate(self, input_ids, attention_mask, pixel_values_videos, video_grid_thw, second_per_grid_ts,
                   pixel_values, image_grid_thw, video_embeds, video_keep_mask, max_new_tokens, temperature, top_p,
-                  top_k, eos_token_id, pad_token_id, num_return_sequences, return_logprobs, generator, compact_every):
-        n = num_return_sequences
+                  top_k, eos_token_id, pad_token_id, num_return_sequences, return_logprobs, generator, compact_every,
+                  decode):
+        n, static = num_return_sequences, decode != "eager"
         eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
                               device=input_ids.device).flatten()
         if pad_token_id is None:
@@ -760,24 +852,31 @@ class VidEmo(nn.Module):
                                                second_per_grid_ts, pixel_values, image_grid_thw, video_embeds,
                                                video_keep_mask, padding_side="left")
         B, L, _ = x.shape
+        S = L + max_new_tokens
         dev = x.device.type  # under autocast the keys / values are bf16 whatever the (fp32 master) embedding gives
         cache_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        cache = KVCache(len(self.layers), B * n, self.ts["num_key_value_heads"], L + max_new_tokens,
-                        self.layers[0].self_attn.hd, cache_dtype, x.device, expand=n)
+        cache = KVCache(len(self.layers), B * n, self.ts["num_key_value_heads"], S, self.layers[0].self_attn.hd,
+                        cache_dtype, x.device, expand=n, static=static)
         cos, sin = self.mrope(pos, x.dtype)
         h = self._layers(x, cos, sin, self._prefill_mask(real), cache)
         logits = self.lm_head(self.norm(h[:, -1])).repeat_interleave(n, 0)  # [B*n, V]; left padded: last is real
-        key_bias = None
-        if real is not None:  # decode attends over the prompt's real tokens + everything generated; an additive
-            # float mask built once (SDPA would convert a bool mask in every layer of every step)
-            key_bias = torch.zeros(B * n, 1, 1, L + max_new_tokens, dtype=x.dtype, device=x.device)
-            key_bias[:, 0, 0, :L].masked_fill_(~real.repeat_interleave(n, 0), float("-inf"))
+        if real is not None or static:  # decode attends over the prompt's real tokens + everything generated; an
+            # additive float mask built once (SDPA would convert a bool mask in every layer of every step)
+            cache.bias = torch.zeros(B * n, 1, 1, S, dtype=x.dtype, device=x.device)
+            if real is not None:
+                cache.bias[:, 0, 0, :L].masked_fill_(~real.repeat_interleave(n, 0), float("-inf"))
+            if static:
+                cache.bias[..., L:] = float("-inf")  # each step opens its own position
+                cache.at.fill_(L)
         # decode rotary table over every position a step can reach (text tokens: same position on all three
         # axes); each step then only looks rows up
         base = int(next_pos.min())
         span = int(next_pos.max()) - base + max_new_tokens
         freq = inv_freq(self.layers[0].self_attn.hd, self.ts["rope_theta"], x.device)
         tcos, tsin = rope_tables(torch.arange(base, base + span, device=x.device).float()[:, None] * freq, x.dtype)
+        step = functools.partial(self._decode_step, cache, tcos, tsin)
+        if decode == "graphs":
+            step = DecodeGraphs(step, B * n, x.device)
         rows = next_pos.repeat_interleave(n) - base  # [B*n]
         tokens = torch.full((B * n, max_new_tokens), pad_token_id, dtype=torch.long, device=x.device)
         logps = torch.zeros(B * n, max_new_tokens, device=x.device) if return_logprobs else None
@@ -801,18 +900,17 @@ class VidEmo(nn.Module):
                     live = (~done).nonzero()[:, 0]  # the one host sync, every compact_every steps
                     if live.numel() == 0:
                         break
-                    if compact_every > 0 and live.numel() < done.numel():  # finished rows leave the batch
-                        alive, done, rows, tok = alive[live], done[live], rows[live], tok[live]
-                        cache.k = [k[live] for k in cache.k]
-                        cache.v = [v[live] for v in cache.v]
-                        key_bias = None if key_bias is None else key_bias[live]
+                    size = self._bucket(live.numel(), done.numel()) if static else live.numel()
+                    if compact_every > 0 and size < done.numel():  # finished rows leave the batch
+                        # static: a power-of-two batch, topped up with finished rows (they write only padding)
+                        keep = torch.cat([live, done.nonzero()[:size - live.numel(), 0]])
+                        alive, done, rows, tok = alive[keep], done[keep], rows[keep], tok[keep]
+                        cache.keep(keep)
             if t == max_new_tokens - 1:
                 break
-            mask = None if key_bias is None else key_bias[..., :cache.len + 1]
-            r = rows + t
-            h = self._layers(self.embed_tokens(tok)[:, None], tcos[r][:, None, None], tsin[r][:, None, None],
-                             mask, cache)
-            logits = self.lm_head(self.norm(h[:, 0]))
+            logits = step(tok, rows + t)
+            if static:
+                cache.at += 1
         if eos.numel():  # the batch ends with its last row to stop (a compaction step may come later)
             T = min(T, int(last.max()) + 1)
         return tokens[:, :T], (logps[:, :T] if return_logprobs else None)

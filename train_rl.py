@@ -53,6 +53,7 @@ top_p = 1.0
 top_k = 0
 max_completion_length = 96  # EmoSynth affective trees are <= 75 tokens
 mask_truncated_completions = False  # completions without EOS get no loss (DAPO)
+decode = "eager"  # rollout decode step: eager | static (fixed shapes) | graphs (static, CUDA graph replay; CUDA only)
 video_prune_rate = 0.0  # > 0: EVS keep-mask per prompt (kernels.token_compress), shared by every pass of the group
 # train the vision tower and merger too: the policy pass re-encodes each prompt's video with grad (once per group) so
 # the tree reward reaches perception (gender, glasses, neutral faces); False = encode once per rollout, vision frozen
@@ -154,12 +155,14 @@ def main():
         ("lora_rank", lora_rank, lora_rank >= 0, ">= 0 (0 = full fine-tuning)"),
         ("lora_alpha", lora_alpha, lora_alpha > 0, "> 0"),
         ("lora_save", lora_save, lora_save in ("merged", "adapter"), "merged or adapter"),
+        ("decode", decode, decode != "graphs" or dev.type == "cuda", "eager or static on a CPU device (graphs: CUDA)"),
         ("fsdp", fsdp, not (fsdp and lora_rank), "False with lora_rank > 0 (LoRA's trainable state is small: DDP)"),
         ("logprobs_backend", logprobs_backend, logprobs_backend in ("auto", "triton", "torch", "naive"),
          "auto, triton, torch or naive")])
     for key, value, choices in (("loss_type", loss_type, ("grpo", "bnpo", "dr_grpo", "dapo")),
                                 ("scale_rewards", scale_rewards, ("group", "batch", "none")),
-                                ("dtype", dtype, ("auto", "float32", "bfloat16"))):
+                                ("dtype", dtype, ("auto", "float32", "bfloat16")),
+                                ("decode", decode, ("eager", "static", "graphs"))):
         if value not in choices:
             raise common.ConfigError(f"config key '{key}': {value!r} is not one of {choices}")
     if G < 2:
@@ -312,7 +315,7 @@ def main():
                 ids, attention_mask=attn, video_embeds=video_embeds, video_grid_thw=grid, second_per_grid_ts=sec,
                 video_keep_mask=keep, max_new_tokens=max_completion_length, temperature=temperature, top_p=top_p,
                 top_k=top_k, eos_token_id=[eos_id, *placeholders], pad_token_id=pad_id, num_return_sequences=G,
-                return_logprobs=True, generator=gen)  # [B*G, Tc]: sample j of prompt b is row b*G + j
+                return_logprobs=True, generator=gen, decode=decode)  # [B*G, Tc]: sample j of prompt b is row b*G + j
         t_gen = time.time() - t0
         mb = grpo.group_batch(ids, attn, seqs, video_embeds, grid, sec, keep, G, policy.vision_token_counts(grid),
                               eos_id, pad_id, placeholders, mask_truncated_completions,

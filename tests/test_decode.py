@@ -1,6 +1,7 @@
-"""Decode with finished rows leaving the batch (generate's compact_every): greedy output identical to never
-compacting, and sampled tokens drawn from the right distributions (the log-probs generate reports equal a
-teacher-forced forward over what it sampled, row by row, after rows have left)."""
+"""Decode with finished rows leaving the batch (generate's compact_every), eager and static-shape (decode="static":
+the step a CUDA graph captures): greedy output identical to eager decode that never compacts, and sampled tokens
+drawn from the right distributions (the log-probs generate reports equal a teacher-forced forward over what it
+sampled, row by row, after rows have left)."""
 import pytest
 import torch
 
@@ -15,28 +16,30 @@ def _model(seed=0):
     return VidEmo(tiny_config(tied=False, window=True, initializer_range=0.2)).eval()
 
 
-@pytest.mark.parametrize("every", [1, 3, 8])
-def test_greedy_identical_with_compaction(every):
+@pytest.mark.parametrize("every,decode", [(1, "eager"), (3, "eager"), (8, "eager"), (0, "static"), (1, "static"),
+                                          (3, "static")])
+def test_greedy_identical_with_compaction(every, decode):
     model = _model()
     inp = fake_video_inputs([(2, 8, 8), (2, 6, 6), (2, 4, 8)], side="left", seed=1)
     ids = inp.pop("input_ids")
     kw = dict(max_new_tokens=24, temperature=0.0, eos_token_id=EOS, pad_token_id=PAD, num_return_sequences=2,
               return_logprobs=True, **inp)
     want, lp_want = model.generate(ids, compact_every=0, **kw)
-    got, lp_got = model.generate(ids, compact_every=every, **kw)
+    got, lp_got = model.generate(ids, compact_every=every, decode=decode, **kw)
     ends = [(r == PAD).nonzero()[0, 0].item() if (r == PAD).any() else r.numel() for r in want]
     assert len(set(ends)) > 2  # rows do finish at different steps
     assert torch.equal(got, want)
     torch.testing.assert_close(lp_got, lp_want, rtol=1e-5, atol=1e-5)
 
 
-def test_sampled_logprobs_match_teacher_forcing_after_compaction():
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_sampled_logprobs_match_teacher_forcing_after_compaction(decode):
     model = _model(1)
     inp = fake_video_inputs([(2, 8, 8), (2, 6, 6)], side="left", seed=2)
     ids = inp.pop("input_ids")
     g = torch.Generator().manual_seed(0)
     toks, lps = model.generate(ids, max_new_tokens=20, temperature=0.8, eos_token_id=EOS, pad_token_id=PAD,
-                               num_return_sequences=4, return_logprobs=True, generator=g, compact_every=2, **inp)
+                               num_return_sequences=4, return_logprobs=True, generator=g, compact_every=2, decode=decode, **inp)
     valid = torch.zeros_like(toks, dtype=torch.bool)  # up to and including each row's first stop token
     for i, row in enumerate(toks):
         stop = [j for j, t in enumerate(row.tolist()) if t in EOS]
@@ -55,3 +58,33 @@ def test_sampled_logprobs_match_teacher_forcing_after_compaction():
         tf = model(full_ids, attention_mask=attn, video_embeds=emb_rows, video_grid_thw=grid,
                    second_per_grid_ts=rep(inp["second_per_grid_ts"]), labels=labels, temperature=0.8)
     torch.testing.assert_close(lps[valid], tf, rtol=1e-4, atol=1e-4)
+
+
+def test_static_decode_shapes_stay_fixed():
+    """Every static step sees the same tensors: one cache buffer address per layer, whole-buffer shapes, and batch
+    sizes drawn from the power-of-two buckets only (what makes one CUDA graph per size possible)."""
+    model = _model(2)
+    inp = fake_video_inputs([(2, 8, 8), (2, 6, 6), (2, 4, 8)], side="left", seed=3)
+    ids = inp.pop("input_ids")
+    seen = []
+    attn = model.layers[0].self_attn
+    hook = attn.register_forward_hook(lambda m, a, o: seen.append((a[0].shape[0], a[4].k[0].data_ptr(),
+                                                                    tuple(a[4].k[0].shape), a[3].shape[-1])))
+    try:
+        toks, _ = model.generate(ids, max_new_tokens=24, eos_token_id=EOS, pad_token_id=PAD, num_return_sequences=2,
+                                 compact_every=1, decode="static", **inp)
+    finally:
+        hook.remove()
+    decode_steps = seen[1:]  # [0] is the prefill
+    assert len({ptr for _, ptr, _, _ in decode_steps}) == 1 and len({shp for _, _, shp, _ in decode_steps}) == 1
+    assert {m for _, _, _, m in decode_steps} == {ids.shape[1] + 24}  # the mask spans the whole cache
+    sizes = [b for b, _, _, _ in decode_steps]
+    assert set(sizes) <= {6, 4, 2, 1} and len(set(sizes)) > 1  # 6 rows = the full batch, then buckets
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_decode_graphs_needs_cuda():
+    model = _model()
+    inp = fake_video_inputs([(2, 4, 4)], side="left", seed=1)
+    with pytest.raises(ValueError, match="CUDA"):
+        model.generate(inp.pop("input_ids"), max_new_tokens=2, decode="graphs", **inp)

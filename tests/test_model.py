@@ -160,21 +160,22 @@ def test_dtype_and_gradient_checkpointing(pair):
 # --- generation --------------------------------------------------------------------------------------------
 
 
-def test_greedy_generate_matches_hf(pair):
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_greedy_generate_matches_hf(pair, decode):
     cfg, hf, ours, _ = pair
     inputs = fake_video_inputs([(2, 8, 8), (2, 6, 6)], side="left", seed=12)
     L = inputs["input_ids"].shape[1]
     with torch.no_grad():
         ref = hf.generate(**hf_inputs(inputs), max_new_tokens=16, do_sample=False, eos_token_id=None,
                           pad_token_id=PAD)[:, L:]
-    seq, lp = ours.generate(**inputs, max_new_tokens=16, return_logprobs=True)
+    seq, lp = ours.generate(**inputs, max_new_tokens=16, return_logprobs=True, decode=decode)
     assert torch.equal(seq, ref)
     # with an EOS that row 0 emits early: HF stops / pads the same way
     eos = int(ref[0, 3])
     with torch.no_grad():
         ref = hf.generate(**hf_inputs(inputs), max_new_tokens=16, do_sample=False, eos_token_id=eos,
                           pad_token_id=PAD)[:, L:]
-    seq, _ = ours.generate(**inputs, max_new_tokens=16, eos_token_id=eos, pad_token_id=PAD)
+    seq, _ = ours.generate(**inputs, max_new_tokens=16, eos_token_id=eos, pad_token_id=PAD, decode=decode)
     assert torch.equal(seq, ref)
 
 
