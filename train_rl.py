@@ -61,7 +61,7 @@ train_vision = True
 # GRPO
 prompts_per_step = 8  # prompts per optimizer step over all ranks (x G completions); each rank owns whole groups
 grad_accum = 2  # micro-batches per rank per step (each prompts_per_step // (world * grad_accum) prompts)
-num_iterations = 1  # mu: policy updates per rollout batch (1 = on-policy, old logps = logps.detach())
+num_iterations = 1  # mu: policy updates per rollout batch (old logps = update pass 0's, detached)
 beta = 0.04  # KL coefficient (0 = no reference model at all)
 epsilon = 0.2  # eps_low
 epsilon_high = 0.0  # eps_high; 0 = same as epsilon (DAPO uses 0.28)
@@ -399,15 +399,16 @@ def main():
             mb["adv"] = adv[offset:offset + n].to(dev)
             mb["rows"] = keep_rows[offset:offset + n].to(dev) if dynamic_sampling else None
             offset += n
-        # 3. old (mu > 1) and reference log-probs, once per rollout, same inputs as the policy pass
+        # 3. reference log-probs, once per rollout, same inputs as the policy pass (its own frozen vision tower).
+        # No separate old-policy pass for mu > 1: the first update pass runs the rollout's weights (the optimizer
+        # steps only after every micro-batch), so its detached log-probs are the old ones (ratio exactly 1 there)
         t0 = time.time()
         with torch.no_grad(), autocast:
             for mb in micro:
-                # old: the rollout's embeddings are the old policy's own; ref: its own (frozen) vision tower
-                mb["old"] = grpo.completion_logps(policy, mb, temperature, backend=logprobs_backend)[0] \
-                    if num_iterations > 1 else None
+                mb["old"] = None
                 mb["ref"] = reference_logps(mb) if beta != 0.0 else None
         t_ref = time.time() - t0
+        old_logps = [None] * len(micro)  # [n_kept, Tc] per micro-batch, from update pass 0
         # dapo normalises by the active tokens of the whole rollout batch over all ranks (DDP then averages ranks)
         counts = torch.zeros(2, device=dev)  # [loss tokens, sequences] that enter the loss
         for mb in micro:
@@ -440,10 +441,11 @@ def main():
                     policy.set_requires_gradient_sync(last)
                 with (net.no_sync() if world > 1 and not fsdp and not last else contextlib.nullcontext()), autocast:
                     logps, ent = net(sub, with_entropy=it == 0)  # [n, Tc] through the DDP-wrapped forward
-                    old = sub["old"] if num_iterations > 1 else logps.detach()  # mu = 1: ratio 1, grad of plain PG
-                    loss, st = grpo.grpo_loss(logps, old, sub["ref"], sub["adv"], sub["cmask"], beta, epsilon, eps_high,
-                                         loss_type, max_completion_length=max_completion_length,
-                                         return_stats=True, num_items=num_items)
+                    if it == 0:  # the old policy's log-probs (mu = 1: ratio 1, the gradient of plain PG)
+                        old_logps[i] = logps.detach()
+                    loss, st = grpo.grpo_loss(logps, old_logps[i], sub["ref"], sub["adv"], sub["cmask"], beta, epsilon,
+                                              eps_high, loss_type, max_completion_length=max_completion_length,
+                                              return_stats=True, num_items=num_items)
                     if loss_type != "dapo":
                         loss = loss / grad_accum  # dapo's num_items already spans the whole rollout batch
                     (loss * (0.0 if dummy else 1.0)).backward()

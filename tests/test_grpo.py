@@ -369,7 +369,8 @@ def test_completion_logps_gradient_fused_equals_plain():
 def test_reencoded_video_matches_rollout_encoding_and_subset():
     """train_vision: the policy pass re-encodes each prompt's video once and shares it with the prompt's G rows.
     Values and every gradient (vision tower included) equal encoding with grad by hand and expanding per group; the
-    rows that dynamic sampling keeps (subset) carry their own prompts' pixels."""
+    rows that dynamic sampling keeps (subset) carry their own prompts' pixels. The grad-enabled train-mode pass
+    equals the no-grad pass on the same weights: why train_rl takes mu > 1's old log-probs from update pass 0."""
     from tiny import IM_END, PAD, fake_video_inputs
     model = _tiny_model(2).train()
     G = 2
