@@ -705,6 +705,7 @@ def grpo_work(cfg, who, d, memory=False):
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)
     marks = []  # per step: seconds, and under `memory` (base RSS, peak RSS) of the second step
+    now = time.process_time if cfg["clock"] == "cpu" else time.perf_counter
 
     def rss(field):
         return next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith(field))
@@ -717,10 +718,10 @@ def grpo_work(cfg, who, d, memory=False):
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
                 marks.append(rss("VmRSS"))
-            marks.append(-time.perf_counter())
+            marks.append(-now())
 
         def on_step_end(self, args, state, control, **kw):
-            marks[-1] += time.perf_counter()
+            marks[-1] += now()
             if memory and state.global_step == 2:
                 marks.append(rss("VmHWM"))
 

@@ -2,7 +2,8 @@
 
     python gpu_check.py --out=out/gpu_check.json                    # all checks; exit 1 if any check fails
     python gpu_check.py --checks=kernels,bf16_forward                 # a subset (rerun what failed)
-    python gpu_check.py --dry_run=True --out=/tmp/gpu_check.json     # CPU, tiny shapes, Triton interpreted: checks 1-3
+    python gpu_check.py --dry_run=True --out=/tmp/gpu_check.json     # CPU, tiny shapes: kernels (Triton interpreted),
+                                                                     # bf16_forward, flash_attn, decode
 
 Checks (each writes its figures under checks.<name> with "ok", and the file is rewritten after every check):
   kernels       Triton token_logprobs / logits_logprobs forward + backward vs the torch backend and an fp64
@@ -14,6 +15,8 @@ Checks (each writes its figures under checks.<name> with "ok", and the file is r
                 --fsdp=True` (NCCL, FSDP2 world 1): finished, and its step times
   memory        torch.cuda.max_memory_allocated of one SFT step (bf16 autocast, AdamW) on the 3B-shaped model vs the
                 memory plan (memplan, when that module exists)
+  decode        greedy decode tokens/s of the 3B-shaped model at batch `decode_batch` (bf16): generate's eager,
+                static-shape and CUDA-graph decode steps (the same tokens) and transformers' generate
   bench         `python bench.py --section=kernels` and `--section=generate`, their output included
 Without CUDA (and without --dry_run=True) it stops at once: one line, exit code 2.
 """
@@ -38,13 +41,15 @@ from model import VidEmo, scratch_config
 # ----------------------------------------------------------------------------------------------------------------------
 # defaults (override with a config file or --key=value; `--help` lists them)
 out = "out/gpu_check.json"
-checks = ("kernels", "bf16_forward", "flash_attn", "fsdp_rl", "memory", "bench")
+checks = ("kernels", "bf16_forward", "flash_attn", "fsdp_rl", "memory", "decode", "bench")
 dry_run = False  # CPU, tiny shapes, Triton through TRITON_INTERPRET=1: kernels, bf16_forward, flash_attn only
 depth = 4  # decoder layers (and vision blocks) of the 3B-shaped model: the widths are real, the depth is cut
 batch = 2  # videos per batch in bf16_forward / memory
 frames = 8  # frames per video (2 per temporal patch)
 size = 224  # frame side in pixels (multiple of 28)
 text_len = 128  # text tokens after each video (supervised in the memory step)
+decode_batch = 64  # prompts in the decode check (one video each)
+decode_tokens = 64  # greedy tokens per prompt (no EOS: every row decodes them all)
 sft_steps = 20  # scratch SFT steps before the FSDP RL run
 rl_steps = 3
 work_dir = ""  # default: a fresh temporary directory (EmoSynth build, SFT and RL outputs)
@@ -53,8 +58,8 @@ seed = 0
 # ----------------------------------------------------------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ALL_CHECKS = ("kernels", "bf16_forward", "flash_attn", "fsdp_rl", "memory", "bench")
-DRY_CHECKS = ("kernels", "bf16_forward", "flash_attn")
+ALL_CHECKS = ("kernels", "bf16_forward", "flash_attn", "fsdp_rl", "memory", "decode", "bench")
+DRY_CHECKS = ("kernels", "bf16_forward", "flash_attn", "decode")
 # Qwen2.5-VL-3B-Instruct's widths (config.json), depth set by `depth`
 QWEN25VL_3B = memplan.builtin_config("qwen2.5-vl-3b")
 
@@ -338,7 +343,62 @@ def check_memory(cfg, dev):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# (6) bench.py's GPU figures
+# (6) decode: eager vs static vs CUDA graphs vs transformers
+
+
+def check_decode(cfg, dev):
+    """Prefill + decode_tokens greedy tokens for decode_batch prompts (a video each); decode tokens/s from the extra
+    time over a 1-token generate, for each of generate's decode modes ("graphs" only on CUDA) and transformers."""
+    from transformers import Qwen2_5_VLForConditionalGeneration  # a check-only peer
+    config = model_config(cfg)
+    B, T = (4, 8) if cfg["dry_run"] else (cfg["decode_batch"], cfg["decode_tokens"])
+    frames_, size_, text_ = (4, 56, 16) if cfg["dry_run"] else (4, 224, 32)
+    torch.manual_seed(cfg["seed"])
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory() as d:
+        VidEmo(config).save_pretrained(d)
+        ours = VidEmo.from_pretrained(d, dtype=dtype, device=dev).eval()
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, attn_implementation="sdpa",
+                                                                dtype=dtype).to(dev).eval()
+    inputs = {k: v for k, v in video_batch(config, B, frames_, size_, text_, dev, cfg["seed"]).items() if k != "labels"}
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(dtype)
+    hf_inputs = dict(inputs, mm_token_type_ids=2 * (inputs["input_ids"] == config["video_token_id"]).long())
+    L = inputs["input_ids"].shape[1]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def timed(fn, n):
+        fn(n)  # warm-up (and, for graphs, the capture)
+        sync()
+        t0 = time.perf_counter()
+        out = fn(n)
+        sync()
+        return time.perf_counter() - t0, out
+
+    runs = {m: (lambda n, m=m: ours.generate(**inputs, max_new_tokens=n, decode=m)[0])
+            for m in (("eager", "static", "graphs") if dev.type == "cuda" else ("eager", "static"))}
+    runs["transformers"] = lambda n: hf.generate(**hf_inputs, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                                                 pad_token_id=0)[:, L:]
+    res, outs = {"batch": B, "new_tokens": T, "prompt_tokens": L, "dtype": str(dtype)}, {}
+    with torch.no_grad():
+        for name, fn in runs.items():
+            t1, _ = timed(fn, 1)
+            tn, outs[name] = timed(fn, T)
+            res[f"{name}_decode_tok_s"] = round(B * (T - 1) / (tn - t1), 1)
+            res[f"{name}_total_s"] = round(tn, 4)
+    for name in runs:
+        if name != "eager":
+            res[f"{name}_same_tokens_as_eager"] = bool(torch.equal(outs[name], outs["eager"]))
+            res[f"{name}_vs_eager"] = round(res[f"{name}_decode_tok_s"] / res["eager_decode_tok_s"], 3)
+    best = max((n for n in runs if n != "transformers"), key=lambda n: res[f"{n}_decode_tok_s"])
+    res["best_vs_transformers"] = round(res[f"{best}_decode_tok_s"] / res["transformers_decode_tok_s"], 3)
+    # ours must agree with itself; bf16 greedy may part from transformers' after a near-tie, so that is a figure
+    res["ok"] = res["static_same_tokens_as_eager"] and res.get("graphs_same_tokens_as_eager", True)
+    res["eager_same_tokens_as_transformers"] = bool(torch.equal(outs["eager"], outs["transformers"]))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# (7) bench.py's GPU figures
 
 
 def check_bench(cfg):
@@ -369,7 +429,7 @@ def main():
         dev = torch.device("cpu")
     else:
         if not torch.cuda.is_available():
-            raise common.InputError("gpu_check.py needs a CUDA GPU (--dry_run=True runs checks 1-3 on CPU at tiny "
+            raise common.InputError("gpu_check.py needs a CUDA GPU (--dry_run=True runs the CPU checks at tiny "
                                     "sizes)")
         if INTERPRET:
             raise common.InputError("TRITON_INTERPRET=1 is set: unset it to check the compiled kernels")
@@ -400,6 +460,8 @@ def main():
                 res = dict(check_fsdp_rl(cfg, work), work_dir=work)
             elif name == "memory":
                 res = check_memory(cfg, dev)
+            elif name == "decode":
+                res = check_decode(cfg, dev)
             else:
                 res = check_bench(cfg)
         except Exception as e:  # one check's crash is its figure; the others still run

@@ -465,6 +465,11 @@ class Attention(nn.Module):
         if self.n_kv != self.n_head:  # the per-group calls below are few and small: repeat kv heads
             k, v = (t.repeat_interleave(self.n_head // self.n_kv, 0) for t in (k, v))
         groups, inverse = packed.plan
+        if 2 * len(groups) > packed.lengths.numel():  # mostly distinct lengths: contiguous views, one call each (a
+            lens = packed.lengths.tolist()  # gather per group would cost an index backward over all N per group)
+            outs = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True)[0].transpose(0, 1)
+                    for qs, ks, vs in zip(q.split(lens, 1), k.split(lens, 1), v.split(lens, 1))]  # [n, H, hd]
+            return torch.cat(outs)
         outs = []
         for n, idx in groups:  # sequences of equal length attend in one batched causal call
             qs, ks, vs = (t.view(t.shape[0], -1, n, t.shape[-1]).transpose(0, 1) if idx is None else

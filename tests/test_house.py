@@ -164,14 +164,17 @@ def test_every_bench_section_runs_at_toy_sizes(tmp_path):
     args = ["--section=all", "--repeats=1", "--threads=1", "--batch=2", "--frames=2", "--size=56", "--new_tokens=4",
             "--data_clips=1", "--data_passes=1", "--data_workers=(0,)", "--kernel_n=64", "--kernel_v=512",
             "--kernel_d=32", "--sft_batch=2", f"--init_from={ckpt}", f"--data_dir={build}",
-            "--rl_overrides=--num_generations=2 --prompts_per_step=2 --grad_accum=1 --max_completion_length=4"]
+            "--rl_overrides=--num_generations=2 --prompts_per_step=2 --grad_accum=1 --max_completion_length=4",
+            "--peer_shapes=(toy,)", "--peer_sft_batch=2", "--peer_gen_batch=2", "--peer_gen_tokens=4",
+            "--peer_grpo_prompts=2", "--peer_G=2", "--peer_grpo_tokens=4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True, cwd=ROOT,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     for needle in ("greedy outputs identical: True", "clips/s", "peak RSS added", "| tiny (EmoSynth default) |",
-                   "| 0.5 |", "| whole step |", "rollout:"):
+                   "| 0.5 |", "| whole step |", "rollout:", "| SFT step vs transformers |",
+                   "no EOS: greedy tokens identical: True", "loss transformers| = "):
         assert needle in out, (needle, out[-3000:])
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--section=gpu_only"], capture_output=True, text=True,
                        cwd=ROOT, env=env)

@@ -31,11 +31,20 @@ def _grads(model, inputs, labels, packed, weights=None, **kw):
     return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("side,cfg", [("left", dict(tied=True)), ("right", dict(tied=False, window=True))])
-def test_packed_equals_padded(side, cfg):
+MOSTLY_DISTINCT = [(2, 8, 8), (2, 6, 6), (2, 4, 8), (2, 6, 6)]  # 4 lengths in 4 rows: one SDPA call per sequence
+# 18 + 0, 17 + 1, 16 + 2 video + leading text tokens: three rows of one length, one longer -> one call per length
+MOSTLY_EQUAL = [(2, 6, 6), (1, 2, 34), (2, 4, 8), (2, 8, 8)]
+
+
+@pytest.mark.parametrize("side,cfg,grids", [("left", dict(tied=True), MOSTLY_DISTINCT),
+                                            ("right", dict(tied=False, window=True), MOSTLY_DISTINCT),
+                                            ("left", dict(tied=False), MOSTLY_EQUAL)])
+def test_packed_equals_padded(side, cfg, grids):
     torch.manual_seed(0)
     model = VidEmo(tiny_config(**cfg)).train()
-    inputs = fake_video_inputs([(2, 8, 8), (2, 6, 6), (2, 4, 8), (2, 6, 6)], side=side, seed=1, n_after=9)
+    inputs = fake_video_inputs(grids, side=side, seed=1, n_after=9)
+    n_lengths = inputs["attention_mask"].sum(1).unique().numel()
+    assert n_lengths == (4 if grids is MOSTLY_DISTINCT else 2)
     labels = _labels(inputs, seed=2)
     want, g_want = _grads(model, inputs, labels, packed=False)
     got, g_got = _grads(model, inputs, labels, packed=True)
