@@ -71,6 +71,7 @@ memory_recipes = False  # instead: the plan of every config/ recipe for Qwen2.5-
 # peers section: ours vs transformers and TRL on the same weights and inputs (variable-length real clips)
 peer_shapes = ("12.8m",)  # 12.8m | 3b (Qwen2.5-VL-3B widths, depth peer_depth) | toy
 peer_depth = 2
+peer_works = ("sft", "generate", "grpo")  # which comparisons the peers section runs
 peer_sft_batch = 16  # clips per SFT step
 peer_gen_batch = 32  # prompts per generate
 peer_gen_tokens = 64
@@ -675,6 +676,7 @@ def grpo_work(cfg, who, d, memory=False):
         opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
         b = work["ours"]
         gen = torch.Generator().manual_seed(0)
+        lengths = []  # mean completion length per step (a sampled vision placeholder ends one, as in train_rl.py)
 
         def step():
             with torch.no_grad():
@@ -688,6 +690,7 @@ def grpo_work(cfg, who, d, memory=False):
                                   2, 0, (6, 7), pixels=b["pixel_values_videos"])
             texts = tok.batch_decode([s[:n].tolist() for s, n in zip(seqs, mb["lengths"].tolist())],
                                      skip_special_tokens=True)
+            lengths.append(float(mb["lengths"].float().mean()))
             adv = grpo.grpo_advantages(torch.tensor([_grpo_reward(t) for t in texts]), G, "group")
             with torch.no_grad():
                 ref_lp = grpo.completion_logps(ref, mb, temperature, reencode=True)[0]
@@ -696,6 +699,7 @@ def grpo_work(cfg, who, d, memory=False):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        step.lengths = lengths
         return step
 
     import datasets  # bench-only peers (pip install trl), never dependencies
@@ -732,7 +736,10 @@ def grpo_work(cfg, who, d, memory=False):
                       max_completion_length=T, temperature=temperature, beta=beta, learning_rate=1e-5,
                       loss_type="grpo", max_steps=2 if memory else 1, logging_strategy="no", report_to=[],
                       use_cpu=True, save_strategy="no", bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
-                      optim="adamw_torch", epsilon=0.2)
+                      optim="adamw_torch", epsilon=0.2,
+                      # a sampled vision token breaks its M-RoPE index, and so does a completion ended early by EOS
+                      # (transformers 5.23 + TRL 1.16, image prompts): TRL's completions run the whole length
+                      generation_kwargs={"suppress_tokens": [2, 3, 4, 6, 7]})
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     class ImageProcessor(transformers.Qwen2_5_VLProcessor):  # images only: its video half needs torchvision
@@ -822,6 +829,27 @@ def _interleaved(fns, repeats, clock):
     return best
 
 
+def bench_peers_grpo(cfg, d, row, notes):
+    """The GRPO row of the peers section (TRL is optional: without it the row is a note)."""
+    try:
+        import trl  # noqa: F401  (a bench-only peer: pip install trl==1.16.0)
+    except ImportError:
+        notes.append("GRPO step vs TRL: skipped, trl is not installed (pip install trl==1.16.0)")
+        return
+    tok_dir = os.path.join(cfg["data_dir"], "tokenizer")
+    if not os.path.isdir(tok_dir):
+        raise common.InputError(f"peers: TRL renders prompts with a tokenizer; none at {tok_dir} "
+                                f"(python data/emosynth/prepare.py, or --data_dir)")
+    tok = D.load_tokenizer(tok_dir)
+    tok.save_pretrained(d)
+    torch.save(grpo_inputs(cfg, tok), os.path.join(d, "grpo.pt"))
+    ours, theirs = grpo_work(cfg, "ours", d), grpo_work(cfg, "peer", d)
+    label = f"GRPO step vs TRL ({cfg['peer_grpo_prompts']} prompts x G {cfg['peer_G']}, {cfg['peer_grpo_tokens']} tokens)"
+    row(label, "grpo", _interleaved([ours, theirs], cfg["repeats"], cfg["clock"]))
+    notes.append(f"GRPO: our completions {sum(ours.lengths) / len(ours.lengths):.1f} tokens on average of "
+                 f"{cfg['peer_grpo_tokens']} (TRL's: all {cfg['peer_grpo_tokens']}, EOS and vision tokens suppressed)")
+
+
 def bench_peers(cfg):
     """Ours vs transformers' Qwen2_5_VLForConditionalGeneration (an SFT step: forward + backward + AdamW; greedy
     generate with and without EOS) and vs TRL's GRPOTrainer (one GRPO step), same weights and inputs, on clips of
@@ -855,12 +883,16 @@ def bench_peers(cfg):
                 print(f"| {label} | {t[0]:.3f} | {t[1]:.3f} | {t[1] / t[0]:.2f}x | {m0:.0f} | {m1:.0f} |")
                 results[f"{shape}/{label}"] = {"speedup": t[1] / t[0], "peak_mib": (m0, m1)}
 
-            _, ours = peer_work(cfg, shape, "sft", "ours", d)
-            _, hf = peer_work(cfg, shape, "sft", "peer", d)
-            notes.append(f"first SFT step, same weights: |loss ours - loss transformers| = {abs(ours() - hf()):.2e}")
-            row("SFT step vs transformers", "sft", _interleaved([ours, hf], cfg["repeats"], cfg["clock"]))
+            if "sft" in cfg["peer_works"]:
+                _, ours = peer_work(cfg, shape, "sft", "ours", d)
+                _, hf = peer_work(cfg, shape, "sft", "peer", d)
+                notes.append(f"first SFT step, same weights: |loss ours - loss transformers| = "
+                             f"{abs(ours() - hf()):.2e}")
+                row("SFT step vs transformers", "sft", _interleaved([ours, hf], cfg["repeats"], cfg["clock"]))
             for label, stop in ((f"generate, batch {cfg['peer_gen_batch']}, EOS", eos),
                                 (f"generate, batch {cfg['peer_gen_batch']}, no EOS", None)):
+                if "generate" not in cfg["peer_works"]:
+                    break
                 torch.save({"sft": sft, "prompt": prompt, "eos": stop}, os.path.join(d, "work.pt"))
                 _, ours = peer_work(cfg, shape, "generate", "ours", d)
                 _, hf = peer_work(cfg, shape, "generate", "peer", d)
@@ -872,25 +904,8 @@ def bench_peers(cfg):
                              f"{cfg['peer_gen_tokens']}")
                 notes.append(note)
                 row(label, "generate", _interleaved([ours, hf], cfg["repeats"], cfg["clock"]))
-            del ours, hf
-            tok_dir = os.path.join(cfg["data_dir"], "tokenizer")
-            try:
-                import trl  # noqa: F401  (a bench-only peer: pip install trl==1.16.0)
-                del trl
-            except ImportError:
-                notes.append("GRPO step vs TRL: skipped, trl is not installed (pip install trl==1.16.0)")
-            else:
-                if not os.path.isdir(tok_dir):
-                    raise common.InputError(f"peers: TRL renders prompts with a tokenizer; none at {tok_dir} "
-                                            f"(python data/emosynth/prepare.py, or --data_dir)")
-                tok = D.load_tokenizer(tok_dir)
-                tok.save_pretrained(d)
-                torch.save(grpo_inputs(cfg, tok), os.path.join(d, "grpo.pt"))
-                ours, theirs = grpo_work(cfg, "ours", d), grpo_work(cfg, "peer", d)
-                label = (f"GRPO step vs TRL ({cfg['peer_grpo_prompts']} prompts x G {cfg['peer_G']}, "
-                         f"{cfg['peer_grpo_tokens']} tokens)")
-                row(label, "grpo", _interleaved([ours, theirs], cfg["repeats"], cfg["clock"]))
-                del ours, theirs
+            if "grpo" in cfg["peer_works"]:
+                bench_peers_grpo(cfg, d, row, notes)
             print("\n".join(notes))
     return results
 

@@ -345,10 +345,12 @@ class KVCache:
     compacted into the front of the same buffers (`b` rows in use). No shape, address or host value changes from
     step to step, so a step can be captured as a CUDA graph."""
 
-    def __init__(self, n_layer, batch, n_kv, max_len, hd, dtype, device, expand=1, static=False):
-        self.k = [torch.empty(batch, n_kv, max_len, hd, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.empty(batch, n_kv, max_len, hd, dtype=dtype, device=device) for _ in range(n_layer)]
+    def __init__(self, n_layer, batch, n_kv, max_len, hd, dtype, device, expand=1, static=False, zero=False):
+        make = torch.zeros if zero else torch.empty  # zero: slots that no key fills (padding) must not hold NaN bits
+        self.k = [make(batch, n_kv, max_len, hd, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [make(batch, n_kv, max_len, hd, dtype=dtype, device=device) for _ in range(n_layer)]
         self.expand, self.len, self.static, self.b = expand, 0, static, batch
+        self.slots = None  # packed prefill: (cache row [M], position [M]) of each real prompt token, per completion
         self.bias = None  # [B, 1, 1, max_len] additive key mask (0 = visible, -inf = not), or None: all visible
         self.at = torch.zeros(1, dtype=torch.long, device=device)  # static: the position the next step writes
 
@@ -370,6 +372,12 @@ class KVCache:
         self.k[i][:, :, s:s + T] = k
         self.v[i][:, :, s:s + T] = v
         return self.k[i][:, :, :s + T], self.v[i][:, :, :s + T]
+
+    def write_packed(self, i, k, v):
+        """Packed prefill: k, v [Hkv, N, hd] of the prompts' real tokens, end to end, into their padded slots."""
+        rows, cols = self.slots
+        self.k[i][rows, :, cols] = k.transpose(0, 1).repeat_interleave(self.expand, 0)  # [N * expand, Hkv, hd]
+        self.v[i][rows, :, cols] = v.transpose(0, 1).repeat_interleave(self.expand, 0)
 
     def step_mask(self):
         """The key mask of the next decode step ([b, 1, 1, S] additive, or None when every key is visible)."""
@@ -441,6 +449,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(mask, Packed):  # B = 1: sequences end to end
+            if cache is not None:  # generate's packed prefill
+                cache.write_packed(layer, k[0], v[0])
             return self.o_proj(self._packed(q[0], k[0], v[0], mask).reshape(1, T, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -861,10 +871,19 @@ class VidEmo(nn.Module):
         dev = x.device.type  # under autocast the keys / values are bf16 whatever the (fp32 master) embedding gives
         cache_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         cache = KVCache(len(self.layers), B * n, self.ts["num_key_value_heads"], S, self.layers[0].self_attn.hd,
-                        cache_dtype, x.device, expand=n, static=static)
-        cos, sin = self.mrope(pos, x.dtype)
-        h = self._layers(x, cos, sin, self._prefill_mask(real), cache)
-        logits = self.lm_head(self.norm(h[:, -1])).repeat_interleave(n, 0)  # [B*n, V]; left padded: last is real
+                        cache_dtype, x.device, expand=n, static=static, zero=real is not None)
+        if real is None:
+            h = self._layers(x, *self.mrope(pos, x.dtype), None, cache)[:, -1]  # [B, D]
+        else:  # packed prefill: only the prompts' real tokens pass the layers; their keys land in their padded slots
+            flat = real.flatten().nonzero()[:, 0]  # [N] positions in the left-padded [B, L] grid
+            packed = Packed(real.sum(1))
+            cache.slots = ((flat // L)[:, None] * n + torch.arange(n, device=x.device)).flatten(), \
+                (flat % L).repeat_interleave(n)
+            h = self._layers(x.flatten(0, 1)[flat][None], *self.mrope(pos.flatten(1, 2)[:, flat][:, None], x.dtype),
+                             packed, cache)[0]  # [N, D]
+            h = h[packed.cu_seqlens[1:].long() - 1]  # [B, D]: each prompt's last token
+            cache.len = L
+        logits = self.lm_head(self.norm(h)).repeat_interleave(n, 0)  # [B*n, V]
         if real is not None or static:  # decode attends over the prompt's real tokens + everything generated; an
             # additive float mask built once (SDPA would convert a bool mask in every layer of every step)
             cache.bias = torch.zeros(B * n, 1, 1, S, dtype=x.dtype, device=x.device)

@@ -68,14 +68,14 @@ def test_static_decode_shapes_stay_fixed():
     ids = inp.pop("input_ids")
     seen = []
     attn = model.layers[0].self_attn
-    hook = attn.register_forward_hook(lambda m, a, o: seen.append((a[0].shape[0], a[4].k[0].data_ptr(),
-                                                                    tuple(a[4].k[0].shape), a[3].shape[-1])))
+    hook = attn.register_forward_hook(lambda m, a, o: a[0].shape[1] == 1 and seen.append(  # decode steps only
+        (a[0].shape[0], a[4].k[0].data_ptr(), tuple(a[4].k[0].shape), a[3].shape[-1])))
     try:
         toks, _ = model.generate(ids, max_new_tokens=24, eos_token_id=EOS, pad_token_id=PAD, num_return_sequences=2,
                                  compact_every=1, decode="static", **inp)
     finally:
         hook.remove()
-    decode_steps = seen[1:]  # [0] is the prefill
+    decode_steps = seen
     assert len({ptr for _, ptr, _, _ in decode_steps}) == 1 and len({shp for _, _, shp, _ in decode_steps}) == 1
     assert {m for _, _, _, m in decode_steps} == {ids.shape[1] + 24}  # the mask spans the whole cache
     sizes = [b for b, _, _, _ in decode_steps]
