@@ -737,9 +737,7 @@ def grpo_work(cfg, who, d, memory=False):
                       loss_type="grpo", max_steps=2 if memory else 1, logging_strategy="no", report_to=[],
                       use_cpu=True, save_strategy="no", bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
                       optim="adamw_torch", epsilon=0.2,
-                      # a sampled vision token breaks its M-RoPE index, and so does a completion ended early by EOS
-                      # (transformers 5.23 + TRL 1.16, image prompts): TRL's completions run the whole length
-                      generation_kwargs={"suppress_tokens": [2, 3, 4, 6, 7]})
+                      generation_kwargs={"suppress_tokens": [3, 4, 6, 7]})  # a sampled vision token breaks M-RoPE
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     class ImageProcessor(transformers.Qwen2_5_VLProcessor):  # images only: its video half needs torchvision
@@ -759,6 +757,7 @@ def grpo_work(cfg, who, d, memory=False):
         trainer.train()
         return marks[-1] - marks[-3] if memory else marks[-1]
     step.returns_seconds = True
+    step.lengths = trainer._metrics["train"]["completions/mean_length"]  # TRL's own record (a private dict)
     return step
 
 
@@ -771,19 +770,28 @@ def grpo_inputs(cfg, tok):
     words = ["what", "is", "the", "person", "feeling", "in", "this", "face", "describe", "expression", "now"]
     pick = lambda k: int(torch.randint(0, k, (1,), generator=g))  # noqa: E731
     images, texts, items = [], [], []
-    for _ in range(cfg["peer_grpo_prompts"]):
-        frames, _ = D.load_video(os.path.join(root, CLIPS[pick(len(CLIPS))]), fps=2.0, max_frames=2, min_frames=2,
-                                 min_pixels=28 * 28, max_pixels=(56 * 84, 84 * 112, 112 * 168)[pick(3)])
-        text = " ".join(words[pick(len(words))] for _ in range(3 + pick(20)))
-        pv, grid = D.patchify_image(frames[0])
+
+    def render(text, grid):
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         rendered = rendered.replace("<|image_pad|>", "<|video_pad|>" * (int(grid.prod()) // 4))
+        return tok(rendered, add_special_tokens=False)["input_ids"]
+    for _ in range(cfg["peer_grpo_prompts"]):
+        frames, _ = D.load_video(os.path.join(root, CLIPS[pick(len(CLIPS))]), fps=2.0, max_frames=2, min_frames=2,
+                                 min_pixels=28 * 28, max_pixels=(56 * 84, 84 * 112, 112 * 168)[pick(3)])
+        pv, grid = D.patchify_image(frames[0])
         images.append(frames[0])
-        texts.append(text)
-        items.append({"input_ids": torch.tensor(tok(rendered, add_special_tokens=False)["input_ids"]),
-                      "pv": pv, "grid": grid})
-    L = max(len(it["input_ids"]) for it in items)
+        texts.append(" ".join(words[pick(len(words))] for _ in range(3 + pick(20))))
+        items.append({"pv": pv, "grid": grid})
+    # TRL 1.16 left-pads a multimodal prompt batch but not its mm_token_type_ids (transformers' M-RoPE index then
+    # fails), so every prompt is made the same length: a smaller image gets a longer question (" face" = 1 token)
+    L = max(len(render(t, it["grid"])) for t, it in zip(texts, items))
+    for i, it in enumerate(items):
+        while len(render(texts[i], it["grid"])) < L:
+            texts[i] += " face"
+        it["input_ids"] = torch.tensor(render(texts[i], it["grid"]))
+        if len(it["input_ids"]) != L:
+            raise RuntimeError(f"peers: could not bring GRPO prompt {i} to {L} tokens")
     ids = torch.zeros(len(items), L, dtype=torch.long)
     mask = torch.zeros(len(items), L, dtype=torch.long)
     for i, it in enumerate(items):
@@ -846,8 +854,9 @@ def bench_peers_grpo(cfg, d, row, notes):
     ours, theirs = grpo_work(cfg, "ours", d), grpo_work(cfg, "peer", d)
     label = f"GRPO step vs TRL ({cfg['peer_grpo_prompts']} prompts x G {cfg['peer_G']}, {cfg['peer_grpo_tokens']} tokens)"
     row(label, "grpo", _interleaved([ours, theirs], cfg["repeats"], cfg["clock"]))
-    notes.append(f"GRPO: our completions {sum(ours.lengths) / len(ours.lengths):.1f} tokens on average of "
-                 f"{cfg['peer_grpo_tokens']} (TRL's: all {cfg['peer_grpo_tokens']}, EOS and vision tokens suppressed)")
+    mean = lambda xs: f"{sum(xs) / len(xs):.1f}" if xs else "?"  # noqa: E731
+    notes.append(f"GRPO: completions {mean(ours.lengths)} (ours) and {mean(theirs.lengths)} (TRL) tokens on average "
+                 f"of {cfg['peer_grpo_tokens']}; TRL suppresses the vision tokens, ours ends a completion there")
 
 
 def bench_peers(cfg):

@@ -165,7 +165,7 @@ def test_every_bench_section_runs_at_toy_sizes(tmp_path):
             "--data_clips=1", "--data_passes=1", "--data_workers=(0,)", "--kernel_n=64", "--kernel_v=512",
             "--kernel_d=32", "--sft_batch=2", f"--init_from={ckpt}", f"--data_dir={build}",
             "--rl_overrides=--num_generations=2 --prompts_per_step=2 --grad_accum=1 --max_completion_length=4",
-            "--peer_shapes=(toy,)", "--peer_sft_batch=2", "--peer_gen_batch=2", "--peer_gen_tokens=4",
+            "--peer_shapes=toy", "--peer_sft_batch=2", "--peer_gen_batch=2", "--peer_gen_tokens=4",
             "--peer_grpo_prompts=2", "--peer_G=2", "--peer_grpo_tokens=4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True, cwd=ROOT,
