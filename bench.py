@@ -677,6 +677,7 @@ def grpo_work(cfg, who, d, memory=False):
         b = work["ours"]
         gen = torch.Generator().manual_seed(0)
         lengths = []  # mean completion length per step (a sampled vision placeholder ends one, as in train_rl.py)
+        pad_share = []  # padding share of the scoring passes' padded batch (they run packed: none computed)
 
         def step():
             with torch.no_grad():
@@ -691,6 +692,7 @@ def grpo_work(cfg, who, d, memory=False):
             texts = tok.batch_decode([s[:n].tolist() for s, n in zip(seqs, mb["lengths"].tolist())],
                                      skip_special_tokens=True)
             lengths.append(float(mb["lengths"].float().mean()))
+            pad_share.append(1 - float(mb["attn"].float().mean()))  # of the padded policy / reference batch
             adv = grpo.grpo_advantages(torch.tensor([_grpo_reward(t) for t in texts]), G, "group")
             with torch.no_grad():
                 ref_lp = grpo.completion_logps(ref, mb, temperature, reencode=True)[0]
@@ -699,7 +701,7 @@ def grpo_work(cfg, who, d, memory=False):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        step.lengths = lengths
+        step.lengths, step.pad_share = lengths, pad_share
         return step
 
     import datasets  # bench-only peers (pip install trl), never dependencies
@@ -709,6 +711,7 @@ def grpo_work(cfg, who, d, memory=False):
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)
     marks = []  # per step: seconds, and under `memory` (base RSS, peak RSS) of the second step
+    lengths = []  # mean completion length per train() call
     now = time.process_time if cfg["clock"] == "cpu" else time.perf_counter
 
     def rss(field):
@@ -723,6 +726,10 @@ def grpo_work(cfg, who, d, memory=False):
                     f.write("5")
                 marks.append(rss("VmRSS"))
             marks.append(-now())
+
+        def on_log(self, args, state, control, logs=None, **kw):  # TRL's own record of its completions
+            if logs and "completions/mean_length" in logs:
+                lengths.append(float(logs["completions/mean_length"]))
 
         def on_step_end(self, args, state, control, **kw):
             marks[-1] += now()
@@ -757,7 +764,7 @@ def grpo_work(cfg, who, d, memory=False):
         trainer.train()
         return marks[-1] - marks[-3] if memory else marks[-1]
     step.returns_seconds = True
-    step.lengths = trainer._metrics["train"]["completions/mean_length"]  # TRL's own record (a private dict)
+    step.lengths = lengths
     return step
 
 
@@ -852,11 +859,14 @@ def bench_peers_grpo(cfg, d, row, notes):
     tok.save_pretrained(d)
     torch.save(grpo_inputs(cfg, tok), os.path.join(d, "grpo.pt"))
     ours, theirs = grpo_work(cfg, "ours", d), grpo_work(cfg, "peer", d)
-    label = f"GRPO step vs TRL ({cfg['peer_grpo_prompts']} prompts x G {cfg['peer_G']}, {cfg['peer_grpo_tokens']} tokens)"
+    label = (f"GRPO step vs TRL ({cfg['peer_grpo_prompts']} prompts x G {cfg['peer_G']}, "
+             f"{cfg['peer_grpo_tokens']} tokens)")
     row(label, "grpo", _interleaved([ours, theirs], cfg["repeats"], cfg["clock"]))
     mean = lambda xs: f"{sum(xs) / len(xs):.1f}" if xs else "?"  # noqa: E731
     notes.append(f"GRPO: completions {mean(ours.lengths)} (ours) and {mean(theirs.lengths)} (TRL) tokens on average "
-                 f"of {cfg['peer_grpo_tokens']}; TRL suppresses the vision tokens, ours ends a completion there")
+                 f"of {cfg['peer_grpo_tokens']}; TRL suppresses the vision tokens, ours ends a completion there; "
+                 f"padding in the scoring passes' batch {sum(ours.pad_share) / len(ours.pad_share):.1%} (TRL computes "
+                 f"it; ours runs packed: 0)")
 
 
 def bench_peers(cfg):
@@ -906,7 +916,9 @@ def bench_peers(cfg):
                 _, ours = peer_work(cfg, shape, "generate", "ours", d)
                 _, hf = peer_work(cfg, shape, "generate", "peer", d)
                 a, b = ours(), hf()
-                note = f"{label}: greedy tokens identical: {a.shape == b.shape and torch.equal(a, b)}"
+                pad = 1 - float(prompt["attention_mask"].float().mean())
+                note = (f"{label}: greedy tokens identical: {a.shape == b.shape and torch.equal(a, b)}; prompts "
+                        f"{tuple(prompt['input_ids'].shape)}, {pad:.1%} padding (ours prefills packed: 0)")
                 if stop:
                     n = ((~torch.isin(a, torch.tensor(stop))).cumprod(1).sum(1) + 1).clamp(max=a.shape[1]).float()
                     note += (f"; completion lengths mean {n.mean():.1f}, min {n.min():.0f}, max {n.max():.0f} of "

@@ -39,7 +39,8 @@ def test_sampled_logprobs_match_teacher_forcing_after_compaction(decode):
     ids = inp.pop("input_ids")
     g = torch.Generator().manual_seed(0)
     toks, lps = model.generate(ids, max_new_tokens=20, temperature=0.8, eos_token_id=EOS, pad_token_id=PAD,
-                               num_return_sequences=4, return_logprobs=True, generator=g, compact_every=2, decode=decode, **inp)
+                               num_return_sequences=4, return_logprobs=True, generator=g, compact_every=2,
+                               decode=decode, **inp)
     valid = torch.zeros_like(toks, dtype=torch.bool)  # up to and including each row's first stop token
     for i, row in enumerate(toks):
         stop = [j for j, t in enumerate(row.tolist()) if t in EOS]
