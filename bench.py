@@ -78,6 +78,7 @@ peer_gen_tokens = 64
 peer_grpo_prompts = 8  # prompts per GRPO step (x peer_G completions)
 peer_G = 8
 peer_grpo_tokens = 96
+peer_grpo_ckpt = (False, True)  # GRPO rows: without / with activation checkpointing on both sides
 peer_child = ""  # internal: kind:who = run one memory measurement in this process (a child of the section)
 peer_dir = ""  # internal: the child's weights and inputs
 # ----------------------------------------------------------------------------------------------------------------------
@@ -662,7 +663,7 @@ def _grpo_reward(text):
     return (sum(map(ord, text)) % 7) / 6.0
 
 
-def grpo_work(cfg, who, d, memory=False):
+def grpo_work(cfg, who, d, memory=False, ckpt=False):
     """(step function, setup) of one GRPO step on the image prompts in d: ours (model.generate + the grpo module's
     group_batch / completion_logps / grpo_loss, as train_rl.py composes them; the image as a 1-frame-pair video,
     which is what Qwen2.5-VL's image path computes) or TRL's GRPOTrainer (one train step per call)."""
@@ -673,6 +674,7 @@ def grpo_work(cfg, who, d, memory=False):
     if who == "ours":
         tok = D.load_tokenizer(d)
         policy, ref = VidEmo.from_pretrained(d).train(), VidEmo.from_pretrained(d).eval()
+        policy.gradient_checkpointing = ckpt
         opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
         b = work["ours"]
         gen = torch.Generator().manual_seed(0)
@@ -743,7 +745,7 @@ def grpo_work(cfg, who, d, memory=False):
                       max_completion_length=T, temperature=temperature, beta=beta, learning_rate=1e-5,
                       loss_type="grpo", max_steps=2 if memory else 1, logging_strategy="no", report_to=[],
                       use_cpu=True, save_strategy="no", bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
-                      optim="adamw_torch", epsilon=0.2,
+                      optim="adamw_torch", epsilon=0.2, gradient_checkpointing=ckpt,  # TRL's default: True
                       generation_kwargs={"suppress_tokens": [3, 4, 6, 7]})  # a sampled vision token breaks M-RoPE
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -810,9 +812,9 @@ def grpo_inputs(cfg, tok):
 
 def peer_memory_child(cfg):
     """Child process of the peers section (--peer_child=kind:who): prints JSON {peak} of one measurement."""
-    kind, who = cfg["peer_child"].split(":")
+    kind, who, *ckpt = cfg["peer_child"].split(":")
     if kind == "grpo":
-        step = grpo_work(cfg, who, cfg["peer_dir"], memory=who == "peer")
+        step = grpo_work(cfg, who, cfg["peer_dir"], memory=who == "peer", ckpt=ckpt == ["ckpt"])
         print(json.dumps({"peak": step() if who == "peer" else peak_rss_during(step)}))
         return
     _, step = peer_work(cfg, None, kind, who, cfg["peer_dir"])
@@ -821,7 +823,8 @@ def peer_memory_child(cfg):
 
 def _child_peak(cfg, kind, who, d):
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), MALLOC_MMAP_THRESHOLD_="65536")
-    args = [sys.executable, os.path.abspath(__file__), f"--peer_child={kind}:{who}", f"--peer_dir={d}",
+    name = f"{kind.split()[0]}:{who}" + (":ckpt" if kind.endswith("ckpt") else "")  # "grpo ckpt": checkpointed
+    args = [sys.executable, os.path.abspath(__file__), f"--peer_child={name}", f"--peer_dir={d}",
             f"--threads={cfg['threads']}"] + [f"--{k}={cfg[k]}" for k in ("peer_gen_tokens", "peer_grpo_prompts",
                                                                          "peer_G", "peer_grpo_tokens")]
     r = subprocess.run(args, capture_output=True, text=True, env=env)
@@ -858,10 +861,11 @@ def bench_peers_grpo(cfg, d, row, notes):
     tok = D.load_tokenizer(tok_dir)
     tok.save_pretrained(d)
     torch.save(grpo_inputs(cfg, tok), os.path.join(d, "grpo.pt"))
-    ours, theirs = grpo_work(cfg, "ours", d), grpo_work(cfg, "peer", d)
-    label = (f"GRPO step vs TRL ({cfg['peer_grpo_prompts']} prompts x G {cfg['peer_G']}, "
-             f"{cfg['peer_grpo_tokens']} tokens)")
-    row(label, "grpo", _interleaved([ours, theirs], cfg["repeats"], cfg["clock"]))
+    for ckpt in cfg["peer_grpo_ckpt"]:  # activation checkpointing on both sides or on neither (TRL's default: on)
+        ours, theirs = grpo_work(cfg, "ours", d, ckpt=ckpt), grpo_work(cfg, "peer", d, ckpt=ckpt)
+        label = (f"GRPO step vs TRL ({cfg['peer_grpo_prompts']} prompts x G {cfg['peer_G']}, "
+                 f"{cfg['peer_grpo_tokens']} tokens{', activation checkpointing' if ckpt else ''})")
+        row(label, "grpo ckpt" if ckpt else "grpo", _interleaved([ours, theirs], cfg["repeats"], cfg["clock"]))
     mean = lambda xs: f"{sum(xs) / len(xs):.1f}" if xs else "?"  # noqa: E731
     notes.append(f"GRPO: completions {mean(ours.lengths)} (ours) and {mean(theirs.lengths)} (TRL) tokens on average "
                  f"of {cfg['peer_grpo_tokens']}; TRL suppresses the vision tokens, ours ends a completion there; "
