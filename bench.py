@@ -79,6 +79,7 @@ peer_grpo_prompts = 8  # prompts per GRPO step (x peer_G completions)
 peer_G = 8
 peer_grpo_tokens = 96
 peer_grpo_ckpt = (False, True)  # GRPO rows: without / with activation checkpointing on both sides
+peer_interleave = True  # time ours and the peer in turn (False: one at a time, for memory: the 3b shape)
 peer_child = ""  # internal: kind:who = run one memory measurement in this process (a child of the section)
 peer_dir = ""  # internal: the child's weights and inputs
 # ----------------------------------------------------------------------------------------------------------------------
@@ -681,7 +682,11 @@ def grpo_work(cfg, who, d, memory=False, ckpt=False):
         lengths = []  # mean completion length per step (a sampled vision placeholder ends one, as in train_rl.py)
         pad_share = []  # padding share of the scoring passes' padded batch (they run packed: none computed)
 
+        now = time.process_time if cfg["clock"] == "cpu" else time.perf_counter
+        split = dict.fromkeys(("generate", "score", "reference", "update"), 0.0)  # seconds over every call
+
         def step():
+            t0 = now()
             with torch.no_grad():
                 emb = policy.encode_video(b["pixel_values_videos"], b["video_grid_thw"])
             seqs, _ = policy.generate(b["input_ids"], b["attention_mask"], video_embeds=emb,
@@ -691,19 +696,24 @@ def grpo_work(cfg, who, d, memory=False, ckpt=False):
             mb = grpo.group_batch(b["input_ids"], b["attention_mask"], seqs, emb, b["video_grid_thw"],
                                   b["second_per_grid_ts"], None, G, policy.vision_token_counts(b["video_grid_thw"]),
                                   2, 0, (6, 7), pixels=b["pixel_values_videos"])
+            t1 = now()
             texts = tok.batch_decode([s[:n].tolist() for s, n in zip(seqs, mb["lengths"].tolist())],
                                      skip_special_tokens=True)
             lengths.append(float(mb["lengths"].float().mean()))
             pad_share.append(1 - float(mb["attn"].float().mean()))  # of the padded policy / reference batch
             adv = grpo.grpo_advantages(torch.tensor([_grpo_reward(t) for t in texts]), G, "group")
+            t2 = now()
             with torch.no_grad():
                 ref_lp = grpo.completion_logps(ref, mb, temperature, reencode=True)[0]
+            t3 = now()
             logps, _ = grpo.completion_logps(policy, mb, temperature, reencode=True)
             loss = grpo.grpo_loss(logps, logps.detach(), ref_lp, adv, mb["cmask"], beta, 0.2, 0.2, "grpo")
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        step.lengths, step.pad_share = lengths, pad_share
+            for k, a, z in (("generate", t0, t1), ("score", t1, t2), ("reference", t2, t3), ("update", t3, now())):
+                split[k] += z - a
+        step.lengths, step.pad_share, step.split = lengths, pad_share, split
         return step
 
     import datasets  # bench-only peers (pip install trl), never dependencies
@@ -833,18 +843,34 @@ def _child_peak(cfg, kind, who, d):
     return json.loads(r.stdout.strip().splitlines()[-1])["peak"]
 
 
-def _interleaved(fns, repeats, clock):
-    """Each fn once as warm-up, then `repeats` rounds alternating between them: -> fastest time of each."""
+def _timed(builders, repeats, clock, interleave=True):
+    """builders: zero-argument functions that build a step. -> (fastest seconds of each over `repeats` runs after a
+    warm-up, each one's warm-up output, each one's attributes). interleave: all built at once and run in turn;
+    else one at a time, each freed before the next is built (one model pair in memory: the 3B shape)."""
+    import gc
     now = time.process_time if clock == "cpu" else time.perf_counter
-    for fn in fns:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = now()
-            r = fn()
-            best[i] = min(best[i], r if getattr(fn, "returns_seconds", False) else now() - t0)
-    return best
+
+    def run(fn):
+        t0 = now()
+        r = fn()
+        return r if getattr(fn, "returns_seconds", False) else now() - t0
+    if interleave:
+        fns = [build() for build in builders]
+        first = [fn() for fn in fns]
+        best = [float("inf")] * len(fns)
+        for _ in range(repeats):
+            for i, fn in enumerate(fns):
+                best[i] = min(best[i], run(fn))
+        return best, first, [dict(vars(fn)) for fn in fns]
+    best, first, attrs = [], [], []
+    for build in builders:
+        fn = build()
+        first.append(fn())
+        best.append(min(run(fn) for _ in range(repeats)))
+        attrs.append(dict(vars(fn)))
+        del fn
+        gc.collect()
+    return best, first, attrs
 
 
 def bench_peers_grpo(cfg, d, row, notes):
@@ -861,23 +887,28 @@ def bench_peers_grpo(cfg, d, row, notes):
     tok = D.load_tokenizer(tok_dir)
     tok.save_pretrained(d)
     torch.save(grpo_inputs(cfg, tok), os.path.join(d, "grpo.pt"))
+    mean = lambda xs: f"{sum(xs) / len(xs):.1f}" if xs else "?"  # noqa: E731
     for ckpt in cfg["peer_grpo_ckpt"]:  # activation checkpointing on both sides or on neither (TRL's default: on)
-        ours, theirs = grpo_work(cfg, "ours", d, ckpt=ckpt), grpo_work(cfg, "peer", d, ckpt=ckpt)
+        t, _, (ours, theirs) = _timed([lambda: grpo_work(cfg, "ours", d, ckpt=ckpt),
+                                       lambda: grpo_work(cfg, "peer", d, ckpt=ckpt)],
+                                      cfg["repeats"], cfg["clock"], cfg["peer_interleave"])
         label = (f"GRPO step vs TRL ({cfg['peer_grpo_prompts']} prompts x G {cfg['peer_G']}, "
                  f"{cfg['peer_grpo_tokens']} tokens{', activation checkpointing' if ckpt else ''})")
-        row(label, "grpo ckpt" if ckpt else "grpo", _interleaved([ours, theirs], cfg["repeats"], cfg["clock"]))
-    mean = lambda xs: f"{sum(xs) / len(xs):.1f}" if xs else "?"  # noqa: E731
-    notes.append(f"GRPO: completions {mean(ours.lengths)} (ours) and {mean(theirs.lengths)} (TRL) tokens on average "
-                 f"of {cfg['peer_grpo_tokens']}; TRL suppresses the vision tokens, ours ends a completion there; "
-                 f"padding in the scoring passes' batch {sum(ours.pad_share) / len(ours.pad_share):.1%} (TRL computes "
-                 f"it; ours runs packed: 0)")
+        row(label, "grpo ckpt" if ckpt else "grpo", t)
+        total = sum(ours["split"].values())
+        notes.append(f"our GRPO step{' (checkpointed)' if ckpt else ''}: " + ", ".join(
+            f"{k} {v / total:.0%}" for k, v in ours["split"].items()) + f"; completions {mean(ours['lengths'])} "
+            f"(ours) and {mean(theirs['lengths'])} (TRL) tokens on average of {cfg['peer_grpo_tokens']}; padding in "
+            f"the scoring passes' batch {sum(ours['pad_share']) / len(ours['pad_share']):.1%} (TRL computes it; ours "
+            f"runs packed)")
+    notes.append("TRL suppresses the vision tokens in sampling; ours ends a completion at one (as train_rl.py)")
 
 
 def bench_peers(cfg):
     """Ours vs transformers' Qwen2_5_VLForConditionalGeneration (an SFT step: forward + backward + AdamW; greedy
     generate with and without EOS) and vs TRL's GRPOTrainer (one GRPO step), same weights and inputs, on clips of
-    different sizes and durations with captions of different lengths. Time: fastest of `repeats` interleaved runs;
-    memory: peak RSS one step adds (CPU; each measurement in its own child process)."""
+    different sizes and durations with captions of different lengths. Time: fastest of `repeats` runs (interleaved by
+    default); memory: peak RSS one step adds (CPU; each measurement in its own child process, after the timing)."""
     results = {}
     for shape in cfg["peer_shapes"]:
         config = peer_config(shape, cfg["peer_depth"])
@@ -906,20 +937,21 @@ def bench_peers(cfg):
                 print(f"| {label} | {t[0]:.3f} | {t[1]:.3f} | {t[1] / t[0]:.2f}x | {m0:.0f} | {m1:.0f} |")
                 results[f"{shape}/{label}"] = {"speedup": t[1] / t[0], "peak_mib": (m0, m1)}
 
+            inter = cfg["peer_interleave"]
             if "sft" in cfg["peer_works"]:
-                _, ours = peer_work(cfg, shape, "sft", "ours", d)
-                _, hf = peer_work(cfg, shape, "sft", "peer", d)
-                notes.append(f"first SFT step, same weights: |loss ours - loss transformers| = "
-                             f"{abs(ours() - hf()):.2e}")
-                row("SFT step vs transformers", "sft", _interleaved([ours, hf], cfg["repeats"], cfg["clock"]))
+                t, (l0, l1), _ = _timed([lambda: peer_work(cfg, shape, "sft", "ours", d)[1],
+                                         lambda: peer_work(cfg, shape, "sft", "peer", d)[1]],
+                                        cfg["repeats"], cfg["clock"], inter)
+                notes.append(f"first SFT step, same weights: |loss ours - loss transformers| = {abs(l0 - l1):.2e}")
+                row("SFT step vs transformers", "sft", t)
             for label, stop in ((f"generate, batch {cfg['peer_gen_batch']}, EOS", eos),
                                 (f"generate, batch {cfg['peer_gen_batch']}, no EOS", None)):
                 if "generate" not in cfg["peer_works"]:
                     break
                 torch.save({"sft": sft, "prompt": prompt, "eos": stop}, os.path.join(d, "work.pt"))
-                _, ours = peer_work(cfg, shape, "generate", "ours", d)
-                _, hf = peer_work(cfg, shape, "generate", "peer", d)
-                a, b = ours(), hf()
+                t, (a, b), _ = _timed([lambda: peer_work(cfg, shape, "generate", "ours", d)[1],
+                                       lambda: peer_work(cfg, shape, "generate", "peer", d)[1]],
+                                      cfg["repeats"], cfg["clock"], inter)
                 pad = 1 - float(prompt["attention_mask"].float().mean())
                 note = (f"{label}: greedy tokens identical: {a.shape == b.shape and torch.equal(a, b)}; prompts "
                         f"{tuple(prompt['input_ids'].shape)}, {pad:.1%} padding (ours prefills packed: 0)")
@@ -928,7 +960,7 @@ def bench_peers(cfg):
                     note += (f"; completion lengths mean {n.mean():.1f}, min {n.min():.0f}, max {n.max():.0f} of "
                              f"{cfg['peer_gen_tokens']}")
                 notes.append(note)
-                row(label, "generate", _interleaved([ours, hf], cfg["repeats"], cfg["clock"]))
+                row(label, "generate", t)
             if "grpo" in cfg["peer_works"]:
                 bench_peers_grpo(cfg, d, row, notes)
             print("\n".join(notes))
