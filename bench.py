@@ -649,12 +649,14 @@ def peer_work(cfg, shape, kind, who, d):
     model.eval()
     batch, T, eos = work["prompt"], cfg["peer_gen_tokens"], work["eos"]
 
-    def step():  # greedy; rows stop at their EOS (eos = None: every row runs the whole length)
+    def step():  # eos None: greedy, every row runs the whole length; else sampled at temperature 1 (full
+        # distribution: no top-k / top-p), rows stop at their first stop token
         with torch.no_grad():
             if who == "ours":
-                return model.generate(**batch, max_new_tokens=T, eos_token_id=eos, pad_token_id=0)[0]
-            out = model.generate(**_hf_inputs(batch), max_new_tokens=T, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=0)
+                return model.generate(**batch, max_new_tokens=T, eos_token_id=eos, pad_token_id=0,
+                                      temperature=1.0 if eos else 0.0)[0]
+            sampling = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0) if eos else dict(do_sample=False)
+            out = model.generate(**_hf_inputs(batch), max_new_tokens=T, eos_token_id=eos, pad_token_id=0, **sampling)
             return out[:, batch["input_ids"].shape[1]:]
     return model, step
 
@@ -920,8 +922,8 @@ def bench_peers(cfg):
             del model
             sft = peer_batch(clip_set(cfg["peer_sft_batch"], 1), 2, "sft")
             prompt = peer_batch(clip_set(cfg["peer_gen_batch"], 3), 4, "prompt")
-            # stop tokens: 1 in 16 of the vocabulary, so that the rows of a random model end at different steps, as
-            # sampled completions do (the no-EOS run below decodes every row to the end)
+            # stop tokens for the sampled row: 1 in 16 of the vocabulary, so that completions end at different
+            # steps, as sampled RL completions do (greedy rows of a random model loop on a few tokens and never stop)
             eos = list(range(16, 1024, 16))
             torch.save({"sft": sft, "prompt": prompt, "eos": eos}, os.path.join(d, "work.pt"))
             real, total = int(sft["attention_mask"].sum()), sft["attention_mask"].numel()
@@ -944,8 +946,8 @@ def bench_peers(cfg):
                                         cfg["repeats"], cfg["clock"], inter)
                 notes.append(f"first SFT step, same weights: |loss ours - loss transformers| = {abs(l0 - l1):.2e}")
                 row("SFT step vs transformers", "sft", t)
-            for label, stop in ((f"generate, batch {cfg['peer_gen_batch']}, EOS", eos),
-                                (f"generate, batch {cfg['peer_gen_batch']}, no EOS", None)):
+            for label, stop in ((f"generate, batch {cfg['peer_gen_batch']}, sampled, EOS", eos),
+                                (f"generate, batch {cfg['peer_gen_batch']}, greedy, no EOS", None)):
                 if "generate" not in cfg["peer_works"]:
                     break
                 torch.save({"sft": sft, "prompt": prompt, "eos": stop}, os.path.join(d, "work.pt"))
@@ -953,12 +955,14 @@ def bench_peers(cfg):
                                        lambda: peer_work(cfg, shape, "generate", "peer", d)[1]],
                                       cfg["repeats"], cfg["clock"], inter)
                 pad = 1 - float(prompt["attention_mask"].float().mean())
-                note = (f"{label}: greedy tokens identical: {a.shape == b.shape and torch.equal(a, b)}; prompts "
-                        f"{tuple(prompt['input_ids'].shape)}, {pad:.1%} padding (ours prefills packed: 0)")
+                note = (f"{label}: prompts {tuple(prompt['input_ids'].shape)}, {pad:.1%} padding (ours prefills "
+                        f"packed: 0)")
                 if stop:
-                    n = ((~torch.isin(a, torch.tensor(stop))).cumprod(1).sum(1) + 1).clamp(max=a.shape[1]).float()
-                    note += (f"; completion lengths mean {n.mean():.1f}, min {n.min():.0f}, max {n.max():.0f} of "
-                             f"{cfg['peer_gen_tokens']}")
+                    for who, x in (("ours", a), ("transformers", b)):  # different random streams, same law
+                        n = ((~torch.isin(x, torch.tensor(stop))).cumprod(1).sum(1) + 1).clamp(max=x.shape[1]).float()
+                        note += f"; {who}' completions mean {n.mean():.1f}, max {n.max():.0f} tokens"
+                else:
+                    note += f"; greedy tokens identical: {a.shape == b.shape and torch.equal(a, b)}"
                 notes.append(note)
                 row(label, "generate", t)
             if "grpo" in cfg["peer_works"]:

@@ -174,7 +174,7 @@ def test_every_bench_section_runs_at_toy_sizes(tmp_path):
     out = r.stdout
     for needle in ("greedy outputs identical: True", "clips/s", "peak RSS added", "| tiny (EmoSynth default) |",
                    "| 0.5 |", "| whole step |", "rollout:", "| SFT step vs transformers |",
-                   "no EOS: greedy tokens identical: True", "loss transformers| = "):
+                   "greedy tokens identical: True", "loss transformers| = "):
         assert needle in out, (needle, out[-3000:])
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--section=gpu_only"], capture_output=True, text=True,
                        cwd=ROOT, env=env)
