@@ -572,7 +572,9 @@ class VidEmo(nn.Module):
         """3-D M-RoPE positions, as transformers' get_rope_index. Text advances all three axes by 1; a vision
         run of t*h*w/4 tokens gets (start + t*interval, start + row, start + col), interval = tokens_per_second *
         seconds-per-grid for videos (1 for images), and the text after it starts at start + max(h, w)/2.
-        Padding gets 0. Returns (positions [3, B, L] long, next_position [B] = max position + 1)."""
+        Padding gets 0. Returns (positions [3, B, L] long, next_position [B]: what a text token after the last real
+        one gets, where decoding continues, as transformers' generate does; not the max position + 1, which a
+        video's scaled temporal positions can exceed: a 20 s clip of 4 frames reaches t = 19 over 3 merged tokens)."""
         B, L = input_ids.shape
         dev = input_ids.device
         m = self.vs["spatial_merge_size"]
@@ -619,7 +621,7 @@ class VidEmo(nn.Module):
                 cur += max(hm, wm)
             p = torch.cat(parts, 1) if parts else torch.zeros(3, 0, dtype=torch.long)
             pos[:, b, real[b]] = p.to(dev)
-            next_pos[b] = int(p.max()) + 1 if p.numel() else 0
+            next_pos[b] = cur
         return pos, next_pos
 
     def mrope(self, pos, dtype):
@@ -691,7 +693,8 @@ class VidEmo(nn.Module):
                 raise ValueError(f"{kind} tokens ({embeds.shape[0]}) and {kind} placeholders in input_ids "
                                  f"({int(where.sum())}) do not match")
             x = x.masked_scatter(where[..., None], embeds.to(x.dtype))
-        pos, _ = self.rope_index(input_ids, attention_mask, video_grid_thw, image_grid_thw, second_per_grid_ts)
+        pos, next_pos = self.rope_index(input_ids, attention_mask, video_grid_thw, image_grid_thw,
+                                        second_per_grid_ts)
         real = None if attention_mask is None else attention_mask.bool()
         index = None
         if video_keep_mask is not None or padding_side is not None:
@@ -699,10 +702,6 @@ class VidEmo(nn.Module):
             real = real.bool()
             x = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
             pos = pos.gather(2, index[None].expand(3, -1, -1))
-        next_pos = pos.amax(0)
-        if real is not None:
-            next_pos = next_pos.masked_fill(~real, -1)
-        next_pos = next_pos.amax(1) + 1  # [B]
         if real is not None and bool(real.all()):
             real = None
         return (x, pos, real, next_pos, index) if return_index else (x, pos, real, next_pos)
@@ -816,7 +815,7 @@ class VidEmo(nn.Module):
         """Batched generation with a static KV cache. Prompts may be left or right padded (they are compacted to
         left padding). The vision tower and the prefill run once per prompt; their keys/values are copied to the
         num_return_sequences completions (rows b*n .. b*n+n-1 belong to prompt b). Decode positions continue from
-        each prompt's max M-RoPE position + 1, as transformers does. temperature 0 = greedy.
+        each prompt's next text position (rope_index), as transformers does. temperature 0 = greedy.
         -> (new tokens [B*n, T] long, pad_token_id after EOS; log-probs [B*n, T] float (0 after EOS) or None).
         Log-probs are log_softmax(logits / temperature) at the chosen token, from the unfiltered distribution
         (top-k/top-p only decide what is sampled), like TRL: they match a teacher-forced forward.

@@ -32,12 +32,15 @@ def test_greedy_identical_with_compaction(every, decode):
     torch.testing.assert_close(lp_got, lp_want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("decode", ["eager", "static"])
-def test_sampled_logprobs_match_teacher_forcing_after_compaction(decode):
+@pytest.mark.parametrize("decode,seconds", [("eager", None), ("static", None), ("eager", [9.8, 0.5])])
+def test_sampled_logprobs_match_teacher_forcing_after_compaction(decode, seconds):
+    """seconds 9.8 per grid (a 20 s clip sampled to 8 frames): the video's temporal positions pass the text after it;
+    decoding continues from the next text position, as the teacher-forced forward places the completion."""
     model = _model(1)
-    inp = fake_video_inputs([(2, 8, 8), (2, 6, 6)], side="left", seed=2)
+    grids = [(2, 8, 8), (2, 6, 6)] if seconds is None else [(4, 2, 2), (2, 6, 6)]
+    inp = fake_video_inputs(grids, side="left", seed=2, seconds=seconds)
     ids = inp.pop("input_ids")
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0 if seconds is None else 1)  # (a sampled video placeholder would end the check)
     toks, lps = model.generate(ids, max_new_tokens=20, temperature=0.8, eos_token_id=EOS, pad_token_id=PAD,
                                num_return_sequences=4, return_logprobs=True, generator=g, compact_every=2,
                                decode=decode, **inp)
