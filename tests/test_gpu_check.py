@@ -25,7 +25,7 @@ def test_dry_run_writes_the_figures(tmp_path, interpret):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert rep["dry_run"] is True and rep["ok"] is True
-    assert list(rep["checks"]) == ["kernels", "bf16_forward", "flash_attn"]  # the GPU-only checks are left out
+    assert list(rep["checks"]) == ["kernels", "bf16_forward", "flash_attn", "decode"]  # the GPU-only ones left out
     k = rep["checks"]["kernels"]
     for dtype in ("bfloat16", "float32"):
         row = k[f"token_logprobs_{dtype}"]
@@ -36,15 +36,17 @@ def test_dry_run_writes_the_figures(tmp_path, interpret):
     f = rep["checks"]["bf16_forward"]
     assert 0 < f["logits_rel_err_max"] <= 5e-2 and 0.9 <= f["top1_agreement"] <= 1.0
     assert rep["checks"]["flash_attn"]["skipped"]
-    assert "3/3 checks ok" in r.stdout
+    d = rep["checks"]["decode"]  # eager vs static decode (graphs need CUDA) vs transformers, the same greedy tokens
+    assert d["static_same_tokens_as_eager"] and d["eager_same_tokens_as_transformers"] and "graphs_decode_tok_s" not in d
+    assert "4/4 checks ok" in r.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_needs_a_gpu_without_dry_run(tmp_path):
     r = run(f"--out={tmp_path / 'g.json'}")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: gpu_check.py needs a CUDA GPU (--dry_run=True runs checks 1-3 "
-                                             "on CPU at tiny sizes)"]
+    assert r.stderr.strip().splitlines() == ["error: gpu_check.py needs a CUDA GPU (--dry_run=True runs the CPU "
+                                             "checks at tiny sizes)"]
     assert not (tmp_path / "g.json").exists()
 
 
