@@ -2,6 +2,7 @@
 baseline measured in the same run.
 
     python bench.py --section=generate          # ours vs transformers generate, prefill and decode tokens/s
+    python bench.py --section=peers --threads=1 --clock=cpu   # SFT / generate vs transformers, GRPO vs TRL, real clips
     python bench.py --section=all
     python bench.py --section=generate --batch=4 --new_tokens=32 --threads=2
 
