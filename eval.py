@@ -44,6 +44,10 @@ fps = 4.0
 max_frames = 8
 min_pixels = 56 * 56
 max_pixels = 112 * 112
+answer_format = "direct"  # direct | reasoning: the reasoning tasks' references carry the clip's affective tree
+# (data.apply_answer_format, trees from the meta.jsonl beside test_file), so their <think> part is scored too
+reasoning_tasks = ("emotion_single", "emotion_multi", "emotion_fine", "sentiment_single", "sentiment_fine",
+                   "micro_expression", "emotion_transition")
 reasoning = "plain"  # plain | tree (affective-tree reasoning, see inference.py)
 samples = 4  # K candidates per tree level
 scorer = "logprob"  # logprob | consistency
@@ -90,6 +94,7 @@ def main():
     cfg = common.configure(globals())
     common.check([
         ("reasoning", reasoning, reasoning in ("plain", "tree"), "plain or tree"),
+        ("answer_format", answer_format, answer_format in ("direct", "reasoning"), "direct or reasoning"),
         ("scorer", scorer, scorer in ("logprob", "consistency"), "logprob or consistency"),
         ("batch_size", batch_size, batch_size >= 1, ">= 1"), ("samples", samples, samples >= 1, ">= 1"),
         ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
@@ -111,7 +116,7 @@ def main():
     else:
         dev = inference.resolve_device(device)
         try:
-            records = evaluation.load_eval_records(test_file, task)
+            records = evaluation.load_eval_records(test_file, task, answer_format, reasoning_tasks)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise common.InputError(str(e)) from None
         if max_records > 0:

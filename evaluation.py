@@ -44,10 +44,12 @@ def score_sample(response, record, task, judge=None):
 # records, keys, options
 
 
-def load_eval_records(path, default_task=""):
+def load_eval_records(path, default_task="", answer_format="direct", reasoning_tasks=D.REASONING_TASKS):
     """Records of one file or a folder (data.load_records); a record without `task` gets default_task or the task its
     file name implies. Entries that are not JSON objects become {"_broken": reason} placeholders (after the good
-    records), counted as skips by evaluate."""
+    records), counted as skips by evaluate. answer_format="reasoning": records of reasoning_tasks get the clip's
+    affective tree as their reference (data.apply_answer_format, trees from the meta.jsonl beside `path`), so the
+    response's <think> part is scored with the tree reward beside the answer's metric."""
     bad = []
     records = D.load_records(path, skipped=bad)
     if not records and not bad:
@@ -56,6 +58,11 @@ def load_eval_records(path, default_task=""):
         task = default_task or reward.task_from_name(r["_src"].rsplit(":", 1)[0])
         if not r.get("task") and task:
             r["task"] = task
+    if answer_format != "direct":
+        records, n_conv, n_missing = D.apply_answer_format(records, answer_format, reasoning_tasks,
+                                                           D.load_clip_trees(D.meta_path_for(path)))
+        print(f"answer_format={answer_format}: {n_conv} records answer through the affective tree"
+              + (f", {n_missing} of the reasoning tasks have no tree" if n_missing else ""), file=sys.stderr)
     return records + [{"_broken": b.split(": ", 1)[-1], "_src": b.split(": ", 1)[0]} for b in bad]
 
 
@@ -134,18 +141,22 @@ def parse_judge_score(text):
 
 def summarize(rows):
     """The result dict from prediction rows (one per record; skip rows carry `skip`)."""
-    per_task, judged, skipped = {}, {}, Counter()
+    per_task, judged, skipped, trees = {}, {}, Counter(), {}
     for r in rows:
         if r.get("skip"):
             skipped[r["skip"]] += 1
             continue
         t, metric = r["task"], task_metric(r["task"])
         per_task.setdefault(t, []).append(float(r["scores"].get(metric, 0.0)))
+        if metric != "tree" and "tree" in r["scores"]:  # a reasoning-format record: its <think> tree is scored too
+            trees.setdefault(t, []).append(float(r["scores"]["tree"]))
         if "judge" in r["scores"]:
             judged.setdefault(t, []).append(r["scores"]["judge"])
     tasks = {}
     for t, vals in per_task.items():
         tasks[t] = {"metric": task_metric(t), "score": sum(vals) / len(vals), "n": len(vals)}
+        if t in trees:
+            tasks[t]["tree"] = sum(trees[t]) / len(trees[t])
         if t in judged:
             js = judged[t]
             tasks[t]["judge"] = sum(j or 0.0 for j in js) / len(js)
@@ -172,7 +183,8 @@ def format_table(result):
             if "judge" in v:
                 failed = f", {v['judge_failed']} of {v['n']} judge calls failed" if v.get("judge_failed") else ""
                 judge = f" (judge {100 * v['judge']:.1f}{failed})"
-            out.append(f"| {t} | {v['metric']} | {100 * v['score']:.1f}{judge} | {v['n']} |")
+            tree = f" (tree {100 * v['tree']:.1f})" if "tree" in v else ""
+            out.append(f"| {t} | {v['metric']} | {100 * v['score']:.1f}{judge}{tree} | {v['n']} |")
         out += [f"| **average** | | **{100 * result['groups'][g]:.1f}** | |", ""]
     other = sorted(t for t in tasks if task_level(t) not in {g for g, _, _ in GROUPS})
     if other:
