@@ -50,7 +50,9 @@ reasoning_tasks = ("emotion_single", "emotion_multi", "emotion_fine", "sentiment
                    "micro_expression", "emotion_transition")
 reasoning = "plain"  # plain | tree (affective-tree reasoning, see inference.py)
 samples = 4  # K candidates per tree level
-scorer = "logprob"  # logprob | consistency
+scorer = "logprob"  # logprob | consistency | verify (inference.SCORERS; a function of your own via evaluation.evaluate)
+level_samples = ()  # () = `samples` at every level, or (attribute, expression, emotion) candidate counts
+level_temperatures = ()  # () = `temperature` at every level, or one per level (0 = that level's greedy line)
 temperature = 0.9  # sampling temperature of the tree-level candidates
 video_prune_rate = 0.0  # EVS video-token pruning (0 = keep all)
 judge_url = ""  # OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) to judge captions; empty = off
@@ -95,7 +97,11 @@ def main():
     common.check([
         ("reasoning", reasoning, reasoning in ("plain", "tree"), "plain or tree"),
         ("answer_format", answer_format, answer_format in ("direct", "reasoning"), "direct or reasoning"),
-        ("scorer", scorer, scorer in ("logprob", "consistency"), "logprob or consistency"),
+        ("scorer", scorer, scorer in ("logprob", "consistency", "verify"), "logprob, consistency or verify"),
+        ("level_samples", level_samples, len(level_samples) in (0, 3) and all(k >= 1 for k in level_samples),
+         "() or three counts >= 1 (attribute, expression, emotion)"),
+        ("level_temperatures", level_temperatures, len(level_temperatures) in (0, 3) and
+         all(t >= 0 for t in level_temperatures), "() or three temperatures >= 0 (attribute, expression, emotion)"),
         ("batch_size", batch_size, batch_size >= 1, ">= 1"), ("samples", samples, samples >= 1, ">= 1"),
         ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
         ("max_records", max_records, max_records >= 0, ">= 0 (0 = all)"),
@@ -131,7 +137,8 @@ def main():
                                      predictions_path=os.path.splitext(path)[0] + ".predictions.jsonl",
                                      reasoning=reasoning, samples=samples, video_prune_rate=video_prune_rate,
                                      progress=progress, scorer=scorer, temperature=temperature, judge=judge,
-                                     seed=seed)
+                                     seed=seed, level_samples=tuple(level_samples),
+                                     level_temperatures=tuple(level_temperatures))
         result["predictions"] = os.path.splitext(path)[0] + ".predictions.jsonl"
     result["config"] = redacted(cfg)
     print(evaluation.format_table(result))
