@@ -38,6 +38,7 @@ out = ""  # result JSON; default out/eval/<checkpoint>__<data>.json (predictions
 predictions = ""  # score this existing predictions JSONL instead of running a model
 task = ""  # task for records / prediction lines without a `task` field (default: from the file name)
 max_records = 0  # evaluate only the first N records (0 = all)
+only_tasks = ()  # evaluate only the records of these tasks (() = all), e.g. the emotion tasks for tree reasoning
 batch_size = 16
 max_new_tokens = 128
 fps = 4.0
@@ -125,6 +126,10 @@ def main():
             records = evaluation.load_eval_records(test_file, task, answer_format, reasoning_tasks)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise common.InputError(str(e)) from None
+        if only_tasks:
+            records = [r for r in records if r.get("task") in only_tasks]
+            if not records:
+                raise common.InputError(f"config key 'only_tasks': no records of {list(only_tasks)} in {test_file}")
         if max_records > 0:
             records = records[:max_records]
         model, tokenizer, ckpt = inference.load_model(init_from, tokenizer_dir, dev, dtype)
