@@ -210,3 +210,18 @@ def test_tiny_sft_on_the_reasoning_format(tiny_data, tmp_path):
     r = subprocess.run(cmd + ["--answer_format=direct", "--resume=True", "--max_steps=7"], capture_output=True,
                        text=True, env=env, cwd=str(ROOT), timeout=600)
     assert r.returncode != 0 and "answer_format" in (r.stdout + r.stderr)
+
+    # GRPO from it on emotion_single alone: under the reasoning format its reward carries the tree term and the format
+    # term (answer + tree + format), under the direct format neither
+    for fmt in ("reasoning", "direct"):
+        rl = str(tmp_path / f"rl_{fmt}")
+        r = subprocess.run([sys.executable, str(ROOT / "train_rl.py"), f"--init_from={out}/ckpt",
+                            f"--data_dir={tiny_data}", f"--out_dir={rl}", f"--answer_format={fmt}",
+                            "--tasks=('emotion_single',)", "--num_generations=4", "--prompts_per_step=2",
+                            "--grad_accum=1", "--max_completion_length=8", "--max_steps=1", "--eval_every=0",
+                            "--eval_at_end=False", "--dynamic_sampling=False"],
+                           capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        row = [json.loads(line) for line in open(os.path.join(rl, "metrics.jsonl"))][0]
+        assert "reward/accuracy/mean" in row
+        assert ("reward/tree/mean" in row) == ("reward/format/mean" in row) == (fmt == "reasoning"), row
