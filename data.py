@@ -551,7 +551,7 @@ def tree_from_meta(meta, fps=4.0):
     """The affective tree of one EmoSynth clip, from its meta.jsonl ground truth, as the <think> block:
     "<think>\\nattribute: ...\\nexpression: ...\\nemotion: ...\\n</think>". For a single-emotion clip it is the think
     block of the clip's own fine_grained_caption tree (tests/test_reasoning.py checks this); blends name both emotions,
-    micro-expressions the flash's AUs and time, transitions the AUs of each half and the time of the switch."""
+    micro-expressions the flash's AUs and time, transitions the AUs of each half ("first half ...; second half ...")."""
     app = meta["appearance"]
     attr = [f"gender={app['gender']}", f"age={app['age']}",
             "hair=bald" if app["hair_len"] == "bald" else f"hair={app['hair_len']} {app['hair_colour']}"]
@@ -568,9 +568,10 @@ def tree_from_meta(meta, fps=4.0):
         flash = [t for t, row in enumerate(au) if any(v > 0 for v in row)]
         expr = _au_items(set(meta["aus"])) + ([f"flash at {flash[0] / fps:.1f}s"] if flash else [])
         emo = [f"{meta['micro']} (micro-expression)" if meta.get("micro") not in (None, "none") else "neutral"]
-    elif kind == "transition":
+    elif kind == "transition":  # each half named first, so the AUs are read in time order (a neutral half: none)
         half = T // 2
-        expr = _au_items(_active(au, 0, half)) + [f"change at {half / fps:.1f}s"] + _au_items(_active(au, half, T))
+        first, second = _au_items(_active(au, 0, half)) or ["none"], _au_items(_active(au, half, T)) or ["none"]
+        expr = [f"first half {first[0]}"] + first[1:] + [f"second half {second[0]}"] + second[1:]
         emo = [f"{meta['transition'][0]} to {meta['transition'][1]}"]
     elif kind == "blend":
         expr = _au_items(set(meta["aus"]))

@@ -144,11 +144,11 @@ EMOTION_AUS = {"neutral": frozenset(), "happiness": frozenset({6, 12}), "sadness
                "anger": frozenset({4, 5, 20}), "fear": frozenset({1, 2, 4, 5, 20, 25}),
                "surprise": frozenset({1, 2, 5, 26}), "disgust": frozenset({9, 15})}
 _AU_RE = re.compile(r"\bau\s?0?(\d{1,2})\b", re.I)
-_SPLIT_RE = re.compile(r"\b(?:change|then)\b", re.I)   # "AU6 ...; change at 1.0s; AU1 ..." (a transition)
+_SPLIT_RE = re.compile(r"\bsecond half\b", re.I)   # "first half AU6 ...; second half AU1 ..." (a transition)
 
 
 def au_segments(line):
-    """The AU code sets of an expression line, one per segment (a transition's "change at ..." splits it)."""
+    """The AU code sets of an expression line, one per segment (a transition's "second half" splits it)."""
     body = line.split(":", 1)[1] if ":" in line else line
     return [{int(c) for c in _AU_RE.findall(seg)} for seg in _SPLIT_RE.split(body)]
 
