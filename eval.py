@@ -54,6 +54,7 @@ samples = 4  # K candidates per tree level
 scorer = "logprob"  # logprob | consistency | verify (inference.SCORERS; a function of your own via evaluation.evaluate)
 level_samples = ()  # () = `samples` at every level, or (attribute, expression, emotion) candidate counts
 level_temperatures = ()  # () = `temperature` at every level, or one per level (0 = that level's greedy line)
+level_max_tokens = 96  # longest level line sampled (EmoSynth's longest, a transition's expression line, is 67 tokens)
 temperature = 0.9  # sampling temperature of the tree-level candidates
 video_prune_rate = 0.0  # EVS video-token pruning (0 = keep all)
 judge_url = ""  # OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) to judge captions; empty = off
@@ -105,6 +106,7 @@ def main():
          all(t >= 0 for t in level_temperatures), "() or three temperatures >= 0 (attribute, expression, emotion)"),
         ("batch_size", batch_size, batch_size >= 1, ">= 1"), ("samples", samples, samples >= 1, ">= 1"),
         ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
+        ("level_max_tokens", level_max_tokens, level_max_tokens >= 1, ">= 1"),
         ("max_records", max_records, max_records >= 0, ">= 0 (0 = all)"),
         ("temperature", temperature, temperature > 0, "> 0"),
         ("video_prune_rate", video_prune_rate, 0 <= video_prune_rate < 1, "in [0, 1)"),
@@ -143,7 +145,8 @@ def main():
                                      reasoning=reasoning, samples=samples, video_prune_rate=video_prune_rate,
                                      progress=progress, scorer=scorer, temperature=temperature, judge=judge,
                                      seed=seed, level_samples=tuple(level_samples),
-                                     level_temperatures=tuple(level_temperatures))
+                                     level_temperatures=tuple(level_temperatures),
+                                     level_max_tokens=level_max_tokens)
         result["predictions"] = os.path.splitext(path)[0] + ".predictions.jsonl"
     result["config"] = redacted(cfg)
     print(evaluation.format_table(result))

@@ -320,7 +320,7 @@ def run_tag(model, reasoning="plain", samples=4, scorer="logprob", video_prune_r
 def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16, max_new_tokens=128, device=None,
              predictions_path=None, reasoning="plain", samples=4, video_prune_rate=0.0, progress=True,
              scorer="logprob", temperature=0.9, judge=None, tag="", default_task="", seed=0, level_samples=(),
-             level_temperatures=()):
+             level_temperatures=(), level_max_tokens=64):
     """Generate a response for every record, score it, and return the result dict
     {"tasks": {task: {"metric", "score", "n"}}, "groups": {level: mean task score}, "skipped": {reason: count}, "n"}.
     With predictions_path, finished samples are appended there and reused by the next call with the same weights,
@@ -370,7 +370,7 @@ def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16,
                             raw, tokenizer, it, samples, scorer, temperature, max_new_tokens=max_new_tokens,
                             video_prune_rate=video_prune_rate, generator=gen.manual_seed(seed * 1_000_003 + i),
                             level_samples=level_samples or None, level_temperatures=level_temperatures or None,
-                            cost=c))
+                            level_max_tokens=level_max_tokens, cost=c))
                         costs.append({"tokens": c["tokens"], "seconds": c["seconds"]})
                 for (i, t, _), text, cost in zip(items, texts, costs):
                     rec = records[i]
