@@ -146,7 +146,7 @@ def main():
                                      progress=progress, scorer=scorer, temperature=temperature, judge=judge,
                                      seed=seed, level_samples=tuple(level_samples),
                                      level_temperatures=tuple(level_temperatures),
-                                     level_max_tokens=level_max_tokens)
+                                     level_max_tokens=level_max_tokens, report_seconds=True)
         result["predictions"] = os.path.splitext(path)[0] + ".predictions.jsonl"
     result["config"] = redacted(cfg)
     print(evaluation.format_table(result))
