@@ -523,6 +523,158 @@ def load_records(path, skipped=None):
     return records
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# answer formats: "direct" (the record's answer as written) | "reasoning" (<think>affective tree</think><answer>...)
+
+ANSWER_FORMATS = ("direct", "reasoning")
+# the emotion tasks answered through the affective tree under answer_format="reasoning" (fine_grained_caption's
+# answer is a tree already; attribute tasks and AU / caption answers stay direct)
+REASONING_TASKS = ("emotion_single", "emotion_multi", "emotion_fine", "sentiment_single", "sentiment_fine",
+                   "micro_expression", "emotion_transition")
+# EmoSynth's FACS names (data/emosynth/prepare.py writes the same strings into its records)
+_AU_NAMES = {1: "inner brow raiser", 2: "outer brow raiser", 4: "brow lowerer", 5: "upper lid raiser",
+             6: "cheek raiser", 9: "nose wrinkler", 12: "lip corner puller", 15: "lip corner depressor",
+             20: "lip stretcher", 25: "lips part", 26: "jaw drop"}
+_AU_ORDER = list(_AU_NAMES)
+
+
+def _au_items(codes):
+    return [f"AU{c} {_AU_NAMES[c]}" for c in _AU_ORDER if c in codes]
+
+
+def _active(frames_au, lo, hi):
+    """AU codes with amplitude > 0 on any frame in [lo, hi) of a per-frame amplitude table [T][11]."""
+    return {c for k, c in enumerate(_AU_ORDER) if any(row[k] > 0 for row in frames_au[lo:hi])}
+
+
+def tree_from_meta(meta, fps=4.0):
+    """The affective tree of one EmoSynth clip, from its meta.jsonl ground truth, as the <think> block:
+    "<think>\\nattribute: ...\\nexpression: ...\\nemotion: ...\\n</think>". For a single-emotion clip it is the think
+    block of the clip's own fine_grained_caption tree (tests/test_reasoning.py checks this); blends name both emotions,
+    micro-expressions the flash's AUs and time, transitions the AUs of each half ("first half ...; second half ...")."""
+    app = meta["appearance"]
+    attr = [f"gender={app['gender']}", f"age={app['age']}",
+            "hair=bald" if app["hair_len"] == "bald" else f"hair={app['hair_len']} {app['hair_colour']}"]
+    if app.get("beard"):
+        attr.append("facial hair=beard")
+    attr += [f"accessory={a}" for a in ("glasses", "hat") if app.get(a)]
+    attr.append(f"pose={meta['pose']}")
+    attr += [f"action={a}" for a in meta.get("actions", []) if a != "none"]
+    au = meta["frames"]["au"]
+    T = len(au)
+    kind, intensity = meta.get("kind"), meta.get("intensity", "medium")
+    fine = lambda e: e if e == "neutral" else f"{e} ({intensity} intensity)"  # noqa: E731
+    if kind == "micro":
+        flash = [t for t, row in enumerate(au) if any(v > 0 for v in row)]
+        expr = _au_items(set(meta["aus"])) + ([f"flash at {flash[0] / fps:.1f}s"] if flash else [])
+        emo = [f"{meta['micro']} (micro-expression)" if meta.get("micro") not in (None, "none") else "neutral"]
+    elif kind == "transition":  # each half named first, so the AUs are read in time order (a neutral half: none)
+        half = T // 2
+        first, second = _au_items(_active(au, 0, half)) or ["none"], _au_items(_active(au, half, T)) or ["none"]
+        expr = [f"first half {first[0]}"] + first[1:] + [f"second half {second[0]}"] + second[1:]
+        emo = [f"{meta['transition'][0]} to {meta['transition'][1]}"]
+    elif kind == "blend":
+        expr = _au_items(set(meta["aus"]))
+        emo = [fine(e) for e in meta["emotions"]]
+    else:
+        expr = _au_items(set(meta["aus"]))
+        emo = [fine(meta["emotion"])]
+    return ("<think>\n"
+            f"attribute: {'; '.join(attr)}\n"
+            f"expression: {'; '.join(expr) or 'none'}\n"
+            f"emotion: {'; '.join(emo)}\n"
+            "</think>")
+
+
+def load_clip_trees(path):
+    """{video path as records write it: think block} from an EmoSynth meta.jsonl; {} when the file is missing."""
+    trees = {}
+    if not path or not os.path.isfile(path):
+        return trees
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                m = json.loads(line)
+                trees[m["video"]] = tree_from_meta(m)
+    return trees
+
+
+def think_block(tree):
+    """The "<think>...</think>" part of a tree text (a fine_grained_caption `tree` holds an <answer> too); None if
+    the text has no complete think block."""
+    if not isinstance(tree, str):
+        return None
+    a = tree.find("<think>")
+    b = tree.find("</think>", a + 1) if a >= 0 else -1
+    return tree[a:b + len("</think>")] if a >= 0 and b >= 0 else None
+
+
+def reasoning_answer(think, answer):
+    """The reasoning-format target: the affective tree, then the direct answer inside <answer> tags."""
+    return f"{think}\n<answer>{answer}</answer>"
+
+
+def split_reasoning(text):
+    """(think block or None, answer) of a reasoning-format text; a direct answer comes back as (None, text)."""
+    think = think_block(text)
+    if think is None:
+        return None, text
+    rest = text[text.find(think) + len(think):].strip()
+    if rest.startswith("<answer>") and rest.endswith("</answer>"):
+        rest = rest[len("<answer>"):-len("</answer>")]
+    return think, rest
+
+
+def meta_path_for(records_path):
+    """Where EmoSynth keeps the clips' ground truth for a records file or folder: meta.jsonl beside it."""
+    p = str(records_path)
+    return os.path.join(p if os.path.isdir(p) else os.path.dirname(p), "meta.jsonl")
+
+
+def apply_answer_format(records, answer_format="direct", tasks=REASONING_TASKS, trees=None):
+    """Records in the chosen answer format. "direct" returns them unchanged. "reasoning" rewrites the last assistant
+    turn of every record of `tasks` as reasoning_answer(tree, answer) and marks it (answer_format="reasoning", `tree`
+    = the whole target, so reward.score adds the tree reward of the <think> part to the answer's metric). The tree is
+    the record's own `tree` when it has a think block (real Emo-CFG rationale data), else trees[record's first video]
+    (load_clip_trees). Returns (records, n_converted, n_without_tree); records without a tree stay direct."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+    if answer_format == "direct":
+        return records, 0, 0
+    out, n_conv, n_missing = [], 0, 0
+    for r in records:
+        if not isinstance(r, dict) or r.get("task") not in tasks or r.get("answer_format") == "reasoning":
+            out.append(r)
+            continue
+        msgs = r.get("messages")
+        last = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant"),
+                   default=None) if isinstance(msgs, list) else None
+        videos = r.get("videos") or []
+        think = think_block(r.get("tree")) or (trees or {}).get(videos[0] if videos else None)
+        if last is None or think is None or not isinstance(msgs[last].get("content"), str):
+            n_missing += 1
+            out.append(r)
+            continue
+        target = reasoning_answer(think, msgs[last]["content"])
+        new_msgs = list(msgs)
+        new_msgs[last] = dict(msgs[last], content=target)
+        out.append(dict(r, messages=new_msgs, tree=target, answer_format="reasoning"))
+        n_conv += 1
+    return out, n_conv, n_missing
+
+
+def load_records_as(path, answer_format="direct", tasks=REASONING_TASKS, skipped=None):
+    """load_records + apply_answer_format with the trees of the meta.jsonl beside `path` (EmoSynth); prints how many
+    records were converted and how many had no tree."""
+    records = load_records(path, skipped=skipped)
+    if answer_format == "direct":
+        return records
+    records, n, missing = apply_answer_format(records, answer_format, tasks, load_clip_trees(meta_path_for(path)))
+    print(f"answer_format=reasoning: {n} records of {len(records)} in {path} answer through the affective tree"
+          + (f"; {missing} of the reasoning tasks have no tree and stay direct" if missing else ""), file=sys.stderr)
+    return records
+
+
 def _messages(record):
     """Validated chat messages [{'role', 'content': str}] with `<video>`/`<image>` replaced by vision placeholders,
     and the video/image path lists."""

@@ -38,15 +38,23 @@ out = ""  # result JSON; default out/eval/<checkpoint>__<data>.json (predictions
 predictions = ""  # score this existing predictions JSONL instead of running a model
 task = ""  # task for records / prediction lines without a `task` field (default: from the file name)
 max_records = 0  # evaluate only the first N records (0 = all)
+only_tasks = ()  # evaluate only the records of these tasks (() = all), e.g. the emotion tasks for tree reasoning
 batch_size = 16
 max_new_tokens = 128
 fps = 4.0
 max_frames = 8
 min_pixels = 56 * 56
 max_pixels = 112 * 112
+answer_format = "direct"  # direct | reasoning: the reasoning tasks' references carry the clip's affective tree
+# (data.apply_answer_format, trees from the meta.jsonl beside test_file), so their <think> part is scored too
+reasoning_tasks = ("emotion_single", "emotion_multi", "emotion_fine", "sentiment_single", "sentiment_fine",
+                   "micro_expression", "emotion_transition")
 reasoning = "plain"  # plain | tree (affective-tree reasoning, see inference.py)
 samples = 4  # K candidates per tree level
-scorer = "logprob"  # logprob | consistency
+scorer = "logprob"  # logprob | consistency | verify (inference.SCORERS; a function of your own via evaluation.evaluate)
+level_samples = ()  # () = `samples` at every level, or (attribute, expression, emotion) candidate counts
+level_temperatures = ()  # () = `temperature` at every level, or one per level (0 = that level's greedy line)
+level_max_tokens = 96  # longest level line sampled (EmoSynth's longest, a transition's expression line, is 67 tokens)
 temperature = 0.9  # sampling temperature of the tree-level candidates
 video_prune_rate = 0.0  # EVS video-token pruning (0 = keep all)
 judge_url = ""  # OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) to judge captions; empty = off
@@ -90,9 +98,15 @@ def main():
     cfg = common.configure(globals())
     common.check([
         ("reasoning", reasoning, reasoning in ("plain", "tree"), "plain or tree"),
-        ("scorer", scorer, scorer in ("logprob", "consistency"), "logprob or consistency"),
+        ("answer_format", answer_format, answer_format in ("direct", "reasoning"), "direct or reasoning"),
+        ("scorer", scorer, scorer in ("logprob", "consistency", "verify"), "logprob, consistency or verify"),
+        ("level_samples", level_samples, len(level_samples) in (0, 3) and all(k >= 1 for k in level_samples),
+         "() or three counts >= 1 (attribute, expression, emotion)"),
+        ("level_temperatures", level_temperatures, len(level_temperatures) in (0, 3) and
+         all(t >= 0 for t in level_temperatures), "() or three temperatures >= 0 (attribute, expression, emotion)"),
         ("batch_size", batch_size, batch_size >= 1, ">= 1"), ("samples", samples, samples >= 1, ">= 1"),
         ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
+        ("level_max_tokens", level_max_tokens, level_max_tokens >= 1, ">= 1"),
         ("max_records", max_records, max_records >= 0, ">= 0 (0 = all)"),
         ("temperature", temperature, temperature > 0, "> 0"),
         ("video_prune_rate", video_prune_rate, 0 <= video_prune_rate < 1, "in [0, 1)"),
@@ -111,9 +125,13 @@ def main():
     else:
         dev = inference.resolve_device(device)
         try:
-            records = evaluation.load_eval_records(test_file, task)
+            records = evaluation.load_eval_records(test_file, task, answer_format, reasoning_tasks)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise common.InputError(str(e)) from None
+        if only_tasks:
+            records = [r for r in records if r.get("task") in only_tasks]
+            if not records:
+                raise common.InputError(f"config key 'only_tasks': no records of {list(only_tasks)} in {test_file}")
         if max_records > 0:
             records = records[:max_records]
         model, tokenizer, ckpt = inference.load_model(init_from, tokenizer_dir, dev, dtype)
@@ -126,7 +144,9 @@ def main():
                                      predictions_path=os.path.splitext(path)[0] + ".predictions.jsonl",
                                      reasoning=reasoning, samples=samples, video_prune_rate=video_prune_rate,
                                      progress=progress, scorer=scorer, temperature=temperature, judge=judge,
-                                     seed=seed)
+                                     seed=seed, level_samples=tuple(level_samples),
+                                     level_temperatures=tuple(level_temperatures),
+                                     level_max_tokens=level_max_tokens, report_seconds=True)
         result["predictions"] = os.path.splitext(path)[0] + ".predictions.jsonl"
     result["config"] = redacted(cfg)
     print(evaluation.format_table(result))

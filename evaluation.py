@@ -44,10 +44,12 @@ def score_sample(response, record, task, judge=None):
 # records, keys, options
 
 
-def load_eval_records(path, default_task=""):
+def load_eval_records(path, default_task="", answer_format="direct", reasoning_tasks=D.REASONING_TASKS):
     """Records of one file or a folder (data.load_records); a record without `task` gets default_task or the task its
     file name implies. Entries that are not JSON objects become {"_broken": reason} placeholders (after the good
-    records), counted as skips by evaluate."""
+    records), counted as skips by evaluate. answer_format="reasoning": records of reasoning_tasks get the clip's
+    affective tree as their reference (data.apply_answer_format, trees from the meta.jsonl beside `path`), so the
+    response's <think> part is scored with the tree reward beside the answer's metric."""
     bad = []
     records = D.load_records(path, skipped=bad)
     if not records and not bad:
@@ -56,6 +58,11 @@ def load_eval_records(path, default_task=""):
         task = default_task or reward.task_from_name(r["_src"].rsplit(":", 1)[0])
         if not r.get("task") and task:
             r["task"] = task
+    if answer_format != "direct":
+        records, n_conv, n_missing = D.apply_answer_format(records, answer_format, reasoning_tasks,
+                                                           D.load_clip_trees(D.meta_path_for(path)))
+        print(f"answer_format={answer_format}: {n_conv} records answer through the affective tree"
+              + (f", {n_missing} of the reasoning tasks have no tree" if n_missing else ""), file=sys.stderr)
     return records + [{"_broken": b.split(": ", 1)[-1], "_src": b.split(": ", 1)[0]} for b in bad]
 
 
@@ -132,20 +139,32 @@ def parse_judge_score(text):
     return None
 
 
-def summarize(rows):
-    """The result dict from prediction rows (one per record; skip rows carry `skip`)."""
-    per_task, judged, skipped = {}, {}, Counter()
+def summarize(rows, seconds=False):
+    """The result dict from prediction rows (one per record; skip rows carry `skip`). Rows that carry a generation
+    `cost` add the mean tokens generated per record (per task and overall, in `cost`); with `seconds` also the mean
+    wall seconds (not reproducible from run to run, so off unless asked for)."""
+    per_task, judged, skipped, trees, costs = {}, {}, Counter(), {}, {}
     for r in rows:
         if r.get("skip"):
             skipped[r["skip"]] += 1
             continue
         t, metric = r["task"], task_metric(r["task"])
         per_task.setdefault(t, []).append(float(r["scores"].get(metric, 0.0)))
+        if isinstance(r.get("cost"), dict):  # generation cost of the row (evaluate): tokens and seconds
+            costs.setdefault(t, []).append(r["cost"])
+        if metric != "tree" and "tree" in r["scores"]:  # a reasoning-format record: its <think> tree is scored too
+            trees.setdefault(t, []).append(float(r["scores"]["tree"]))
         if "judge" in r["scores"]:
             judged.setdefault(t, []).append(r["scores"]["judge"])
     tasks = {}
     for t, vals in per_task.items():
         tasks[t] = {"metric": task_metric(t), "score": sum(vals) / len(vals), "n": len(vals)}
+        if t in trees:
+            tasks[t]["tree"] = sum(trees[t]) / len(trees[t])
+        if t in costs:
+            tasks[t]["tokens"] = sum(float(c.get("tokens", 0.0)) for c in costs[t]) / len(costs[t])
+            if seconds:
+                tasks[t]["seconds"] = sum(float(c.get("seconds", 0.0)) for c in costs[t]) / len(costs[t])
         if t in judged:
             js = judged[t]
             tasks[t]["judge"] = sum(j or 0.0 for j in js) / len(js)
@@ -155,7 +174,13 @@ def summarize(rows):
         s = [v["score"] for t, v in tasks.items() if task_level(t) == g]
         if s:
             groups[g] = sum(s) / len(s)
-    return {"tasks": tasks, "groups": groups, "skipped": dict(skipped), "n": len(rows)}
+    out = {"tasks": tasks, "groups": groups, "skipped": dict(skipped), "n": len(rows)}
+    allc = [c for cs in costs.values() for c in cs]
+    if allc:  # mean generated tokens and seconds per scored record
+        out["cost"] = {"tokens": sum(float(c.get("tokens", 0.0)) for c in allc) / len(allc), "n": len(allc)}
+        if seconds:
+            out["cost"]["seconds"] = sum(float(c.get("seconds", 0.0)) for c in allc) / len(allc)
+    return out
 
 
 def format_table(result):
@@ -172,13 +197,18 @@ def format_table(result):
             if "judge" in v:
                 failed = f", {v['judge_failed']} of {v['n']} judge calls failed" if v.get("judge_failed") else ""
                 judge = f" (judge {100 * v['judge']:.1f}{failed})"
-            out.append(f"| {t} | {v['metric']} | {100 * v['score']:.1f}{judge} | {v['n']} |")
+            tree = f" (tree {100 * v['tree']:.1f})" if "tree" in v else ""
+            out.append(f"| {t} | {v['metric']} | {100 * v['score']:.1f}{judge}{tree} | {v['n']} |")
         out += [f"| **average** | | **{100 * result['groups'][g]:.1f}** | |", ""]
     other = sorted(t for t in tasks if task_level(t) not in {g for g, _, _ in GROUPS})
     if other:
         out += ["| Other | metric | score | n |", "|---|---|---:|---:|"]
         out += [f"| {t} | {tasks[t]['metric']} | {100 * tasks[t]['score']:.1f} | {tasks[t]['n']} |" for t in other]
         out.append("")
+    if result.get("cost"):
+        c = result["cost"]
+        secs = f" and {c['seconds']:.3f} s" if "seconds" in c else ""
+        out.append(f"generation: {c['tokens']:.1f} tokens{secs} per record ({c['n']} records generated by this tag)")
     if result.get("skipped"):
         out.append("skipped: " + ", ".join(f"{k} x{v}" for k, v in sorted(result["skipped"].items())))
     if not tasks:
@@ -276,9 +306,15 @@ def weights_fingerprint(model):
     return h.hexdigest()[:12]
 
 
-def run_tag(model, reasoning="plain", samples=4, scorer="logprob", video_prune_rate=0.0, tag=""):
+def run_tag(model, reasoning="plain", samples=4, scorer="logprob", video_prune_rate=0.0, tag="", level_samples=(),
+            level_temperatures=()):
     """What a prediction row must match to be reused: the weights, the reasoning mode, pruning, the caller's tag."""
-    mode = reasoning if reasoning == "plain" else f"tree-K{samples}-{scorer}"
+    name = scorer if isinstance(scorer, str) else getattr(scorer, "__name__", "custom")
+    mode = reasoning if reasoning == "plain" else f"tree-K{samples}-{name}"
+    if reasoning != "plain" and level_samples:
+        mode += "-k" + ",".join(str(k) for k in level_samples)
+    if reasoning != "plain" and level_temperatures:
+        mode += "-t" + ",".join(f"{t:g}" for t in level_temperatures)
     if video_prune_rate > 0:
         mode += f"-prune{video_prune_rate:g}"
     return "|".join(x for x in (tag, mode, "w" + weights_fingerprint(model)) if x)
@@ -287,7 +323,8 @@ def run_tag(model, reasoning="plain", samples=4, scorer="logprob", video_prune_r
 @torch.no_grad()
 def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16, max_new_tokens=128, device=None,
              predictions_path=None, reasoning="plain", samples=4, video_prune_rate=0.0, progress=True,
-             scorer="logprob", temperature=0.9, judge=None, tag="", default_task="", seed=0):
+             scorer="logprob", temperature=0.9, judge=None, tag="", default_task="", seed=0, level_samples=(),
+             level_temperatures=(), level_max_tokens=64, report_seconds=False):
     """Generate a response for every record, score it, and return the result dict
     {"tasks": {task: {"metric", "score", "n"}}, "groups": {level: mean task score}, "skipped": {reason: count}, "n"}.
     With predictions_path, finished samples are appended there and reused by the next call with the same weights,
@@ -297,7 +334,7 @@ def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16,
         raw.to(device)
     if reasoning not in ("plain", "tree"):
         raise ValueError(f"reasoning must be 'plain' or 'tree', got {reasoning!r}")
-    tag = run_tag(raw, reasoning, samples, scorer, video_prune_rate, tag)
+    tag = run_tag(raw, reasoning, samples, scorer, video_prune_rate, tag, level_samples, level_temperatures)
     keys = [record_key(i, r) for i, r in enumerate(records)]
     wanted = set(keys)
     done = {r["key"] for r in read_predictions(predictions_path) if r.get("tag") == tag and r.get("key") in wanted}
@@ -324,19 +361,26 @@ def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16,
                                  "detail": str(e)[:500]})
             if items:
                 if reasoning == "plain":
+                    c = inference.new_cost()
                     texts = inference.generate_plain(raw, tokenizer, [it for _, _, it in items], max_new_tokens,
-                                             video_prune_rate)
+                                                     video_prune_rate, cost=c)
+                    costs = [{"tokens": n, "seconds": c["seconds"] / len(items)} for n in c["per_row"]]
                 else:
                     # one seed per record: a resumed run samples exactly what the uninterrupted one would have
-                    texts = [inference.tree_reasoning(raw, tokenizer, it, samples, scorer, temperature,
-                                              max_new_tokens=max_new_tokens, video_prune_rate=video_prune_rate,
-                                              generator=gen.manual_seed(seed * 1_000_003 + i))
-                             for i, _, it in items]
-                for (i, t, _), text in zip(items, texts):
+                    texts, costs = [], []
+                    for i, _, it in items:
+                        c = inference.new_cost()
+                        texts.append(inference.tree_reasoning(
+                            raw, tokenizer, it, samples, scorer, temperature, max_new_tokens=max_new_tokens,
+                            video_prune_rate=video_prune_rate, generator=gen.manual_seed(seed * 1_000_003 + i),
+                            level_samples=level_samples or None, level_temperatures=level_temperatures or None,
+                            level_max_tokens=level_max_tokens, cost=c))
+                        costs.append({"tokens": c["tokens"], "seconds": c["seconds"]})
+                for (i, t, _), text, cost in zip(items, texts, costs):
                     rec = records[i]
                     row = {"key": keys[i], "index": i, "tag": tag, "task": t, "level": task_level(t),
                            "response": text, "labels": rec.get("labels"), "messages": rec.get("messages"),
-                           "videos": rec.get("videos")}
+                           "videos": rec.get("videos"), "cost": cost}
                     try:
                         row["scores"] = score_sample(text, rec, t, judge)
                     except Exception as e:  # a reference reward.py cannot read: counted, the response kept
@@ -356,7 +400,7 @@ def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16,
         rows = [latest[k] for k in keys if k in latest]
     else:
         rows = memory
-    return summarize(rows)
+    return summarize(rows, seconds=report_seconds)
 
 
 def report(model, tokenizer, records, video_root, video_kwargs, out_dir, **kw):

@@ -11,13 +11,15 @@ log-prob, or self-consistency across the K), conditions the next level on the ch
 greedily.
 """
 import os
+import re
+import time
 
 import torch
 
 import common
 import data as D
 from model import VidEmo
-from reward import LEVELS
+from reward import LEVELS, extract_labels
 
 
 def resolve_dtype(name, dev):
@@ -82,13 +84,22 @@ def generate_inputs(model, batch, video_prune_rate=0.0, encode_videos=False):
 
 
 @torch.no_grad()
-def generate_plain(model, tokenizer, items, max_new_tokens=128, video_prune_rate=0.0):
-    """Batched greedy responses for a list of data.encode_prompt items (left padded by data.collate_prompts)."""
+def generate_plain(model, tokenizer, items, max_new_tokens=128, video_prune_rate=0.0, cost=None):
+    """Batched greedy responses for a list of data.encode_prompt items (left padded by data.collate_prompts).
+    `cost` (new_cost()) accumulates the tokens generated (up to and including each EOS), calls and seconds."""
+    t0 = time.time()
     eos, pad = D.special_ids(tokenizer)
     inputs = generate_inputs(model, D.collate_prompts(items, pad), video_prune_rate)
     seqs, _ = model.generate(**inputs, max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=eos,
                              pad_token_id=pad)  # [B, T_new]
-    return [decode(tokenizer, s.tolist(), eos) for s in seqs]
+    rows = [s.tolist() for s in seqs]
+    if cost is not None:
+        counts = [(r.index(eos) + 1) if eos in r else len(r) for r in rows]
+        cost["tokens"] += sum(counts)
+        cost.setdefault("per_row", []).extend(counts)  # each response's own token count
+        cost["calls"] += 1
+        cost["seconds"] += time.time() - t0
+    return [decode(tokenizer, r, eos) for r in rows]
 
 
 _NEWLINE_IDS = {}
@@ -123,33 +134,151 @@ def _items(line):
     return {" ".join(x.lower().split()) for x in body.split(";") if x.strip()}
 
 
-def pick_candidate(lines, logps, scorer="logprob"):
-    """Index of the best level line. logprob: highest mean token log-prob. consistency: the line whose items agree
-    most (summed Jaccard) with the other candidates, log-prob breaking ties. Empty lines lose to non-empty ones."""
-    if scorer not in ("logprob", "consistency"):
-        raise ValueError(f"scorer must be 'logprob' or 'consistency', got {scorer!r}")
-    sets = [_items(l) for l in lines]
+# ----------------------------------------------------------------------------------------------------------------------
+# candidate scorers: a scorer is a plain function (level, candidates, chosen) -> index of the kept candidate, where
+# candidates is a list of {"line": "expression: AU6 cheek raiser; ...", "logp": mean token log-prob, "n_tokens": int}
+# and chosen is {level: line} of the levels already decided. Pass any such function as tree_reasoning(scorer=...).
 
-    def agreement(j):
-        return sum(len(sets[j] & sets[i]) / max(1, len(sets[j] | sets[i])) for i in range(len(lines)) if i != j)
+# FACS prototypes of the basic emotions (EmoSynth draws exactly these; EMFACS-style sets) for the rule-based verifier
+EMOTION_AUS = {"neutral": frozenset(), "happiness": frozenset({6, 12}), "sadness": frozenset({1, 4, 15}),
+               "anger": frozenset({4, 5, 20}), "fear": frozenset({1, 2, 4, 5, 20, 25}),
+               "surprise": frozenset({1, 2, 5, 26}), "disgust": frozenset({9, 15})}
+_AU_RE = re.compile(r"\bau\s?0?(\d{1,2})\b", re.I)
+_SPLIT_RE = re.compile(r"\bsecond half\b", re.I)   # "first half AU6 ...; second half AU1 ..." (a transition)
 
-    def key(j):
-        nonempty = bool(sets[j])
-        return (nonempty, agreement(j), logps[j]) if scorer == "consistency" else (nonempty, logps[j])
-    return max(range(len(lines)), key=key)
+
+def au_segments(line):
+    """The AU code sets of an expression line, one per segment (a transition's "second half" splits it)."""
+    body = line.split(":", 1)[1] if ":" in line else line
+    return [{int(c) for c in _AU_RE.findall(seg)} for seg in _SPLIT_RE.split(body)]
+
+
+def line_emotions(line):
+    """The basic emotions an emotion line names, in order ("none" / "neutral" -> ["neutral"])."""
+    body = line.split(":", 1)[1] if ":" in line else line
+    out = [e for e in extract_labels(body, "emotion") if e in EMOTION_AUS]
+    return out or (["neutral"] if re.search(r"\bnone\b", body, re.I) else [])
+
+
+def _explained(aus, emotions=None):
+    """True if an AU set is one emotion's prototype or the union of two (a blend); with `emotions`, of those."""
+    protos = {e: p for e, p in EMOTION_AUS.items() if emotions is None or e in emotions}
+    if emotions is not None:
+        union = frozenset().union(*protos.values()) if protos else None
+        return union is not None and aus == union and len(protos) == len(set(emotions))
+    return any(aus == p for p in protos.values()) or any(aus == a | b for a in protos.values()
+                                                          for b in protos.values())
+
+
+def verify_line(level, line, chosen):
+    """A small rule-based verifier: 1.0 if a level line is consistent with the rules and the levels chosen before it,
+    else 0.0. attribute: each single-valued key (gender, age, hair, pose) at most once. expression: every AU segment
+    is an emotion prototype or a blend of two. emotion: the emotions named are exactly explained by the chosen AUs
+    (a transition: one emotion per segment, in order; a micro-expression flash or a single / blended emotion: the
+    union of their prototypes equals the AU set; neutral: no AU)."""
+    body = line.split(":", 1)[1] if ":" in line else line
+    if not body.strip():
+        return 0.0
+    if level == "attribute":
+        keys = [x.split("=", 1)[0].strip().lower() for x in body.split(";") if "=" in x]
+        return float(all(keys.count(k) <= 1 for k in ("gender", "age", "hair", "pose")))
+    if level == "expression":
+        segs = au_segments(line)
+        return float(all(not s or _explained(frozenset(s)) for s in segs))
+    segs = au_segments(chosen.get("expression", ""))
+    emos = line_emotions(line)
+    if not emos:
+        return 0.0
+    if len(segs) == 2:  # a transition: "a to b"
+        return float(len(emos) == 2 and all(frozenset(s) == EMOTION_AUS[e] for s, e in zip(segs, emos)))
+    aus = frozenset(segs[0]) if segs else frozenset()
+    return float(_explained(aus, emos))
+
+
+def score_logprob(level, candidates, chosen):
+    """The highest mean token log-prob; empty lines lose to non-empty ones."""
+    return max(range(len(candidates)), key=lambda j: (bool(_items(candidates[j]["line"])), candidates[j]["logp"]))
+
+
+def _agreement(candidates, j):
+    sets = [_items(c["line"]) for c in candidates]
+    return sum(len(sets[j] & sets[i]) / max(1, len(sets[j] | sets[i])) for i in range(len(candidates)) if i != j)
+
+
+def score_consistency(level, candidates, chosen):
+    """Self-consistency: the line whose items agree most (summed Jaccard) with the other candidates; log-prob breaks
+    ties; empty lines lose."""
+    return max(range(len(candidates)), key=lambda j: (bool(_items(candidates[j]["line"])),
+                                                      _agreement(candidates, j), candidates[j]["logp"]))
+
+
+def score_verify(level, candidates, chosen):
+    """Lines that pass verify_line first (the chosen AUs must explain the emotion), then self-consistency, then
+    log-prob: structure decides, the model's confidence breaks ties."""
+    return max(range(len(candidates)), key=lambda j: (verify_line(level, candidates[j]["line"], chosen),
+                                                      bool(_items(candidates[j]["line"])),
+                                                      _agreement(candidates, j), candidates[j]["logp"]))
+
+
+SCORERS = {"logprob": score_logprob, "consistency": score_consistency, "verify": score_verify}
+
+
+def resolve_scorer(scorer):
+    """A scorer name (SCORERS) or a callable -> the callable."""
+    if callable(scorer):
+        return scorer
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {sorted(SCORERS)} or a function, got {scorer!r}")
+    return SCORERS[scorer]
+
+
+def pick_candidate(lines, logps, scorer="logprob", level="emotion", chosen=None):
+    """Index of the best level line by a scorer (name or function); see SCORERS."""
+    cands = [{"line": l, "logp": s, "n_tokens": 0} for l, s in zip(lines, logps)]
+    return resolve_scorer(scorer)(level, cands, chosen or {})
+
+
+def _per_level(value, default, name):
+    """A per-level setting: a number for every level, or a sequence of three (attribute, expression, emotion)."""
+    if value is None or value == () or value == []:
+        return {lv: default for lv in LEVELS}
+    if isinstance(value, dict):
+        return {lv: value.get(lv, default) for lv in LEVELS}
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(LEVELS):
+            raise ValueError(f"{name}: give one value per level {LEVELS}, got {value!r}")
+        return dict(zip(LEVELS, value))
+    return {lv: value for lv in LEVELS}
+
+
+def new_cost():
+    """Cost counters tree_reasoning / generate_plain add to: generated tokens, generate calls, seconds."""
+    return {"tokens": 0, "calls": 0, "seconds": 0.0}
 
 
 @torch.no_grad()
 def tree_reasoning(model, tokenizer, prompt_inputs, K=4, scorer="logprob", temperature=0.9, level_max_tokens=64,
-                   max_new_tokens=128, video_prune_rate=0.0, generator=None, return_candidates=False):
+                   max_new_tokens=128, video_prune_rate=0.0, generator=None, return_candidates=False,
+                   level_samples=None, level_temperatures=None, cost=None):
     """Affective-tree reasoning for one prompt (a data.encode_prompt item). Returns the full response text
-    "<think>\\nattribute: ...\\nexpression: ...\\nemotion: ...\\n</think>\\n<answer>...</answer>"
-    (and the per-level candidates with their scores when return_candidates)."""
+    "<think>\nattribute: ...\nexpression: ...\nemotion: ...\n</think>\n<answer>...</answer>"
+    (and the per-level candidates with their scores when return_candidates).
+
+    Per level: sample level_samples[level] (default K) candidate lines at level_temperatures[level] (default
+    `temperature`; 0 = one greedy line), keep the one `scorer` picks (a SCORERS name or a function
+    (level, candidates, chosen) -> index), condition the next level on it; then the answer greedily. level_samples /
+    level_temperatures: a number, a (attribute, expression, emotion) triple or a {level: value} dict. `cost`
+    (new_cost()) accumulates the tokens generated, generate calls and seconds."""
+    t_start = time.time()
+    pick = resolve_scorer(scorer)
+    ks = _per_level(level_samples, K, "level_samples")
+    temps = _per_level(level_temperatures, temperature, "level_temperatures")
     eos, pad = D.special_ids(tokenizer)
     dev = next(model.parameters()).device
     base = generate_inputs(model, D.collate_prompts([prompt_inputs], pad), video_prune_rate, encode_videos=True)
     prompt_ids = base["input_ids"]  # [1, L]
     assert prompt_ids.shape[0] == 1
+    calls, tokens = 0, 0
 
     line_stops = [eos] + newline_ids(tokenizer)
 
@@ -163,23 +292,35 @@ def tree_reasoning(model, tokenizer, prompt_inputs, K=4, scorer="logprob", tempe
                               num_return_sequences=n_seq, return_logprobs=True, generator=generator)
 
     text = "<think>\n"
-    candidates = {}
+    candidates, chosen = {}, {}
     for level in LEVELS:
         prefix = text + f"{level}:"
-        seqs, logps = run(prefix, level_max_tokens, K, temperature, line_stops)  # [K, T], [K, T]
-        lines, scores = [], []
+        temp = float(temps[level])
+        k = 1 if temp <= 0 else max(1, int(ks[level]))
+        seqs, logps = run(prefix, level_max_tokens, k, max(temp, 0.0), line_stops)  # [k, T], [k, T]
+        calls += 1
+        cands = []
         for j in range(seqs.shape[0]):
             ids = seqs[j].tolist()
             n, line = _cut_line(tokenizer, ids, eos)
-            lines.append(line)
-            scores.append(logps[j, :n].float().mean().item() if n > 0 else float("-inf"))
-        best = pick_candidate(lines, scores, scorer)
-        candidates[level] = [(f"{level}:{l}", s) for l, s in zip(lines, scores)]
-        text = prefix + lines[best] + "\n"
+            tokens += n
+            cands.append({"line": f"{level}:{line}", "logp": logps[j, :n].float().mean().item() if n > 0
+                          else float("-inf"), "n_tokens": n})
+        best = int(pick(level, cands, dict(chosen)))
+        candidates[level] = [(c["line"], c["logp"]) for c in cands]
+        chosen[level] = cands[best]["line"]
+        text = prefix + cands[best]["line"][len(level) + 1:] + "\n"
     text += "</think>\n<answer>"
     seqs, _ = run(text, max_new_tokens, 1, 0.0, [eos])
-    answer = decode(tokenizer, seqs[0].tolist(), eos).split("</answer>")[0].strip()
+    calls += 1
+    ids = seqs[0].tolist()
+    tokens += (ids.index(eos) + 1) if eos in ids else len(ids)
+    answer = decode(tokenizer, ids, eos).split("</answer>")[0].strip()
     text += answer + "</answer>"
+    if cost is not None:
+        cost["tokens"] += tokens
+        cost["calls"] += calls
+        cost["seconds"] += time.time() - t_start
     return (text, candidates) if return_candidates else text
 
 

@@ -818,7 +818,9 @@ def score(completion, record, weights=None, lam=1.0):
     The one scoring path: GRPO's reward and eval's metric are this call. For accuracy / F1 tasks an option-letter
     answer ("B", "(B) sadness") becomes its option's text when the question lists options, and so do letter labels;
     string labels are split for F1; without labels the reference answer is the last assistant turn.
-    weights override DEFAULT_WEIGHTS key by key; the format term enters the total only for FORMAT_METRICS."""
+    weights override DEFAULT_WEIGHTS key by key; the format term enters the total only for FORMAT_METRICS, and for
+    records marked answer_format="reasoning" (data.apply_answer_format), which also get a "tree" term: the tree reward
+    of the completion's <think> block against record["tree"], added to the total with w["tree"]."""
     task = record.get("task")
     metric = task_metric(task)
     if metric is None:
@@ -829,15 +831,25 @@ def score(completion, record, weights=None, lam=1.0):
             raise ValueError(f"score: unknown weight key {k!r}; known: {sorted(w)}")
         w[k] = float(v)
     fmt = format_reward(completion)
+    reasoning = record.get("answer_format") == "reasoning"
     if metric in ("accuracy", "f1"):
         question = question_text(record)
         answer = resolve_options(_clip(completion), question)
-        labels = as_label_list(record.get("labels"), metric) or as_label_list(reference_text(record), metric)
+        ref = reference_text(record) if not record.get("labels") else None
+        if ref is not None and reasoning:  # the reference answer is inside the target's <answer> tags
+            ref = extract_answer(ref)
+        labels = as_label_list(record.get("labels"), metric) or as_label_list(ref, metric)
         labels = [resolve_options(label, question) for label in labels]
         value = (accuracy_reward if metric == "accuracy" else f1_reward)(answer, labels)
     elif metric == "caption":
-        value = caption_reward(completion, record)
+        value = caption_reward(completion, extract_answer(reference_text(record)) if reasoning else record)
     else:
         value = tree_reward(completion, record.get("tree") or reference_text(record), lam=lam)
     total = w[metric] * value + (w["format"] * fmt if metric in FORMAT_METRICS else 0.0)
-    return {metric: value, "format": fmt, "total": total}
+    out = {metric: value, "format": fmt, "total": total}
+    if metric not in FORMAT_METRICS and record.get("answer_format") == "reasoning" and record.get("tree"):
+        # a reasoning-format record (data.apply_answer_format): the answer's metric above, plus the tree reward of
+        # the <think> part against the record's tree and the format term, so GRPO rewards answer and tree together
+        out["tree"] = tree_reward(completion, record["tree"], lam=lam)
+        out["total"] = total + w["tree"] * out["tree"] + w["format"] * fmt
+    return out

@@ -27,7 +27,7 @@ video = ""
 question = "Analyse the person's attributes, facial expression and emotion step by step, then give the emotion."
 reasoning = "plain"  # plain | tree
 samples = 4  # K candidates per level (tree reasoning)
-scorer = "logprob"  # logprob | consistency
+scorer = "logprob"  # logprob | consistency | verify (inference.SCORERS)
 temperature = 0.9  # sampling temperature of the level candidates
 level_max_tokens = 64  # per level line
 max_new_tokens = 256  # the plain response / the final answer
@@ -46,7 +46,7 @@ def main():
     common.configure(globals())
     common.check([
         ("reasoning", reasoning, reasoning in ("plain", "tree"), "plain or tree"),
-        ("scorer", scorer, scorer in ("logprob", "consistency"), "logprob or consistency"),
+        ("scorer", scorer, scorer in ("logprob", "consistency", "verify"), "logprob, consistency or verify"),
         ("samples", samples, samples >= 1, ">= 1"), ("temperature", temperature, temperature > 0, "> 0"),
         ("level_max_tokens", level_max_tokens, level_max_tokens >= 1, ">= 1"),
         ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),

@@ -41,6 +41,10 @@ tokenizer_dir = ""  # default: init_from
 # train on records of these tasks (empty = all that reward.py can score): the affective tree, plus single-label
 # emotion so the answer accuracy is held while the tree improves
 tasks = ("fine_grained_caption", "emotion_single")
+# direct | reasoning: records of reasoning_tasks answer as <think>affective tree</think><answer>...</answer> (train,
+# val and test; data.apply_answer_format) and their reward is the answer's metric + w_tree * tree + w_format * format
+answer_format = "direct"
+reasoning_tasks = D.REASONING_TASKS
 fps = 4.0
 max_frames = 8
 min_pixels = 56 * 56
@@ -112,8 +116,8 @@ wandb_project = ""
 
 
 # settings a resumed run must share with its checkpoint (the prompt stream, the groups, what is trained, the reference)
-RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokenizer_dir", "tasks", "fps", "max_frames",
-                   "min_pixels", "max_pixels", "num_generations", "prompts_per_step", "grad_accum", "train_vision",
+RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokenizer_dir", "tasks", "answer_format",
+                   "reasoning_tasks", "fps", "max_frames", "min_pixels", "max_pixels", "num_generations", "prompts_per_step", "grad_accum", "train_vision",
                    "beta", "seed", "lora_rank", "lora_alpha", "lora_targets")
 
 
@@ -191,7 +195,10 @@ def main():
     unknown = [t for t in tasks if t not in R.TASK_METRIC]
     if unknown:
         raise common.ConfigError(f"config key 'tasks': unknown task(s) {unknown}; known: {sorted(R.TASK_METRIC)}")
-    records = [r for r in D.load_records(train_file) if r.get("task") in (tasks or R.TASK_METRIC)]
+    if answer_format not in D.ANSWER_FORMATS:
+        raise common.ConfigError(f"config key 'answer_format': must be direct or reasoning, got {answer_format!r}")
+    records = [r for r in D.load_records_as(train_file, answer_format, reasoning_tasks)
+               if r.get("task") in (tasks or R.TASK_METRIC)]
     if not records:
         raise common.InputError(f"no records of tasks {tasks} in {train_file}")
     root = video_root or None  # None: each record's videos resolve against its own file's folder (data.py)
@@ -347,7 +354,7 @@ def main():
     val_records = []
     if eval_every > 0 and val_file != "none" and os.path.exists(val_file):
         by_task = {}
-        for r in D.load_records(val_file):
+        for r in D.load_records_as(val_file, answer_format, reasoning_tasks):
             if r.get("task") in (tasks or R.TASK_METRIC):
                 by_task.setdefault(r["task"], []).append(r)
         val_records = [r for rs in by_task.values() for r in rs[:eval_val_records or None]]
@@ -547,7 +554,7 @@ def main():
         policy.eval()
         with common.unsharded(policy) if fsdp else contextlib.nullcontext():
             if master:
-                test_records = D.load_records(test_file)[:eval_max_records or None]
+                test_records = D.load_records_as(test_file, answer_format, reasoning_tasks)[:eval_max_records or None]
                 evaluation.report(policy, tokenizer, test_records, root, video_kwargs, out_dir,
                                   batch_size=eval_batch_size, max_new_tokens=eval_max_new_tokens, device=dev,
                                   video_prune_rate=video_prune_rate)

@@ -24,7 +24,8 @@ from tqdm import tqdm
 import common
 import evaluation
 import lora
-from data import CurriculumSampler, EmoDataset, collate, curriculum_level, load_records, load_tokenizer, special_ids
+from data import (REASONING_TASKS, CurriculumSampler, EmoDataset, collate, curriculum_level, load_records_as,
+                  load_tokenizer, special_ids)
 from model import VidEmo, scratch_config
 from reward import LEVELS
 
@@ -45,6 +46,11 @@ max_frames = 8
 min_pixels = 56 * 56
 max_pixels = 112 * 112
 max_seq_len = 512
+# direct: every task answered as its record writes it | reasoning: the records of reasoning_tasks are answered as
+# "<think>affective tree</think><answer>answer</answer>" (data.apply_answer_format; EmoSynth's trees come from the
+# meta.jsonl beside each records file), train, val and test alike
+answer_format = "direct"
+reasoning_tasks = REASONING_TASKS
 num_workers = 2
 # curriculum
 curriculum = True  # False = one shuffled mix of all levels (the baseline)
@@ -95,7 +101,7 @@ save_every = 200
 stop_at_step = 0  # >0: stop after this step's checkpoint (simulates a killed run; --resume continues)
 eval_at_end = True
 eval_batch_size = 32
-eval_max_new_tokens = 96
+eval_max_new_tokens = 96  # at least 160 under answer_format=reasoning (EmoSynth's reasoning targets reach 114 tokens)
 video_prune_rate = 0.0  # EVS token compression at evaluation (0 = keep all)
 wandb_project = ""
 # ----------------------------------------------------------------------------------------------------------------------
@@ -193,7 +199,7 @@ def validate(net, model, loader, dev, autocast, rank, world):
 
 # settings a resumed run must share with its checkpoint (model shape, data, batch layout, what is trained)
 RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokenizer_dir", "fps", "max_frames",
-                   "min_pixels", "max_pixels", "max_seq_len", "curriculum", "stage_epochs", "replay", "n_layer",
+                   "min_pixels", "max_pixels", "max_seq_len", "answer_format", "reasoning_tasks", "curriculum", "stage_epochs", "replay", "n_layer",
                    "n_embd", "n_head", "n_kv_head", "n_inner", "vision_depth", "vision_embd", "vision_heads",
                    "vision_inner", "tie_embeddings", "batch_size", "grad_accum", "freeze_vision", "freeze_merger",
                    "freeze_llm", "fsdp", "seed", "lora_rank", "lora_alpha", "lora_targets")
@@ -209,6 +215,7 @@ def check_config():
         ("stage_epochs", stage_epochs, len(stage_epochs) == 3 and all(e >= 0 for e in stage_epochs),
          "three epoch counts >= 0 (attribute, expression, emotion)"),
         ("fps", fps, fps > 0, "> 0"), ("max_frames", max_frames, max_frames >= 2, ">= 2"),
+        ("answer_format", answer_format, answer_format in ("direct", "reasoning"), "direct or reasoning"),
         ("min_pixels", min_pixels, min_pixels > 0, "> 0"),
         ("max_pixels", max_pixels, max_pixels >= max(min_pixels, 28 * 28), ">= min_pixels and >= 784 (28 x 28)"),
         ("max_seq_len", max_seq_len, max_seq_len >= 0, ">= 0 (0 = no limit)"),
@@ -260,7 +267,7 @@ def main():
     video_kwargs = dict(fps=fps, max_frames=max_frames, min_pixels=min_pixels, max_pixels=max_pixels)
     root = video_root or None  # None: each record's videos resolve against its own file's folder (data.py)
     try:
-        train_records = load_records(train_path)
+        train_records = load_records_as(train_path, answer_format, reasoning_tasks)
     except OSError as e:
         raise common.InputError(f"config key 'train_file': {e}") from None
     levels = [curriculum_level(r) for r in train_records]
@@ -280,7 +287,7 @@ def main():
     total_steps = max_steps or len(sampler) // grad_accum
     val_loader = None
     if val_path != "none" and os.path.exists(val_path):
-        val_set = EmoDataset(load_records(val_path), tokenizer, root, max_seq_len, video_kwargs)
+        val_set = EmoDataset(load_records_as(val_path, answer_format, reasoning_tasks), tokenizer, root, max_seq_len, video_kwargs)
         val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                                                  num_workers=0)
 
@@ -445,8 +452,9 @@ def main():
     # ---- final evaluation on the test split (rank 0, from the saved checkpoint)
     if eval_at_end and test_path != "none" and os.path.exists(test_path) and master:
         best = VidEmo.from_pretrained(ckpt_path, device=dev)
-        evaluation.report(best, tokenizer, load_records(test_path), root, video_kwargs, out_dir,
-                          batch_size=eval_batch_size, max_new_tokens=eval_max_new_tokens, device=dev,
+        new_tokens = max(eval_max_new_tokens, 160) if answer_format == "reasoning" else eval_max_new_tokens
+        evaluation.report(best, tokenizer, load_records_as(test_path, answer_format, reasoning_tasks), root,
+                          video_kwargs, out_dir, batch_size=eval_batch_size, max_new_tokens=new_tokens, device=dev,
                           video_prune_rate=video_prune_rate)
     common.barrier()
     common.cleanup_distributed()

@@ -1,0 +1,227 @@
+"""The reasoning answer format (data.apply_answer_format): EmoSynth's clip trees, the format round trip, scoring of
+direct and reasoning answers with reward.score / evaluation.summarize, and a tiny SFT run on the reasoning format."""
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import data as D
+import evaluation
+import reward as R
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DATA = dict(num_train=64, num_val=8, num_test=8, workers=1, vocab_size=600)
+TINY_MODEL = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=1", "--n_inner=64", "--vision_depth=1",
+              "--vision_embd=32", "--vision_heads=2", "--vision_inner=64"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("emosynth_prepare", ROOT / "data/emosynth/prepare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return str(mod.prepare(tmp_path_factory.mktemp("emosynth") / "build", verbose=False, **TINY_DATA))
+
+
+def _meta(path):
+    return {m["video"]: m for m in map(json.loads, open(os.path.join(path, "meta.jsonl")))}
+
+
+def test_clip_trees_match_the_dataset(tiny_data):
+    """The tree of a single-emotion clip is its fine_grained_caption reference; every clip kind's tree parses into
+    the three levels, and its levels agree with the clip's labels (AUs, emotion, transition, micro-expression)."""
+    trees = D.load_clip_trees(os.path.join(tiny_data, "meta.jsonl"))
+    meta = _meta(tiny_data)
+    assert set(trees) == set(meta)
+    recs = D.load_records(os.path.join(tiny_data, "train.jsonl"))
+    fgc = [r for r in recs if r["task"] == "fine_grained_caption"]
+    assert fgc
+    for r in fgc:
+        assert trees[r["videos"][0]] == D.think_block(r["tree"])
+    kinds = set()
+    for r in recs:
+        if r["task"] not in D.REASONING_TASKS:
+            continue
+        think = trees[r["videos"][0]]
+        kinds.add(meta[r["videos"][0]]["kind"])
+        tree = R.parse_tree(think)
+        assert [c.label for c in tree.children] == list(R.LEVELS)
+        expr = R.extract_labels(think.split("expression:")[1].split("\n")[0], "expression")
+        m = meta[r["videos"][0]]
+        assert expr == [f"au{c} {D._AU_NAMES[c]}" for c in D._AU_ORDER if c in m["aus"]]
+        emo_line = think.split("emotion:")[1].split("\n")[0]
+        if r["task"] == "emotion_transition":
+            assert emo_line.strip() == r["labels"][0]
+        elif r["task"] == "micro_expression":
+            assert (r["labels"][0] == "none") == (emo_line.strip() == "neutral")
+            assert r["labels"][0] == "none" or r["labels"][0] in emo_line
+        elif r["task"] in ("emotion_single", "emotion_multi"):
+            for lab in r["labels"]:
+                assert lab in emo_line
+        elif r["task"] == "emotion_fine":
+            assert emo_line.strip() == r["labels"][0]
+    assert {"expr", "micro", "transition"} <= kinds
+
+
+def _random_record(rng, task):
+    words = ["happiness", "anger (high intensity)", "strongly negative", "fear to sadness", "none", "au4, au5"]
+    think = ("<think>\nattribute: gender=" + rng.choice(["male", "female"]) + f"; age={rng.choice(['young', 'adult'])}"
+             f"\nexpression: AU{rng.choice([1, 4, 6])} x; AU{rng.choice([9, 12])} y\nemotion: {rng.choice(words)}\n"
+             "</think>")
+    ans = rng.choice(words) + ("" if rng.random() < 0.5 else f" {rng.randint(0, 99)}")
+    rec = {"messages": [{"role": "user", "content": "<video>q?"}, {"role": "assistant", "content": ans}],
+           "videos": [f"videos/{rng.randint(0, 10**6):06d}.mp4"], "task": task, "labels": [ans]}
+    return rec, think, ans
+
+
+def test_format_round_trip():
+    rng = random.Random()
+    tasks = sorted(R.TASK_METRIC)
+    recs, trees, thinks = [], {}, []
+    for _ in range(200):
+        rec, think, ans = _random_record(rng, rng.choice(tasks))
+        if rng.random() < 0.8:
+            trees[rec["videos"][0]] = think
+        recs.append(rec)
+        thinks.append((think, ans))
+        t2, a2 = D.split_reasoning(D.reasoning_answer(think, ans))
+        assert (t2, a2) == (think, ans)
+        assert D.split_reasoning(ans) == (None, ans)
+    same, n0, m0 = D.apply_answer_format(recs, "direct", D.REASONING_TASKS, trees)
+    assert same is recs and n0 == m0 == 0
+    before = json.dumps(recs, sort_keys=True)
+    out, n, missing = D.apply_answer_format(recs, "reasoning", D.REASONING_TASKS, trees)
+    assert json.dumps(recs, sort_keys=True) == before  # the input records are not modified
+    want_conv = sum(r["task"] in D.REASONING_TASKS and r["videos"][0] in trees for r in recs)
+    want_missing = sum(r["task"] in D.REASONING_TASKS and r["videos"][0] not in trees for r in recs)
+    assert (n, missing) == (want_conv, want_missing) and n > 0
+    for r, o, (think, ans) in zip(recs, out, thinks):
+        if r["task"] in D.REASONING_TASKS and r["videos"][0] in trees:
+            target = o["messages"][-1]["content"]
+            assert o["answer_format"] == "reasoning" and o["tree"] == target
+            assert D.split_reasoning(target) == (think, ans)
+            assert R.format_reward(target) == 1.0
+            assert R.extract_answer(target) == ans
+        else:
+            assert o == r
+    # a record's own tree (Emo-CFG rationale data) wins over the clip table; converting twice changes nothing
+    rec, think, ans = _random_record(rng, "emotion_fine")
+    own = think.replace("emotion:", "emotion: own")
+    out, n, _ = D.apply_answer_format([dict(rec, tree=own + "\n<answer>x</answer>")], "reasoning",
+                                      D.REASONING_TASKS, {rec["videos"][0]: think})
+    assert n == 1 and D.split_reasoning(out[0]["messages"][-1]["content"]) == (own, ans)
+    again, n2, _ = D.apply_answer_format(out, "reasoning", D.REASONING_TASKS, {rec["videos"][0]: think})
+    assert n2 == 0 and again == out
+    with pytest.raises(ValueError):
+        D.apply_answer_format(recs, "rationale")
+
+
+def test_scoring_both_forms(tiny_data):
+    """On reasoning records, reward.score gives the answer's metric from the <answer> part and the tree reward of the
+    <think> part; direct records keep their old scores; evaluation.summarize reports both."""
+    rng = random.Random()
+    recs = D.load_records_as(os.path.join(tiny_data, "test.jsonl"), "reasoning")
+    direct = {json.dumps(r["videos"]) + r["task"]: r for r in D.load_records(os.path.join(tiny_data, "test.jsonl"))}
+    rows = []
+    seen = 0
+    for r in recs:
+        d = direct[json.dumps(r["videos"]) + r["task"]]
+        metric = R.task_metric(r["task"])
+        if r.get("answer_format") != "reasoning":
+            assert r["task"] not in D.REASONING_TASKS
+            continue
+        seen += 1
+        think, ans = D.split_reasoning(r["messages"][-1]["content"])
+        assert ans == d["messages"][-1]["content"]
+        full = R.score(r["messages"][-1]["content"], r)
+        assert full[metric] == 1.0 and full["tree"] == 1.0 and full["format"] == 1.0
+        assert full["total"] == pytest.approx(1.0 + 1.0 + 0.1)
+        # the same answer written directly: same metric, no tree credit, no format credit
+        bare = R.score(ans, r)
+        assert bare[metric] == 1.0 and bare["format"] == 0.0 and bare["tree"] < 1.0
+        assert R.score(ans, d) == {metric: 1.0, "format": 0.0, "total": 1.0}  # the direct record: unchanged
+        # a right tree with a wrong answer, and a wrong tree with the right answer
+        wrong = "xyzzy" if metric == "accuracy" else "AU26 jaw drop"
+        wa = R.score(D.reasoning_answer(think, wrong), r)
+        assert wa[metric] < 1.0 and wa["tree"] == 1.0
+        lines = think.split("\n")
+        lines[1] = "attribute: gender=" + rng.choice(["robot", "alien"]) + "; age=ancient"
+        wt = R.score(D.reasoning_answer("\n".join(lines), ans), r)
+        assert wt[metric] == 1.0 and 0.0 < wt["tree"] < 1.0
+        assert wt["total"] == pytest.approx(1.0 + wt["tree"] + 0.1)
+        # without labels the reference answer comes from inside the target's <answer> tags
+        nolab = {k: v for k, v in r.items() if k != "labels"}
+        assert R.score(D.reasoning_answer(think, ans), nolab)[metric] == 1.0
+        # weights: the tree term follows w["tree"]
+        assert R.score(r["messages"][-1]["content"], r, weights={"tree": 0.0})["total"] == pytest.approx(1.1)
+        rows.append({"task": r["task"], "scores": wa})
+    assert seen > 0
+    res = evaluation.summarize(rows)
+    for t, v in res["tasks"].items():
+        mine = [row["scores"] for row in rows if row["task"] == t]
+        assert v["tree"] == pytest.approx(sum(s["tree"] for s in mine) / len(mine)) == 1.0
+        assert v["score"] == pytest.approx(sum(s[R.task_metric(t)] for s in mine) / len(mine))
+    assert "(tree 100.0)" in evaluation.format_table(res)
+
+
+def test_reasoning_targets_are_supervised(tiny_data):
+    """encode_record on a reasoning record supervises exactly the tree + answer (+ <|im_end|>), and the prompt is the
+    direct record's prompt (the model is asked the same question)."""
+    tok = D.load_tokenizer(os.path.join(tiny_data, "tokenizer"))
+    path = os.path.join(tiny_data, "train.jsonl")
+    recs = [r for r in D.load_records_as(path, "reasoning") if r.get("answer_format") == "reasoning"]
+    direct = {json.dumps(r["videos"]) + r["task"]: r for r in D.load_records(path)}
+    for r in random.Random().sample(recs, 3):
+        item = D.encode_record(r, tok)
+        sup = item["labels"][item["labels"] != D.IGNORE_INDEX].tolist()
+        assert tok.decode(sup) == r["messages"][-1]["content"] + "<|im_end|>"
+        d = direct[json.dumps(r["videos"]) + r["task"]]
+        assert D.encode_prompt(r, tok)["input_ids"].tolist() == D.encode_prompt(d, tok)["input_ids"].tolist()
+
+
+def test_tiny_sft_on_the_reasoning_format(tiny_data, tmp_path):
+    """train_sft.py --answer_format=reasoning trains (loss falls), records the format in its checkpoint config, and
+    its final evaluation scores the reasoning tasks' trees beside their answers."""
+    out = str(tmp_path / "sft")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "train_sft.py"), f"--data_dir={tiny_data}", f"--out_dir={out}",
+           "--answer_format=reasoning", "--max_steps=6", "--batch_size=4", "--log_every=1", "--eval_every=0",
+           "--num_workers=0", "--warmup_steps=1", "--lr=1e-2", "--min_lr=1e-3", "--replay=0.5",
+           "--eval_max_new_tokens=8"] + TINY_MODEL
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    loss = [x["loss"] for x in rows if "loss" in x]
+    assert len(loss) == 6 and loss[-1] < loss[0]
+    res = json.load(open(os.path.join(out, "eval.json")))
+    for t, v in res["tasks"].items():
+        assert ("tree" in v) == (t in D.REASONING_TASKS), t
+    preds = [json.loads(line) for line in open(os.path.join(out, "eval_predictions.jsonl"))]
+    assert max(len(p["response"]) for p in preds) > 0
+    import torch
+    state = torch.load(os.path.join(out, "ckpt", "trainer_state.pt"), weights_only=True)
+    assert state["config"]["answer_format"] == "reasoning"
+    # a resume with the other format is refused by name
+    r = subprocess.run(cmd + ["--answer_format=direct", "--resume=True", "--max_steps=7"], capture_output=True,
+                       text=True, env=env, cwd=str(ROOT), timeout=600)
+    assert r.returncode != 0 and "answer_format" in (r.stdout + r.stderr)
+
+    # GRPO from it on emotion_single alone: under the reasoning format its reward carries the tree term and the format
+    # term (answer + tree + format), under the direct format neither
+    for fmt in ("reasoning", "direct"):
+        rl = str(tmp_path / f"rl_{fmt}")
+        r = subprocess.run([sys.executable, str(ROOT / "train_rl.py"), f"--init_from={out}/ckpt",
+                            f"--data_dir={tiny_data}", f"--out_dir={rl}", f"--answer_format={fmt}",
+                            "--tasks=('emotion_single',)", "--num_generations=4", "--prompts_per_step=2",
+                            "--grad_accum=1", "--max_completion_length=8", "--max_steps=1", "--eval_every=0",
+                            "--eval_at_end=False", "--dynamic_sampling=False"],
+                           capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        row = [json.loads(line) for line in open(os.path.join(rl, "metrics.jsonl"))][0]
+        assert "reward/accuracy/mean" in row
+        assert ("reward/tree/mean" in row) == ("reward/format/mean" in row) == (fmt == "reasoning"), row
