@@ -117,8 +117,9 @@ wandb_project = ""
 
 # settings a resumed run must share with its checkpoint (the prompt stream, the groups, what is trained, the reference)
 RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokenizer_dir", "tasks", "answer_format",
-                   "reasoning_tasks", "fps", "max_frames", "min_pixels", "max_pixels", "num_generations", "prompts_per_step", "grad_accum", "train_vision",
-                   "beta", "seed", "lora_rank", "lora_alpha", "lora_targets")
+                   "reasoning_tasks", "fps", "max_frames", "min_pixels", "max_pixels", "num_generations",
+                   "prompts_per_step", "grad_accum", "train_vision", "beta", "seed", "lora_rank", "lora_alpha",
+                   "lora_targets")
 
 
 def resolve_paths():

@@ -199,7 +199,8 @@ def validate(net, model, loader, dev, autocast, rank, world):
 
 # settings a resumed run must share with its checkpoint (model shape, data, batch layout, what is trained)
 RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokenizer_dir", "fps", "max_frames",
-                   "min_pixels", "max_pixels", "max_seq_len", "answer_format", "reasoning_tasks", "curriculum", "stage_epochs", "replay", "n_layer",
+                   "min_pixels", "max_pixels", "max_seq_len", "answer_format", "reasoning_tasks", "curriculum",
+                   "stage_epochs", "replay", "n_layer",
                    "n_embd", "n_head", "n_kv_head", "n_inner", "vision_depth", "vision_embd", "vision_heads",
                    "vision_inner", "tie_embeddings", "batch_size", "grad_accum", "freeze_vision", "freeze_merger",
                    "freeze_llm", "fsdp", "seed", "lora_rank", "lora_alpha", "lora_targets")
