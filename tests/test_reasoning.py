@@ -1,6 +1,5 @@
 """The reasoning answer format (data.apply_answer_format): EmoSynth's clip trees, the format round trip, scoring of
 direct and reasoning answers with reward.score / evaluation.summarize, and a tiny SFT run on the reasoning format."""
-import importlib.util
 import json
 import os
 import random
@@ -14,6 +13,8 @@ import data as D
 import evaluation
 import reward as R
 
+from tiny import build_emosynth
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = dict(num_train=64, num_val=8, num_test=8, workers=1, vocab_size=600)
 TINY_MODEL = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=1", "--n_inner=64", "--vision_depth=1",
@@ -22,10 +23,7 @@ TINY_MODEL = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=1", "--n_
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("emosynth_prepare", ROOT / "data/emosynth/prepare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return str(mod.prepare(tmp_path_factory.mktemp("emosynth") / "build", verbose=False, **TINY_DATA))
+    return str(build_emosynth(tmp_path_factory.mktemp("emosynth") / "build", **TINY_DATA))
 
 
 def _meta(path):

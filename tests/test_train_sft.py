@@ -1,6 +1,5 @@
 """train_sft.py end to end on a tiny EmoSynth build: DDP and FSDP2 equal one process on the same global batch,
 resume is exact, and a real recipe config runs from a tiny random Hugging Face checkpoint."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tiny import build_emosynth
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = dict(num_train=48, num_val=8, num_test=8, workers=1, vocab_size=600)
@@ -20,10 +21,7 @@ COMMON = ["--max_steps=4", "--log_every=1", "--eval_every=0", "--save_every=2", 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("emosynth_prepare", ROOT / "data/emosynth/prepare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return str(mod.prepare(tmp_path_factory.mktemp("emosynth") / "build", verbose=False, **TINY_DATA))
+    return str(build_emosynth(tmp_path_factory.mktemp("emosynth") / "build", **TINY_DATA))
 
 
 def launch(args, nproc=1, check=True):

@@ -1,6 +1,5 @@
 """Tree reasoning's structure-aware parts (inference.py): the rule-based verifier against EmoSynth's own trees, the
 replaceable scorer function, per-level sampling settings and the cost counters, and their path through evaluate."""
-import importlib.util
 import json
 import os
 import random
@@ -15,16 +14,15 @@ import inference as I
 from model import VidEmo, scratch_config
 from reward import LEVELS
 
+from tiny import build_emosynth
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = dict(num_train=64, num_val=8, num_test=8, workers=1, vocab_size=600)
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("emosynth_prepare", ROOT / "data/emosynth/prepare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return str(mod.prepare(tmp_path_factory.mktemp("emosynth") / "build", verbose=False, **TINY_DATA))
+    return str(build_emosynth(tmp_path_factory.mktemp("emosynth") / "build", **TINY_DATA))
 
 
 @pytest.fixture(scope="module")

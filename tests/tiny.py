@@ -188,3 +188,14 @@ QWEN25_VL_TEMPLATE = (
     "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
     "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% endif %}")
+
+
+def build_emosynth(out_dir, **kw):
+    """A small EmoSynth build by data/emosynth/prepare.py (a script: loaded from its file, not imported) -> its path."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("emosynth_prepare",
+                                                  Path(__file__).resolve().parents[1] / "data/emosynth/prepare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.prepare(out_dir, verbose=False, **kw)
