@@ -943,7 +943,9 @@ class VideoDataset(torch.utils.data.Dataset):
 class CurriculumSampler:
     """Batches of record indices (a DataLoader batch_sampler): stage by stage (attribute -> expression -> emotion),
     each stage `stage_epochs[s]` passes over its level's records, later-stage batches mixing in a `replay` fraction
-    drawn from earlier stages; or, with mix=True, the same samples in one shuffled mix (the baseline).
+    drawn from earlier stages; or, with mix=True, the same samples in one shuffled mix (the baseline). With
+    0 < mix_first < 1, that fraction of every stage's samples is trained first, as one shuffled "mix" stage (every
+    level seen before the curriculum proper; mix_first=1 is the mix).
 
     The schedule is built once from the seed: batch(step) is a pure function of (seed, step), so resuming from
     state_dict() replays exactly the uninterrupted run's batches. Every rank builds the same global batch
@@ -953,11 +955,14 @@ class CurriculumSampler:
     state_dict(step=<batches consumed>)."""
 
     def __init__(self, levels, batch_size, stages=LEVELS, stage_epochs=(1, 1, 1), replay=0.0, mix=False, seed=0,
-                 rank=0, world_size=1, drop_last=True):
+                 rank=0, world_size=1, drop_last=True, mix_first=0.0):
         if len(stage_epochs) != len(stages):
             raise ValueError(f"stage_epochs {tuple(stage_epochs)} needs one value per stage {tuple(stages)}")
         if not 0.0 <= replay < 1.0:
             raise ValueError(f"replay must be in [0, 1), got {replay}")
+        if not 0.0 <= mix_first <= 1.0:
+            raise ValueError(f"mix_first must be in [0, 1], got {mix_first}")
+        mix = mix or mix_first >= 1.0
         if not 0 <= rank < world_size or batch_size < 1:
             raise ValueError(f"bad rank {rank} / world_size {world_size} / batch_size {batch_size}")
         self.stages, self.batch_size, self.rank, self.world_size = tuple(stages), batch_size, rank, world_size
@@ -985,6 +990,11 @@ class CurriculumSampler:
             bounds.append(("mix", 0))
             batches = chunks(rng.permutation(np.concatenate(samples)), G)
         else:
+            if mix_first > 0:  # the head of every stage's samples, pulled forward into one shuffled warm-up stage
+                cut = [int(round(mix_first * len(seq))) for seq in samples]
+                bounds.append(("mix", 0))
+                batches = chunks(rng.permutation(np.concatenate([q[:c] for q, c in zip(samples, cut)])), G)
+                samples = [q[c:] for q, c in zip(samples, cut)]
             for s, seq in enumerate(samples):
                 bounds.append((self.stages[s], len(batches)))
                 earlier = np.concatenate(pools[:s]) if s else np.zeros(0, dtype=np.int64)
@@ -1009,6 +1019,12 @@ class CurriculumSampler:
         while self.step < len(self):
             self.step += 1
             yield self.batch(self.step - 1)
+
+    def stage_span(self, step):
+        """(first, end) batch of the stage that `step` belongs to; the last stage ends at len(self)."""
+        starts = [b for _, b in self.bounds] + [len(self)]
+        i = max(bisect.bisect_right(starts[:-1], step) - 1, 0)
+        return starts[i], starts[i + 1]
 
     def stage_of(self, step):
         """The stage name ('mix' for the baseline) that `step` belongs to."""

@@ -56,6 +56,7 @@ num_workers = 2
 curriculum = True  # False = one shuffled mix of all levels (the baseline)
 stage_epochs = (4.0, 2.0, 2.0)  # epochs over each level's records: attribute, expression, emotion
 replay = 0.4  # fraction of each later-stage batch replayed from earlier stages
+mix_first = 0.0  # fraction of every stage's samples trained first as one shuffled mix (0 = pure curriculum)
 # model from scratch (ignored with init_from=DIR)
 n_layer = 2
 n_embd = 128
@@ -74,6 +75,7 @@ max_steps = 0  # 0 = the curriculum schedule's length
 lr = 1e-3
 min_lr = 1e-4
 warmup_steps = 50
+lr_schedule = "run"  # run: one warmup + cosine over the run | stage: each sampler stage its own warmup + cosine
 weight_decay = 0.01
 beta1 = 0.9
 beta2 = 0.99
@@ -200,7 +202,7 @@ def validate(net, model, loader, dev, autocast, rank, world):
 # settings a resumed run must share with its checkpoint (model shape, data, batch layout, what is trained)
 RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokenizer_dir", "fps", "max_frames",
                    "min_pixels", "max_pixels", "max_seq_len", "answer_format", "reasoning_tasks", "curriculum",
-                   "stage_epochs", "replay", "n_layer",
+                   "stage_epochs", "replay", "mix_first", "n_layer",
                    "n_embd", "n_head", "n_kv_head", "n_inner", "vision_depth", "vision_embd", "vision_heads",
                    "vision_inner", "tie_embeddings", "batch_size", "grad_accum", "freeze_vision", "freeze_merger",
                    "freeze_llm", "fsdp", "seed", "lora_rank", "lora_alpha", "lora_targets")
@@ -212,7 +214,8 @@ def check_config():
         ("max_steps", max_steps, max_steps >= 0, ">= 0 (0 = the schedule's length)"),
         ("lr", lr, lr > 0, "> 0"), ("min_lr", min_lr, 0 <= min_lr <= lr, "in [0, lr]"),
         ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"), ("grad_clip", grad_clip, grad_clip >= 0, ">= 0"),
-        ("replay", replay, 0 <= replay < 1, "in [0, 1)"),
+        ("replay", replay, 0 <= replay < 1, "in [0, 1)"), ("mix_first", mix_first, 0 <= mix_first <= 1, "in [0, 1]"),
+        ("lr_schedule", lr_schedule, lr_schedule in ("run", "stage"), "run or stage"),
         ("stage_epochs", stage_epochs, len(stage_epochs) == 3 and all(e >= 0 for e in stage_epochs),
          "three epoch counts >= 0 (attribute, expression, emotion)"),
         ("fps", fps, fps > 0, "> 0"), ("max_frames", max_frames, max_frames >= 2, ">= 2"),
@@ -277,7 +280,7 @@ def main():
         common.print0(f"curriculum: {sum(excluded.values())} records left out, their level is not one of {LEVELS}: "
                       + ", ".join(f"{k} x{v}" for k, v in excluded.most_common(5)))
     sampler = CurriculumSampler(levels, batch_size, stage_epochs=stage_epochs, replay=replay, mix=not curriculum,
-                                seed=seed, rank=rank, world_size=world)
+                                seed=seed, rank=rank, world_size=world, mix_first=mix_first)
     if len(sampler) == 0:  # else the loop would wait for a batch that never comes
         raise common.InputError(f"{train_path}: {len(train_records)} records ({len(train_records) - sum(excluded.values())} "
                                 f"with a curriculum level) make no full global batch of {batch_size * world} "
@@ -343,6 +346,7 @@ def main():
         common.set_rng_state(state["rng"])
     common.print0(f"VidEmo: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {len(train_records)} "
                   f"train records | {total_steps} steps x {batch_size * grad_accum * world} samples | world {world}")
+    common.print0("stages (first step): " + ", ".join(f"{name} {b // grad_accum}" for name, b in sampler.bounds))
 
     # ---- train
     log = common.MetricLog(os.path.join(out_dir, "metrics.jsonl"), wandb_project if master else None, config)
@@ -389,7 +393,13 @@ def main():
             n_local = sum(int(b["attention_mask"].sum()) for b in micro)  # every token processed, for tokens/s
             if world > 1:
                 torch.distributed.all_reduce(n_tok)
-            step_lr = common.lr_at(step, total_steps, lr, min_lr, warmup_steps)
+            if lr_schedule == "stage":  # the stage's own warmup + cosine; the last stage runs to total_steps
+                first, end = sampler.stage_span(step * grad_accum)
+                end = total_steps if end >= len(sampler) else min(end // grad_accum, total_steps)
+                step_lr = common.lr_at(step - first // grad_accum, end - first // grad_accum, lr, min_lr,
+                                       warmup_steps)
+            else:
+                step_lr = common.lr_at(step, total_steps, lr, min_lr, warmup_steps)
             for g in optimizer.param_groups:
                 g["lr"] = step_lr
             loss_sum = torch.zeros((), device=dev, dtype=torch.float64)

@@ -512,6 +512,38 @@ def test_epochs_and_mix():
     assert len(set(first)) == 3  # levels are interleaved from the start
 
 
+def test_mix_first_and_stage_spans():
+    """mix_first pulls that fraction of every stage's samples into one shuffled stage before the curriculum: 0 is the
+    plain curriculum (same schedule), 1 the mix; in between, every sample is still trained exactly once."""
+    levels = make_levels(seed=int(np.random.default_rng().integers(1000)))
+    rank_of = {s: k for k, s in enumerate(LEVELS)}
+    base = data.CurriculumSampler(levels, batch_size=4, replay=0.25, seed=5)
+    assert np.array_equal(data.CurriculumSampler(levels, batch_size=4, replay=0.25, seed=5, mix_first=0.0).schedule,
+                          base.schedule)
+    full = data.CurriculumSampler(levels, batch_size=4, replay=0.25, seed=5, mix_first=1.0)
+    assert full.mix and len(full) == len(data.CurriculumSampler(levels, batch_size=4, mix=True))
+    f = float(np.random.default_rng().uniform(0.2, 0.8))
+    s = data.CurriculumSampler(levels, batch_size=5, replay=0.0, mix_first=f, seed=2, drop_last=True)
+    names = [s.stage_of(i) for i in range(len(s))]
+    assert names[0] == "mix" and [n for n, _ in s.bounds] == ["mix"] + list(LEVELS)
+    assert names == sorted(names, key=lambda n: -1 if n == "mix" else rank_of[n])
+    head = [levels[i] for step in range(names.count("mix")) for i in s.schedule[step]]
+    assert set(head) == set(LEVELS)  # every level before the curriculum starts
+    for step, name in enumerate(names):
+        if name != "mix":
+            assert {levels[i] for i in s.schedule[step]} == {name}  # no replay asked: pure stages
+    seen = s.schedule.ravel().tolist()
+    assert len(seen) == len(set(seen))  # one epoch each: nothing twice (drop_last only drops tails)
+    for lv in LEVELS:  # the warm-up holds round(f * n) of each level, less the dropped tail
+        n = sum(v == lv for v in levels)
+        assert round(f * n) - 4 <= head.count(lv) <= round(f * n)
+    for i in range(len(s)):  # stage_span: the stage's first batch and its end, consistent with stage_of
+        a, b = s.stage_span(i)
+        assert a <= i < b and s.stage_of(a) == names[i] and (b == len(s) or s.stage_of(b) != names[i])
+    with pytest.raises(ValueError, match="mix_first"):
+        data.CurriculumSampler(levels, batch_size=4, mix_first=1.5)
+
+
 def test_sampler_determinism_and_rank_sharding():
     levels = make_levels()
     kw = dict(batch_size=3, world_size=4, replay=0.3, seed=7)

@@ -168,3 +168,28 @@ def test_two_nodes_equal_one_process(tiny_data, tmp_path):
     for s in want:
         assert abs(got[s] - want[s]) <= 1e-5, (s, got[s], want[s])
     assert (tmp_path / "nodes" / "ckpt" / "COMPLETE").exists() and not (tmp_path / "nodes" / "ckpt.tmp").exists()
+
+
+def test_mix_first_and_per_stage_lr(tiny_data, tmp_path):
+    """--mix_first trains a shuffled warm-up stage first; --lr_schedule=stage gives every stage its own warmup + cosine
+    (the logged rate restarts at each stage's first step and follows common.lr_at inside it)."""
+    sys.path.insert(0, str(ROOT))
+    import common
+
+    out = str(tmp_path / "staged")
+    lr, min_lr = 1e-2, 1e-3
+    launch([f"--data_dir={tiny_data}"] + TINY_MODEL + ["--max_steps=0", "--log_every=1", "--eval_every=0",
+           "--save_every=0", "--eval_at_end=False", "--num_workers=0", "--warmup_steps=2", f"--lr={lr}",
+           f"--min_lr={min_lr}", "--replay=0.5", "--stage_epochs=(1.0,1.0,2.0)", "--mix_first=0.3",
+           "--lr_schedule=stage", "--batch_size=4", f"--out_dir={out}"])
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    rows = sorted((r for r in rows if "lr" in r), key=lambda r: r["step"])
+    names = [r["stage"] for r in rows]
+    assert names[0] == "mix" and {"attribute", "expression"} <= set(names)
+    starts = [i for i, n in enumerate(names) if i == 0 or n != names[i - 1]]
+    assert [names[i] for i in starts] == sorted(set(names), key=["mix", "attribute", "expression", "emotion"].index)
+    ends = starts[1:] + [len(rows)]
+    for a, b in zip(starts, ends):
+        for i in range(a, b):
+            assert abs(rows[i]["lr"] - common.lr_at(i - a, b - a, lr, min_lr, 2)) < 1e-12, (i, names[i])
+        assert rows[a]["lr"] == lr / 2  # warmup restarts at every stage
