@@ -54,8 +54,8 @@ reasoning_tasks = REASONING_TASKS
 num_workers = 2
 # curriculum
 curriculum = True  # False = one shuffled mix of all levels (the baseline)
-stage_epochs = (4.0, 2.0, 2.0)  # epochs over each level's records: attribute, expression, emotion
-replay = 0.4  # fraction of each later-stage batch replayed from earlier stages
+stage_epochs = (2.6, 1.5, 1.4)  # epochs over each level's records: attribute, expression, emotion
+replay = 0.6  # fraction of each later-stage batch replayed from earlier stages
 mix_first = 0.0  # fraction of every stage's samples trained first as one shuffled mix (0 = pure curriculum)
 # model from scratch (ignored with init_from=DIR)
 n_layer = 2
@@ -75,7 +75,7 @@ max_steps = 0  # 0 = the curriculum schedule's length
 lr = 1e-3
 min_lr = 1e-4
 warmup_steps = 50
-lr_schedule = "run"  # run: one warmup + cosine over the run | stage: each sampler stage its own warmup + cosine
+lr_schedule = "stage"  # stage: each sampler stage its own warmup + cosine | run: one warmup + cosine over the run
 weight_decay = 0.01
 beta1 = 0.9
 beta2 = 0.99

@@ -18,6 +18,7 @@ num_workers = 8
 curriculum = True
 stage_epochs = (1.0, 1.0, 1.0)
 replay = 0.1
+lr_schedule = "run"  # one cosine over the run; EmoSynth's per-stage default is not measured at this scale
 batch_size = 4
 grad_accum = 16
 lr = 4e-5
