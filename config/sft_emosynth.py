@@ -1,5 +1,5 @@
 # The embedded default (what `python train_sft.py` runs with no arguments): a ~1M-param VidEmo from scratch on
-# EmoSynth, three-stage curriculum, 2 CPU cores in about 12 minutes. Listed here to edit and copy:
+# EmoSynth, three-stage curriculum (per-stage learning rate), 2 CPU cores in about 15 minutes. Listed here to edit and copy:
 #   python train_sft.py config/sft_emosynth.py --batch_size=8 --lr=3e-4
 out_dir = "out/sft_emosynth"
 init_from = "scratch"
