@@ -324,11 +324,12 @@ def run_tag(model, reasoning="plain", samples=4, scorer="logprob", video_prune_r
 def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16, max_new_tokens=128, device=None,
              predictions_path=None, reasoning="plain", samples=4, video_prune_rate=0.0, progress=True,
              scorer="logprob", temperature=0.9, judge=None, tag="", default_task="", seed=0, level_samples=(),
-             level_temperatures=(), level_max_tokens=64, report_seconds=False):
+             level_temperatures=(), level_max_tokens=64, report_seconds=False, video_cache=None):
     """Generate a response for every record, score it, and return the result dict
     {"tasks": {task: {"metric", "score", "n"}}, "groups": {level: mean task score}, "skipped": {reason: count}, "n"}.
     With predictions_path, finished samples are appended there and reused by the next call with the same weights,
-    reasoning mode and `tag`; the result is computed from the file."""
+    reasoning mode and `tag`; the result is computed from the file. video_cache: a data.VideoCache to decode into
+    (default: one for this call; EmoSynth asks ~4 tasks of each clip)."""
     raw = getattr(model, "module", model)  # DDP-wrapped models generate through the bare module
     if device is not None and next(raw.parameters()).device != torch.device(device):
         raw.to(device)
@@ -340,6 +341,7 @@ def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16,
     done = {r["key"] for r in read_predictions(predictions_path) if r.get("tag") == tag and r.get("key") in wanted}
     todo = [i for i, k in enumerate(keys) if k not in done]
     writer = PredictionWriter(predictions_path)
+    video_cache = D.VideoCache(512) if video_cache is None else video_cache
     memory = []  # rows of this call (the result without a predictions file)
     gen = torch.Generator(device=next(raw.parameters()).device).manual_seed(seed)
     was_training = raw.training
@@ -353,7 +355,7 @@ def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16,
                 rec = records[i]
                 try:
                     t = record_task(rec, default_task)
-                    item = D.encode_prompt(rec, tokenizer, video_root, video_kwargs)
+                    item = D.encode_prompt(rec, tokenizer, video_root, video_kwargs, cache=video_cache)
                     item["index"] = i
                     items.append((i, t, item))
                 except Exception as e:  # SkipRecord, broken fields: a counted skip, the run goes on

@@ -360,6 +360,8 @@ def main():
                 by_task.setdefault(r["task"], []).append(r)
         val_records = [r for rs in by_task.values() for r in rs[:eval_val_records or None]]
 
+    val_cache = D.VideoCache(256)  # the held-out clips, decoded once for every evaluation
+
     def heldout():
         scores = {}
         # FSDP2: every rank gathers the weights (a collective), then rank 0 evaluates alone on the whole model
@@ -367,7 +369,7 @@ def main():
             if master:
                 res = evaluation.evaluate(policy, tokenizer, val_records, root, video_kwargs,
                                           batch_size=eval_batch_size, max_new_tokens=eval_max_new_tokens, device=dev,
-                                          progress=False, video_prune_rate=video_prune_rate)
+                                          progress=False, video_prune_rate=video_prune_rate, video_cache=val_cache)
                 scores = {f"val/{t}": v["score"] for t, v in res["tasks"].items()}
                 print("held-out (val): " + " | ".join(f"{k[4:]} {v:.4f}" for k, v in scores.items()), flush=True)
             common.barrier()

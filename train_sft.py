@@ -52,6 +52,7 @@ max_seq_len = 512
 answer_format = "direct"
 reasoning_tasks = REASONING_TASKS
 num_workers = 2
+video_cache_mb = 1024  # per process (each DataLoader worker): decoded clips kept in RAM, reused when a clip comes round
 # curriculum
 curriculum = True  # False = one shuffled mix of all levels (the baseline)
 stage_epochs = (2.6, 1.5, 1.4)  # epochs over each level's records: attribute, expression, emotion
@@ -223,7 +224,9 @@ def check_config():
         ("min_pixels", min_pixels, min_pixels > 0, "> 0"),
         ("max_pixels", max_pixels, max_pixels >= max(min_pixels, 28 * 28), ">= min_pixels and >= 784 (28 x 28)"),
         ("max_seq_len", max_seq_len, max_seq_len >= 0, ">= 0 (0 = no limit)"),
-        ("num_workers", num_workers, num_workers >= 0, ">= 0"), ("log_every", log_every, log_every >= 1, ">= 1"),
+        ("num_workers", num_workers, num_workers >= 0, ">= 0"),
+        ("video_cache_mb", video_cache_mb, video_cache_mb >= 0, ">= 0 (0 = decode every time)"),
+        ("log_every", log_every, log_every >= 1, ">= 1"),
         ("eval_every", eval_every, eval_every >= 0, ">= 0"), ("save_every", save_every, save_every >= 0, ">= 0"),
         ("val_batches", val_batches, val_batches >= 0, ">= 0"),
         ("eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1"),
@@ -287,11 +290,12 @@ def main():
                                 f"(batch_size x world size) at stage_epochs={stage_epochs}; add data or lower "
                                 f"--batch_size")
     collate_fn = functools.partial(collate, pad_token_id=pad_id)
-    train_set = EmoDataset(train_records, tokenizer, root, max_seq_len, video_kwargs)
+    train_set = EmoDataset(train_records, tokenizer, root, max_seq_len, video_kwargs, cache_mb=video_cache_mb)
     total_steps = max_steps or len(sampler) // grad_accum
     val_loader = None
     if val_path != "none" and os.path.exists(val_path):
-        val_set = EmoDataset(load_records_as(val_path, answer_format, reasoning_tasks), tokenizer, root, max_seq_len, video_kwargs)
+        val_set = EmoDataset(load_records_as(val_path, answer_format, reasoning_tasks), tokenizer, root, max_seq_len,
+                             video_kwargs, cache_mb=video_cache_mb)
         val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                                                  num_workers=0)
 

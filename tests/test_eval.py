@@ -249,6 +249,21 @@ def test_interrupted_eval_resumes(emo, loaded, tmp_path):
         model.__dict__.pop("generate", None)
 
 
+def test_eval_video_cache_changes_nothing(emo, loaded):
+    """evaluate decodes each clip once (a record sharing a clip is a cache hit) and answers exactly as without it."""
+    model, tok = loaded
+    import data as D
+    records = D.load_records(emo / "test.jsonl")[:3]
+    records = records + [dict(r, task="sentiment_single") if r.get("task") != "sentiment_single" else
+                         dict(r, task="emotion_single") for r in records]  # every clip asked twice
+    kw = dict(batch_size=2, max_new_tokens=4, progress=False)
+    cache, none = D.VideoCache(64), D.VideoCache(0)  # 0 MB: nothing fits, every record decodes its clip
+    assert E.evaluate(model, tok, records, None, VIDEO_KW, video_cache=cache, **kw) == \
+        E.evaluate(model, tok, records, None, VIDEO_KW, video_cache=none, **kw)
+    clips = len({r["videos"][0] for r in records})
+    assert (cache.misses, cache.hits) == (clips, len(records) - clips) and none.hits == 0
+
+
 def test_bad_records_are_counted_skips(emo, loaded, tmp_path):
     model, tok = loaded
     good = json.loads((emo / "test.jsonl").read_text().splitlines()[0])
