@@ -331,10 +331,16 @@ def resolve_checkpoint(path, what="init_from"):
     return path
 
 
-def check_resume(saved, now, breaking):
+def check_resume(saved, now, breaking, before=None):
     """Compare the config a checkpoint was written with to this run's: a change to a `breaking` key (model shape,
-    data, batch layout, what is frozen) is an InputError naming it; other changes are printed as a note."""
+    data, batch layout, what is frozen) is an InputError naming it; other changes are printed as a note. A key the
+    checkpoint's config lacks (written by an older version) counts as `before[key]`, the behaviour before the key
+    existed; one not in `before` either is named in a note with the value used now."""
     norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
+    saved = {**{k: v for k, v in (before or {}).items() if k in now}, **saved}
+    if unknown := sorted(k for k in now if k not in saved and k not in ("resume", "stop_at_step")):
+        print0("--resume: the checkpoint's config does not record " + ", ".join(unknown) + " (an older version "
+               "wrote it); continuing with " + "; ".join(f"{k}={now[k]!r}" for k in unknown))
     changed = {k: (saved[k], now[k]) for k in saved if k in now and norm(saved[k]) != norm(now[k])}
     bad = {k: v for k, v in changed.items() if k in breaking}
     if bad:

@@ -208,6 +208,9 @@ RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokeniz
                    "vision_inner", "tie_embeddings", "batch_size", "grad_accum", "freeze_vision", "freeze_merger",
                    "freeze_llm", "fsdp", "seed", "lora_rank", "lora_alpha", "lora_targets")
 
+# what a key meant before it existed, for checkpoints written by older versions (their config lacks it)
+BEFORE = {"lr_schedule": "run", "mix_first": 0.0, "answer_format": "direct"}
+
 
 def check_config():
     common.check([
@@ -312,7 +315,7 @@ def main():
             raise common.InputError(f"--resume: no complete checkpoint at {ckpt_path} (rank {common.rank()}; "
                                     f"on several nodes, out_dir must be on a filesystem they share)")
         state = common.load_trainer_state(found)
-        common.check_resume(state.get("config", {}), config, RESUME_BREAKING)
+        common.check_resume(state.get("config", {}), config, RESUME_BREAKING, BEFORE)
         if not lora_rank:  # (LoRA continues from its base, built above, and the adapters in the state)
             model = load_weights(found)
         if "master_weights" in state:  # saved in a lower precision: continue from the exact fp32 weights

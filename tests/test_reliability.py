@@ -157,6 +157,21 @@ def test_check_resume_rules():
         common.check_resume({"freeze_vision": False}, {"freeze_vision": True}, ("freeze_vision",))
 
 
+def test_check_resume_older_checkpoint(capsys):
+    """A key an older checkpoint's config lacks counts as what it meant before it existed (a change is noted, or
+    refused when breaking); a key without such a value is named with the value used now."""
+    now = {"lr": 1.0, "lr_schedule": "stage", "mix_first": 0.0, "video_cache_mb": 64, "resume": True}
+    common.check_resume({"lr": 1.0}, now, ("mix_first",), {"lr_schedule": "run", "mix_first": 0.0, "gone": 1})
+    out = capsys.readouterr().out
+    assert "lr_schedule 'run' -> 'stage'" in out and "does not record video_cache_mb" in out
+    assert "video_cache_mb=64" in out and "mix_first" not in out and "gone" not in out and "resume=" not in out
+    with pytest.raises(common.InputError, match="mix_first=0.0 there, 0.5 now"):
+        common.check_resume({"lr": 1.0}, dict(now, mix_first=0.5), ("mix_first",), {"mix_first": 0.0})
+    capsys.readouterr()
+    common.check_resume(dict(now), dict(now), ())  # the same config: silent
+    assert capsys.readouterr().out == ""
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 5, 9, 11: sideways phone video, decode bombs, byte-order marks and JSON lists in .jsonl
 
