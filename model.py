@@ -346,7 +346,9 @@ class KVCache:
     step to step, so a step can be captured as a CUDA graph."""
 
     def __init__(self, n_layer, batch, n_kv, max_len, hd, dtype, device, expand=1, static=False, zero=False):
-        make = torch.zeros if zero else torch.empty  # zero: slots that no key fills (padding) must not hold NaN bits
+        # zero: slots a step attends over before (or without) a key lands there -- padding holes of a packed prefill,
+        # the whole buffer of a static decode -- must not hold NaN bits: a NaN score stays NaN under a -inf mask
+        make = torch.zeros if zero or static else torch.empty
         self.k = [make(batch, n_kv, max_len, hd, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [make(batch, n_kv, max_len, hd, dtype=dtype, device=device) for _ in range(n_layer)]
         self.expand, self.len, self.static, self.b = expand, 0, static, batch

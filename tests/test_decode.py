@@ -32,6 +32,23 @@ def test_greedy_identical_with_compaction(every, decode):
     torch.testing.assert_close(lp_got, lp_want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_decode_ignores_what_fresh_memory_holds(decode, monkeypatch):
+    """Static decode attends over the whole cache buffer, the unwritten slots hidden by the mask; a NaN there would
+    still poison every score (NaN + -inf = NaN). Fresh allocations are filled with NaN here, as freed memory may be:
+    the output must be the one from zeroed memory."""
+    model = _model()
+    inp = fake_video_inputs([(2, 8, 8)], side="left", seed=3)  # one prompt, no padding: the unpacked prefill
+    ids = inp.pop("input_ids")
+    kw = dict(max_new_tokens=12, temperature=0.0, eos_token_id=EOS, pad_token_id=PAD, decode=decode,
+              num_return_sequences=2, **inp)
+    want, _ = model.generate(ids, **kw)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan"))
+                        if k.get("dtype", torch.get_default_dtype()).is_floating_point else empty(*a, **k))
+    assert torch.equal(model.generate(ids, **kw)[0], want)
+
+
 @pytest.mark.parametrize("decode,seconds", [("eager", None), ("static", None), ("eager", [9.8, 0.5])])
 def test_sampled_logprobs_match_teacher_forcing_after_compaction(decode, seconds):
     """seconds 9.8 per grid (a 20 s clip sampled to 8 frames): the video's temporal positions pass the text after it;
