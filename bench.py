@@ -700,17 +700,17 @@ def grpo_work(cfg, who, d, memory=False, ckpt=False):
                                   b["second_per_grid_ts"], None, G, policy.vision_token_counts(b["video_grid_thw"]),
                                   2, 0, (6, 7), pixels=b["pixel_values_videos"])
             t1 = now()
-            texts = tok.batch_decode([s[:n].tolist() for s, n in zip(seqs, mb["lengths"].tolist())],
+            texts = tok.batch_decode([s[:n].tolist() for s, n in zip(seqs, mb.lengths.tolist())],
                                      skip_special_tokens=True)
-            lengths.append(float(mb["lengths"].float().mean()))
-            pad_share.append(1 - float(mb["attn"].float().mean()))  # of the padded policy / reference batch
+            lengths.append(float(mb.lengths.float().mean()))
+            pad_share.append(1 - float(mb.attn.float().mean()))  # of the padded policy / reference batch
             adv = grpo.grpo_advantages(torch.tensor([_grpo_reward(t) for t in texts]), G, "group")
             t2 = now()
             with torch.no_grad():
                 ref_lp = grpo.completion_logps(ref, mb, temperature, reencode=True)[0]
             t3 = now()
             logps, _ = grpo.completion_logps(policy, mb, temperature, reencode=True)
-            loss = grpo.grpo_loss(logps, logps.detach(), ref_lp, adv, mb["cmask"], beta, 0.2, 0.2, "grpo")
+            loss = grpo.grpo_loss(logps, logps.detach(), ref_lp, adv, mb.cmask, beta, 0.2, 0.2, "grpo")
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -59,8 +59,8 @@ def first_line(e):
 
 
 def _config_keys(g):
-    return {k: v for k, v in g.items()
-            if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
+    return {k: v for k, v in g.items()  # UPPER_CASE names are the script's constants, not config
+            if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
 
 
 def _coerce(key, value, default):

@@ -10,11 +10,12 @@ completions of each group, with the group's shared video encoding) and the log-p
 
 The semantics follow TRL's GRPOTrainer; docs/design.md ("GRPO") says where and why.
 """
+from dataclasses import dataclass, field, fields
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-REWARD_TERMS = ("accuracy", "f1", "caption", "tree", "format")  # reward.py's terms; "total" is their weighted sum
 LOSS_STATS = ("kl", "clip_low", "clip_high", "clip_region", "ratio")
 
 
@@ -53,8 +54,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, eps_low, eps_
       bnpo    sum over all tokens / number of active tokens
       dr_grpo sum / (N * max_completion_length)             (max_completion_length defaults to T)
       dapo    sum / num_items; num_items = active tokens of the whole rollout batch. TRL gathers it over every
-              process and divides by world size (DDP then averages); train() passes exactly that. Left None, it is
-              the active tokens of this call (then dapo == bnpo).
+              process and divides by world size (DDP then averages); Objective passes exactly that. Left None, it
+              is the active tokens of this call (then dapo == bnpo).
     Returns the scalar loss, and with return_stats a dict of detached scalars: kl (masked mean),
     clip_low / clip_high / clip_region (fraction of active tokens whose ratio is clipped in the direction that
     matters for the sign of A), ratio (masked mean)."""
@@ -97,24 +98,78 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, eps_low, eps_
     return loss, stats
 
 
+@dataclass
+class Objective:
+    """grpo_loss with the whole normalisation of one optimizer step over grad_accum micro-batches and `world` ranks:
+    `begin` counts the loss tokens of the rollout batch over every rank (dapo's denominator) and the sequences kept;
+    `batch` picks the rows a micro-batch trains on; calling it gives the micro-batch's loss as backward must see it
+    (divided by grad_accum except for dapo, whose denominator already spans the batch; DDP / FSDP then average the
+    ranks' gradients)."""
+    beta: float
+    eps_low: float
+    eps_high: float
+    loss_type: str
+    max_completion_length: int
+    grad_accum: int
+    world: int = 1
+    num_items: torch.Tensor = None  # dapo: active tokens of the whole rollout batch / world
+
+    def begin(self, micro, device):
+        """micro: this rank's Rollouts of the step -> the number of sequences that enter the loss on all ranks."""
+        counts = torch.zeros(2, device=device)  # [loss tokens, sequences]
+        for mb in micro:
+            rows = mb.use if mb.use is not None else slice(None)
+            counts += torch.tensor([float(mb.cmask[rows].sum()), float(mb.cmask[rows].shape[0])], device=device)
+        if self.world > 1:
+            dist.all_reduce(counts)
+        self.num_items = counts[0].clamp(min=1.0) / self.world
+        return counts[1].item()
+
+    def batch(self, mb):
+        """-> (the rows to train on, weight): the groups dynamic sampling keeps, weight 1. A micro-batch with no
+        group kept is skipped (None, 0) in one process; under DDP every rank must run a backward each micro-step,
+        so it trains its first group with weight 0."""
+        if mb.use is None:
+            return mb, 1.0
+        if mb.use.any():
+            return mb.select(mb.use), 1.0
+        if self.world == 1:
+            return None, 0.0
+        return mb.select(torch.arange(len(mb.use), device=mb.use.device) < mb.G), 0.0
+
+    def __call__(self, logps, old_logps, mb):
+        """logps, old_logps [n, Tc] of mb's rows -> (loss for backward, stats)."""
+        loss, stats = grpo_loss(logps, old_logps, mb.ref, mb.adv, mb.cmask, self.beta, self.eps_low, self.eps_high,
+                                self.loss_type, max_completion_length=self.max_completion_length, return_stats=True,
+                                num_items=self.num_items)
+        if self.loss_type != "dapo":
+            loss = loss / self.grad_accum
+        return loss, stats
+
+    def logged(self, loss_sum, num_iterations):
+        """The step's loss as logged: the sum over ranks, micro-batches and update passes of the backward losses ->
+        their mean over ranks and passes (the loss of one rollout batch)."""
+        return loss_sum / self.world / num_iterations
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # completion log-probs
 
 
 def completion_logps(model, batch, temperature, with_entropy=False, reencode=False, backend="auto"):
-    """batch: a rollout micro-batch (group_batch). -> logps [N, Tc] of the completion tokens under logits / temperature
-    (0 past EOS), entropy [N, Tc] (detached) or None. The model scores the completion labels itself (only completion
-    positions reach the LM head). The video is encoded once per prompt and shared by its G rows: the rollout's
-    encoding, or with `reencode` a fresh one by `model` (with grad when grad is on)."""
-    ids, valid = batch["ids"], batch["valid"]  # [N, Lp + Tc], [N, Tc] tokens up to and including the first stop
+    """batch: a Rollout. -> logps [N, Tc] of the completion tokens under logits / temperature (0 past EOS), entropy
+    [N, Tc] (detached) or None. The model scores the completion labels itself (only completion positions reach the
+    LM head). The video is encoded once per prompt and shared by its G rows: the rollout's encoding, or with
+    `reencode` a fresh one by `model` (with grad when grad is on)."""
+    ids, valid = batch.ids, batch.valid  # [N, Lp + Tc], [N, Tc] tokens up to and including the first stop
     N, Tc = valid.shape
-    labels = torch.cat([torch.full_like(ids[:, :-Tc], -100), batch["targets"].masked_fill(~valid, -100)], 1)  # [N, L]
-    video_embeds = batch["video_embeds"]  # the rollout's encoding (no grad), already expanded to the G rows
+    labels = torch.cat([torch.full_like(ids[:, :-Tc], -100), batch.targets.masked_fill(~valid, -100)], 1)  # [N, L]
+    video_embeds = batch.video_embeds  # the rollout's encoding (no grad), already expanded to the G rows
     if reencode:  # this model's own vision tower: with grad for the policy, the frozen one for the reference
-        per_prompt = model.encode_video(batch["pixels"], batch["prompt_grid"])  # [n_vid_prompts, D]
-        video_embeds = expand_groups(per_prompt, batch["row_tokens"][::batch["G"]], batch["G"])  # [n_vid, D]
-    out = model(ids, attention_mask=batch["attn"], video_embeds=video_embeds, video_grid_thw=batch["video_grid_thw"],
-                second_per_grid_ts=batch["second_per_grid_ts"], video_keep_mask=batch["keep"], labels=labels,
+        per_prompt = model.encode_video(batch.pixels, batch.prompt_grid)  # [n_vid_prompts, D]
+        video_embeds = expand_groups(per_prompt, batch.row_tokens[::batch.G], batch.G)  # [n_vid, D]
+    out = model(ids, attention_mask=batch.attn, video_embeds=video_embeds, video_grid_thw=batch.video_grid_thw,
+                second_per_grid_ts=batch.second_per_grid_ts, video_keep_mask=batch.keep, labels=labels,
                 temperature=temperature, return_entropy=with_entropy, logprobs_backend=backend)  # [n] row-major
     logp, ent = out if with_entropy else (out, None)
     full = torch.zeros(N, Tc, dtype=logp.dtype, device=logp.device).masked_scatter(valid, logp)  # [N, Tc]
@@ -139,30 +194,82 @@ class GroupScorer(nn.Module):
 # the rollout micro-batch
 
 
+def per(kind):
+    """A Rollout field and how it follows a selection of rows: "row" (dim 0 is the B*G rows, or a list of them),
+    "prompt" (dim 0 is the B prompts), "row_video" (segments of `row_tokens` video tokens, one per row),
+    "prompt_video" (segments of patches, one per prompt, sized by `prompt_grid`), "const"."""
+    return field(default=None, metadata={"per": kind})
+
+
+@dataclass
+class Rollout:
+    """One micro-batch: B prompts x G completions; row b*G + j is completion j of prompt b. Every field declares
+    how it follows a selection of rows (`per`), so `select` needs no list of keys to keep in sync."""
+    G: int = per("const")
+    ids: torch.Tensor = per("row")  # [B*G, Lp + Tc] prompt (left padded) + completion
+    attn: torch.Tensor = per("row")  # [B*G, Lp + Tc] 0 on the prompt's padding and after the completion's stop
+    targets: torch.Tensor = per("row")  # [B*G, Tc] what was sampled
+    valid: torch.Tensor = per("row")  # [B*G, Tc] bool: tokens up to and including the first stop
+    cmask: torch.Tensor = per("row")  # [B*G, Tc] bool: the tokens that get a loss
+    video_grid_thw: torch.Tensor = per("row")  # [B*G, 3]
+    second_per_grid_ts: torch.Tensor = per("row")  # [B*G]
+    row_tokens: list = per("row")  # merged video tokens of each row
+    video_embeds: torch.Tensor = per("row_video")  # [sum row_tokens, D] each group shares its prompt's encoding
+    keep: torch.Tensor = per("row_video")  # [sum row_tokens] EVS keep-mask, or None
+    prompt_grid: torch.Tensor = per("prompt")  # [B, 3]
+    pixels: torch.Tensor = per("prompt_video")  # [n_patches, C*2*14*14] to re-encode the videos, or None
+    lengths: torch.Tensor = per("row")  # [B*G] completion tokens (CPU)
+    truncated: torch.Tensor = per("row")  # [B*G] bool: no stop within the budget (CPU)
+    # filled by the rollout's scoring, the advantages and the reference pass
+    records: list = per("prompt")
+    texts: list = per("row")
+    scores: list = per("row")  # reward.score's dict of each completion
+    gen_logps: torch.Tensor = per("row")  # [B*G, Tc] the sampler's log-probs
+    total: torch.Tensor = per("row")  # [B*G] reward
+    adv: torch.Tensor = per("row")  # [B*G] advantages
+    use: torch.Tensor = per("row")  # [B*G] bool: the rows of the groups dynamic sampling keeps, or None (all)
+    ref: torch.Tensor = per("row")  # [B*G, Tc] the reference's log-probs, or None (beta = 0)
+
+    def select(self, rows):
+        """The rows (whole groups) kept, rows [B*G] bool: every field sliced by its kind, video tokens with their
+        rows, pixels with their prompts."""
+        keep_rows = rows.tolist()
+        prompts = keep_rows[::self.G]  # a group's first row says whether its prompt stays
+        patches = self.prompt_grid.prod(-1).tolist()
+        out = {}
+        for f in fields(self):
+            x, kind = getattr(self, f.name), f.metadata["per"]
+            if x is None or kind == "const":
+                out[f.name] = x
+            elif kind in ("row", "prompt"):
+                mask = keep_rows if kind == "row" else prompts
+                out[f.name] = x[torch.tensor(mask, device=x.device)] if torch.is_tensor(x) else \
+                    [v for v, k in zip(x, mask) if k]
+            else:
+                sizes, mask = (self.row_tokens, keep_rows) if kind == "row_video" else (patches, prompts)
+                out[f.name] = torch.cat([seg for seg, k in zip(x.split(sizes), mask) if k])
+        return Rollout(**out)
+
+
 def group_batch(ids, attn, seqs, video_embeds, grid, sec, keep, G, counts, eos_id, pad_id, placeholder_ids=(),
                 mask_truncated=False, pixels=None):
     """Prompts [B, Lp] (left padded) + their completions [B*G, Tc] (pad after EOS) -> the training micro-batch of
-    B*G rows: [prompt + completion] ids and attention mask, completion masks and targets, and the group-expanded
-    video inputs (`counts`: each prompt's merged video tokens). A sampled vision placeholder (<|video_pad|>, <|image_pad|>; a random or young policy writes them)
-    ends the completion like EOS: it is scored as a target, but never fed back as an input, where the model would
-    take it for a video token."""
+    B*G rows (a Rollout): [prompt + completion] ids and attention mask, completion masks and targets, and the
+    group-expanded video inputs (`counts`: each prompt's merged video tokens). A sampled vision placeholder
+    (<|video_pad|>, <|image_pad|>; a random or young policy writes them) ends the completion like EOS: it is scored
+    as a target, but never fed back as an input, where the model would take it for a video token."""
     stops = torch.isin(seqs, torch.tensor([eos_id, *placeholder_ids], device=seqs.device))
     valid, truncated = completion_mask(stops)  # [B*G, Tc] up to and including the first stop, [B*G]
     inputs = seqs.masked_fill(stops & (seqs != eos_id), pad_id)  # placeholders out of the input (masked anyway)
     counts = [int(c) for c in counts]  # merged video tokens per prompt (model.vision_token_counts)
-    return {
-        "ids": torch.cat([ids.repeat_interleave(G, 0), inputs], 1),  # [B*G, Lp + Tc]
-        "attn": torch.cat([attn.repeat_interleave(G, 0), valid.to(attn.dtype)], 1),  # pads after EOS are masked
-        "targets": seqs,  # [B*G, Tc] what was sampled
-        "valid": valid,
-        "cmask": valid & ~truncated[:, None] if mask_truncated else valid,  # the tokens that get a loss
-        "video_embeds": expand_groups(video_embeds, counts, G),  # each group shares its prompt's encoding
-        "keep": expand_groups(keep, counts, G) if keep is not None else None,
-        "row_tokens": [c for c in counts for _ in range(G)],  # video tokens of each row
-        "pixels": pixels, "prompt_grid": grid, "G": G,  # [n_patches, C*2*14*14], [B, 3]: to re-encode the videos
-        "video_grid_thw": grid.repeat_interleave(G, 0), "second_per_grid_ts": sec.repeat_interleave(G, 0),
-        "lengths": valid.sum(1).cpu(), "truncated": truncated.cpu(),
-    }
+    return Rollout(
+        G=G, ids=torch.cat([ids.repeat_interleave(G, 0), inputs], 1),
+        attn=torch.cat([attn.repeat_interleave(G, 0), valid.to(attn.dtype)], 1),  # pads after EOS are masked
+        targets=seqs, valid=valid, cmask=valid & ~truncated[:, None] if mask_truncated else valid,
+        video_grid_thw=grid.repeat_interleave(G, 0), second_per_grid_ts=sec.repeat_interleave(G, 0),
+        row_tokens=[c for c in counts for _ in range(G)], video_embeds=expand_groups(video_embeds, counts, G),
+        keep=expand_groups(keep, counts, G) if keep is not None else None, prompt_grid=grid, pixels=pixels,
+        lengths=valid.sum(1).cpu(), truncated=truncated.cpu())
 
 
 def completion_mask(stops):
@@ -196,27 +303,6 @@ class PromptStream:
             self._perm_epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
         self.pos += 1
         return self._perm[i]
-
-
-
-def subset(mb, rows):
-    """The rows (whole groups) of a micro-batch that dynamic sampling keeps; video tokens follow their rows."""
-    out = dict(mb)
-    for k in ("ids", "attn", "targets", "valid", "cmask", "adv", "old", "ref", "gen_logps", "video_grid_thw",
-              "second_per_grid_ts"):
-        if mb[k] is not None:
-            out[k] = mb[k][rows]
-    for k in ("video_embeds", "keep"):
-        if mb[k] is not None:
-            out[k] = torch.cat([seg for seg, r in zip(mb[k].split(mb["row_tokens"]), rows.tolist()) if r])
-    out["row_tokens"] = [c for c, r in zip(mb["row_tokens"], rows.tolist()) if r]
-    prompts = rows[::mb["G"]]  # [B] whole groups: a group's first row says whether its prompt stays
-    out["prompt_grid"] = mb["prompt_grid"][prompts]
-    if mb["pixels"] is not None:
-        patches = mb["prompt_grid"].prod(-1).tolist()
-        out["pixels"] = torch.cat([seg for seg, r in zip(mb["pixels"].split(patches), prompts.tolist()) if r])
-    return out
-
 
 
 def gather_rows(x):

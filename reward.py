@@ -98,8 +98,9 @@ def task_from_name(path):
     return None
 
 
-# score(): total = w[metric] * task_reward + w["format"] * format_reward, the format term only for FORMAT_METRICS
-# (tasks whose reference answers use the think/answer grammar; plain QA answers are bare labels)
+# Every reward term and its default weight: score() returns the terms that apply to a record and their weighted sum
+# "total". To add a term: compute it in terms() and give it a weight here; train_rl.py then takes --w_<term> (any
+# term without a w_ key keeps this weight) and logs it as reward/<term>/mean.
 DEFAULT_WEIGHTS = {"accuracy": 1.0, "f1": 1.0, "caption": 1.0, "tree": 1.0, "format": 0.1}
 FORMAT_METRICS = ("tree",)
 CAPTION_LABEL_WEIGHT = 0.7   # caption_reward = 0.7 * label overlap + 0.3 * clue overlap
@@ -812,25 +813,17 @@ def as_label_list(labels, metric):
     return [s.strip()]
 
 
-def score(completion, record, weights=None, lam=1.0):
-    """All rewards of one completion for one Emo-CFG record:
-    {<metric>: task reward, "format": format reward, "total": weighted sum}, metric = task_metric(record["task"]).
-    The one scoring path: GRPO's reward and eval's metric are this call. For accuracy / F1 tasks an option-letter
-    answer ("B", "(B) sadness") becomes its option's text when the question lists options, and so do letter labels;
-    string labels are split for F1; without labels the reference answer is the last assistant turn.
-    weights override DEFAULT_WEIGHTS key by key; the format term enters the total only for FORMAT_METRICS, and for
-    records marked answer_format="reasoning" (data.apply_answer_format), which also get a "tree" term: the tree reward
-    of the completion's <think> block against record["tree"], added to the total with w["tree"]."""
+def terms(completion, record, lam=1.0):
+    """The reward terms that apply to one completion of an Emo-CFG record, {name: value in [0, 1]}: the task's metric
+    (metric = task_metric(record["task"])); for FORMAT_METRICS tasks the format term; for records marked
+    answer_format="reasoning" (data.apply_answer_format) the tree reward of the completion's <think> block against
+    record["tree"] and the format term, so GRPO rewards answer and tree together. For accuracy / F1 tasks an
+    option-letter answer ("B", "(B) sadness") becomes its option's text when the question lists options, and so do
+    letter labels; string labels are split for F1; without labels the reference answer is the last assistant turn."""
     task = record.get("task")
     metric = task_metric(task)
     if metric is None:
         raise ValueError(f"record 'task' {task!r} is not one of {sorted(TASK_METRIC) + sorted(EXTRA_TASKS)}")
-    w = dict(DEFAULT_WEIGHTS)
-    for k, v in (weights or {}).items():
-        if k not in w:
-            raise ValueError(f"score: unknown weight key {k!r}; known: {sorted(w)}")
-        w[k] = float(v)
-    fmt = format_reward(completion)
     reasoning = record.get("answer_format") == "reasoning"
     if metric in ("accuracy", "f1"):
         question = question_text(record)
@@ -845,11 +838,22 @@ def score(completion, record, weights=None, lam=1.0):
         value = caption_reward(completion, extract_answer(reference_text(record)) if reasoning else record)
     else:
         value = tree_reward(completion, record.get("tree") or reference_text(record), lam=lam)
-    total = w[metric] * value + (w["format"] * fmt if metric in FORMAT_METRICS else 0.0)
-    out = {metric: value, "format": fmt, "total": total}
-    if metric not in FORMAT_METRICS and record.get("answer_format") == "reasoning" and record.get("tree"):
-        # a reasoning-format record (data.apply_answer_format): the answer's metric above, plus the tree reward of
-        # the <think> part against the record's tree and the format term, so GRPO rewards answer and tree together
+    out = {metric: value}
+    if metric not in FORMAT_METRICS and reasoning and record.get("tree"):
         out["tree"] = tree_reward(completion, record["tree"], lam=lam)
-        out["total"] = total + w["tree"] * out["tree"] + w["format"] * fmt
+    if metric in FORMAT_METRICS or "tree" in out:
+        out["format"] = format_reward(completion)
+    return out
+
+
+def score(completion, record, weights=None, lam=1.0):
+    """All rewards of one completion for one Emo-CFG record: terms() plus "total", their weighted sum. The one
+    scoring path: GRPO's reward and eval's metric are this call. weights override DEFAULT_WEIGHTS key by key."""
+    w = dict(DEFAULT_WEIGHTS)
+    for k, v in (weights or {}).items():
+        if k not in w:
+            raise ValueError(f"score: unknown weight key {k!r}; known: {sorted(w)}")
+        w[k] = float(v)
+    out = terms(completion, record, lam)
+    out["total"] = sum(w[k] * v for k, v in out.items())
     return out

@@ -11,7 +11,6 @@ exact resume, and a final evaluation on the test split that writes eval.json.
 import collections
 import contextlib
 import functools
-import math
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from tqdm import tqdm
 import common
 import evaluation
 import lora
+import trainer
 from data import (REASONING_TASKS, CurriculumSampler, EmoDataset, collate, curriculum_level, load_records_as,
                   load_tokenizer, special_ids)
 from model import VidEmo, scratch_config
@@ -246,35 +246,13 @@ def check_config():
         ("video_prune_rate", video_prune_rate, 0 <= video_prune_rate < 1, "in [0, 1)")])
 
 
-def main():
-    config = common.configure(globals())
-    check_config()
-    train_path = train_file or os.path.join(data_dir, "train.jsonl")
-    val_path = val_file or os.path.join(data_dir, "val.jsonl")
-    test_path = test_file or os.path.join(data_dir, "test.jsonl")
-    rank, world, dev = common.setup_distributed(device)
-    master = rank == 0
-    os.makedirs(out_dir, exist_ok=True)
-    use_bf16 = dev.type == "cuda" and dtype in ("auto", "bfloat16")
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)
-    ckpt_path = os.path.join(out_dir, "ckpt")
+def video_options():
+    return dict(fps=fps, max_frames=max_frames, min_pixels=min_pixels, max_pixels=max_pixels)
 
-    # ---- model (a given init is loaded first: a bad path fails before any data work)
-    torch.manual_seed(seed)  # identical init on every rank
-    init_dir = None if init_from == "scratch" else common.resolve_checkpoint(init_from)
-    model = None if init_dir is None else load_weights(init_dir)
-    stored = torch.float32 if model is None else model.embed_tokens.weight.dtype  # hub checkpoints store bf16
-    weights_dtype = stored if save_dtype == "auto" else getattr(torch, save_dtype)
-    # ---- data
-    build_emosynth_if_missing(train_path, master)
-    has_tok = init_dir is not None and os.path.isfile(os.path.join(init_dir, "tokenizer_config.json"))
-    tok_dir = tokenizer_dir or (init_dir if has_tok else os.path.join(data_dir, "tokenizer"))
-    try:
-        tokenizer = load_tokenizer(tok_dir)
-    except (OSError, ValueError) as e:
-        raise common.InputError(f"tokenizer {tok_dir}: {common.first_line(e)}") from None
-    _, pad_id = special_ids(tokenizer)
-    video_kwargs = dict(fps=fps, max_frames=max_frames, min_pixels=min_pixels, max_pixels=max_pixels)
+
+def load_data(train_path, val_path, tokenizer, pad_id, rank, world):
+    """Records, the curriculum sampler and the datasets -> (train records, sampler, train set, val loader or None)."""
+    video_kwargs = video_options()
     root = video_root or None  # None: each record's videos resolve against its own file's folder (data.py)
     try:
         train_records = load_records_as(train_path, answer_format, reasoning_tasks)
@@ -292,46 +270,134 @@ def main():
                                 f"with a curriculum level) make no full global batch of {batch_size * world} "
                                 f"(batch_size x world size) at stage_epochs={stage_epochs}; add data or lower "
                                 f"--batch_size")
-    collate_fn = functools.partial(collate, pad_token_id=pad_id)
     train_set = EmoDataset(train_records, tokenizer, root, max_seq_len, video_kwargs, cache_mb=video_cache_mb)
-    total_steps = max_steps or len(sampler) // grad_accum
     val_loader = None
     if val_path != "none" and os.path.exists(val_path):
         val_set = EmoDataset(load_records_as(val_path, answer_format, reasoning_tasks), tokenizer, root, max_seq_len,
                              video_kwargs, cache_mb=video_cache_mb)
-        val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+        val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, shuffle=False,
+                                                 collate_fn=functools.partial(collate, pad_token_id=pad_id),
                                                  num_workers=0)
+    return train_records, sampler, train_set, val_loader
 
-    if model is None:
-        torch.manual_seed(seed)
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                                                               "<|video_pad|>", "<|im_end|>", "<|endoftext|>")}
-        model = VidEmo(scratch_config(len(tokenizer), ids, n_layer, n_embd, n_head, n_kv_head, n_inner, vision_depth,
-                                      vision_embd, vision_heads, vision_inner, tie_embeddings))
-    start_step, state = 0, None
-    if resume:
-        found = common.find_checkpoint(ckpt_path)
-        if found is None:
-            raise common.InputError(f"--resume: no complete checkpoint at {ckpt_path} (rank {common.rank()}; "
-                                    f"on several nodes, out_dir must be on a filesystem they share)")
-        state = common.load_trainer_state(found)
-        common.check_resume(state.get("config", {}), config, RESUME_BREAKING, BEFORE)
+
+def tokenizer_for(init_dir):
+    """init_from's tokenizer when it holds one, else EmoSynth's (tokenizer_dir overrides both)."""
+    has_tok = init_dir is not None and os.path.isfile(os.path.join(init_dir, "tokenizer_config.json"))
+    tok_dir = tokenizer_dir or (init_dir if has_tok else os.path.join(data_dir, "tokenizer"))
+    try:
+        return load_tokenizer(tok_dir)
+    except (OSError, ValueError) as e:
+        raise common.InputError(f"tokenizer {tok_dir}: {common.first_line(e)}") from None
+
+
+def scratch_model(tokenizer):
+    torch.manual_seed(seed)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                           "<|video_pad|>", "<|im_end|>", "<|endoftext|>")}
+    return VidEmo(scratch_config(len(tokenizer), ids, n_layer, n_embd, n_head, n_kv_head, n_inner, vision_depth,
+                                 vision_embd, vision_heads, vision_inner, tie_embeddings))
+
+
+def next_micro(loader, make_loader):
+    """grad_accum collate batches -> (batches, the loader: a fresh pass when max_steps runs beyond the schedule)."""
+    micro = []
+    while len(micro) < grad_accum:
+        try:
+            micro.append(next(loader))
+        except StopIteration:
+            loader = make_loader()
+    return micro, loader
+
+
+def count_skips(micro, skipped, first_skip, dev, world):
+    """Tally the records the collate dropped -> (first skip, [any empty micro-batch, records used, records skipped]
+    summed over ranks): a micro-batch whose records all dropped (missing videos, a wrong video_root) skips the step
+    on every rank together (a lone rank skipping would leave the others waiting in a collective)."""
+    for b in micro:
+        for reason in b.get("skipped", []):  # "file:line: why": counted by why, the first one kept whole
+            skipped[evaluation.skip_reason(reason.split(": ", 1)[-1])] += 1
+            first_skip = first_skip or reason
+    counts = torch.tensor([float(any(len(b["index"]) == 0 for b in micro)),
+                           float(sum(len(b["index"]) for b in micro)), float(sum(len(b["skipped"]) for b in micro))])
+    if world > 1:
+        counts = counts.to(dev)
+        torch.distributed.all_reduce(counts)
+        counts = counts.cpu()
+    return first_skip, counts
+
+
+def lr_for(step, sampler, total_steps):
+    if lr_schedule == "stage":  # the stage's own warmup + cosine; the last stage runs to total_steps
+        first, end = sampler.stage_span(step * grad_accum)
+        end = total_steps if end >= len(sampler) else min(end // grad_accum, total_steps)
+        return common.lr_at(step - first // grad_accum, end - first // grad_accum, lr, min_lr, warmup_steps)
+    return common.lr_at(step, total_steps, lr, min_lr, warmup_steps)
+
+
+def forward_backward(net, model, micro, dev, autocast, world):
+    """The summed gradient of the micro-batches' NLL, normalised by the global count of supervised tokens (any world
+    size / accumulation gives the same loss) -> (step loss, tokens processed on this rank)."""
+    n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)), device=dev)
+    n_local = sum(int(b["attention_mask"].sum()) for b in micro)  # every token processed, for tokens/s
+    if world > 1:
+        torch.distributed.all_reduce(n_tok)
+    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    for i, batch in enumerate(micro):
+        batch = to_device(batch, dev)
+        sync = i == len(micro) - 1
+        ctx = net.no_sync() if (world > 1 and not fsdp and not sync) else contextlib.nullcontext()
+        with ctx:
+            if fsdp and world > 1:
+                model.set_requires_gradient_sync(sync)
+            with autocast:
+                logp = net(**model_inputs(batch))  # [n] log-probs of the supervised tokens
+            nll = -logp.sum()
+            loss = nll / n_tok.clamp(min=1) * world  # DDP / FSDP average gradients over ranks
+            loss.backward()
+        loss_sum += nll.detach().double()
+    if world > 1:
+        torch.distributed.all_reduce(loss_sum)
+    return (loss_sum / n_tok.clamp(min=1)).item(), n_local
+
+
+def main():
+    config = common.configure(globals())
+    check_config()
+    train_path = train_file or os.path.join(data_dir, "train.jsonl")
+    val_path = val_file or os.path.join(data_dir, "val.jsonl")
+    test_path = test_file or os.path.join(data_dir, "test.jsonl")
+    rank, world, dev = common.setup_distributed(device)
+    master = rank == 0
+    os.makedirs(out_dir, exist_ok=True)
+    use_bf16 = dev.type == "cuda" and dtype in ("auto", "bfloat16")
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)
+    ckpt_path = os.path.join(out_dir, "ckpt")
+
+    # ---- model (a given init is loaded first: a bad path fails before any data work), data
+    torch.manual_seed(seed)  # identical init on every rank
+    init_dir = None if init_from == "scratch" else common.resolve_checkpoint(init_from)
+    model = None if init_dir is None else load_weights(init_dir)
+    stored = torch.float32 if model is None else model.embed_tokens.weight.dtype  # hub checkpoints store bf16
+    weights_dtype = stored if save_dtype == "auto" else getattr(torch, save_dtype)
+    build_emosynth_if_missing(train_path, master)
+    tokenizer = tokenizer_for(init_dir)
+    _, pad_id = special_ids(tokenizer)
+    train_records, sampler, train_set, val_loader = load_data(train_path, val_path, tokenizer, pad_id, rank, world)
+    total_steps = max_steps or len(sampler) // grad_accum
+    model = model if model is not None else scratch_model(tokenizer)
+    found, state = trainer.load_resume(ckpt_path, config, RESUME_BREAKING, BEFORE) if resume else (None, None)
+    if state is not None:
         if not lora_rank:  # (LoRA continues from its base, built above, and the adapters in the state)
             model = load_weights(found)
         if "master_weights" in state:  # saved in a lower precision: continue from the exact fp32 weights
             model.float().load_state_dict(state["master_weights"])
-        start_step = state["step"]
         sampler.load_state_dict(state["sampler"])
     # fp32 master weights whatever the stored dtype: AdamW steps below bf16's resolution must not vanish (bf16 compute
     # comes from autocast on CUDA)
     model.float().to(dev)
     if lora_rank:  # adapters only; the freeze_* keys do not apply
-        try:
-            lora.add_adapters(model, lora_rank, lora_alpha, lora_targets, base_dtype=torch.bfloat16 if use_bf16 else None)
-        except ValueError as e:
-            raise common.ConfigError(f"config key 'lora_targets': {e}") from None
-        if state is not None:
-            model.load_state_dict(state["adapters"], strict=False)
+        trainer.attach_lora(model, lora_rank, lora_alpha, lora_targets, use_bf16, state)
     else:
         set_trainable(model)
     model.gradient_checkpointing = grad_checkpointing
@@ -343,11 +409,8 @@ def main():
     elif world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(beta1, beta2),
-                                  fused=dev.type == "cuda")
+    optimizer = trainer.adamw(params, lr, (beta1, beta2), weight_decay, dev)
+    start_step = 0 if state is None else state["step"]
     if state is not None:
         common.load_optimizer_state(model, optimizer, state["optimizer"], fsdp)
         common.set_rng_state(state["rng"])
@@ -357,99 +420,49 @@ def main():
 
     # ---- train
     log = common.MetricLog(os.path.join(out_dir, "metrics.jsonl"), wandb_project if master else None, config)
-    loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
-                                              num_workers=num_workers, persistent_workers=False))
-    skipped, first_skip, used, n_skipped, skipped_batches, bad_steps = collections.Counter(), None, 0, 0, 0, 0
-    last_saved = start_step if resume else None
+    make_loader = functools.partial(torch.utils.data.DataLoader, train_set, batch_sampler=sampler,
+                                    collate_fn=functools.partial(collate, pad_token_id=pad_id), num_workers=num_workers)
+    loader = iter(make_loader(persistent_workers=False))
+    skipped, first_skip, used, n_skipped, skipped_batches = collections.Counter(), None, 0, 0, 0
+    guard = trainer.NonFiniteGuard(ckpt_path, start_step if resume else None)
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not master,
                dynamic_ncols=True)
     t0, tokens_seen = time.time(), 0
     model.train()
     for step in bar:
-        micro = []
-        while len(micro) < grad_accum:
-            try:
-                micro.append(next(loader))
-            except StopIteration:  # max_steps beyond the schedule: run through it again
-                loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
-                                                          num_workers=num_workers))
-        for b in micro:
-            for reason in b.get("skipped", []):  # "file:line: why": counted by why, the first one kept whole
-                skipped[evaluation.skip_reason(reason.split(": ", 1)[-1])] += 1
-                first_skip = first_skip or reason
-        # a micro-batch whose records all dropped (missing videos, a wrong video_root): the step is skipped on every
-        # rank together (a lone rank skipping would leave the others waiting in a collective)
-        counts = torch.tensor([float(any(len(b["index"]) == 0 for b in micro)),
-                               float(sum(len(b["index"]) for b in micro)), float(sum(len(b["skipped"]) for b in micro))])
-        if world > 1:
-            counts = counts.to(dev)
-            torch.distributed.all_reduce(counts)
-            counts = counts.cpu()
+        done = step + 1
+        # 1. the step's micro-batches, and the records they had to skip
+        micro, loader = next_micro(loader, lambda: iter(make_loader()))
+        first_skip, counts = count_skips(micro, skipped, first_skip, dev, world)
         used, n_skipped = used + int(counts[1]), n_skipped + int(counts[2])
         if used == 0 and n_skipped >= min(len(train_records), 64):
             reasons = ", ".join(f"{k} x{v}" for k, v in skipped.most_common(3))
             raise common.InputError(f"{train_path}: the first {n_skipped} records were all skipped (first: "
                                     f"{first_skip}); top reasons: {reasons}. Check --video_root and the records")
-        done = step + 1
         if counts[0] > 0:
             skipped_batches += 1
             common.print0(f"step {done}: a micro-batch had no usable record; step skipped ({skipped_batches} so far)")
         else:
-            # normalise by the global count of supervised tokens, so any world size / accumulation gives the same loss
-            n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)), device=dev)
-            n_local = sum(int(b["attention_mask"].sum()) for b in micro)  # every token processed, for tokens/s
-            if world > 1:
-                torch.distributed.all_reduce(n_tok)
-            if lr_schedule == "stage":  # the stage's own warmup + cosine; the last stage runs to total_steps
-                first, end = sampler.stage_span(step * grad_accum)
-                end = total_steps if end >= len(sampler) else min(end // grad_accum, total_steps)
-                step_lr = common.lr_at(step - first // grad_accum, end - first // grad_accum, lr, min_lr,
-                                       warmup_steps)
-            else:
-                step_lr = common.lr_at(step, total_steps, lr, min_lr, warmup_steps)
+            # 2. forward + backward, 3. the update (never a non-finite one)
+            step_lr = lr_for(step, sampler, total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = step_lr
-            loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
-            for i, batch in enumerate(micro):
-                batch = to_device(batch, dev)
-                sync = i == len(micro) - 1
-                ctx = net.no_sync() if (world > 1 and not fsdp and not sync) else contextlib.nullcontext()
-                with ctx:
-                    if fsdp and world > 1:
-                        model.set_requires_gradient_sync(sync)
-                    with autocast:
-                        logp = net(**model_inputs(batch))  # [n] log-probs of the supervised tokens
-                    nll = -logp.sum()
-                    loss = nll / n_tok.clamp(min=1) * world  # DDP / FSDP average gradients over ranks
-                    loss.backward()
-                loss_sum += nll.detach().double()
-            if world > 1:
-                torch.distributed.all_reduce(loss_sum)
-            step_loss = (loss_sum / n_tok.clamp(min=1)).item()
+            step_loss, n_local = forward_backward(net, model, micro, dev, autocast, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else torch.zeros(())
-            if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
-                # never apply a NaN update: skip it; several in a row stop the run, writing nothing: weights that led
-                # here may be diverged even if finite, and must not replace the last good checkpoint
-                optimizer.zero_grad(set_to_none=True)
-                bad_steps += 1
-                common.print0(f"step {step}: non-finite loss {step_loss} / grad norm {float(grad_norm)}; update skipped")
-                if bad_steps >= 3:
-                    good = f"{ckpt_path} (step {last_saved})" if last_saved is not None else "none (no checkpoint yet)"
-                    raise FloatingPointError(f"loss is NaN/inf for {bad_steps} steps in a row at step {step}; nothing "
-                                             f"saved; the last good checkpoint is {good}; lower lr or check the data")
+            if not guard.ok(step, step_loss, grad_norm, optimizer):
                 continue
-            bad_steps = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_seen += n_local * world
+            # 4. log
             if master and (done % log_every == 0 or done == total_steps):
-                dt = time.time() - t0
                 row = {"step": done, "loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm),
-                       "stage": sampler.stage_of(step * grad_accum), "tok_per_s": tokens_seen / max(dt, 1e-9),
+                       "stage": sampler.stage_of(step * grad_accum), "tok_per_s": tokens_seen / max(time.time() - t0, 1e-9),
                        "skipped": sum(skipped.values()), "skipped_batches": skipped_batches}
                 log.log(**row)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_per_s']:.0f}",
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{step_lr:.2e}", tok_s=f"{row['tok_per_s']:.0f}",
                                 stage=row["stage"], skipped=row["skipped"])
+        # 5. validation, 6. checkpoint
         if val_loader is not None and eval_every > 0 and (done % eval_every == 0 or done == total_steps):
             v = validate(net, model, val_loader, dev, autocast, rank, world)
             if master:
@@ -457,7 +470,7 @@ def main():
                 bar.write(f"step {done}: " + " ".join(f"{k}={x:.4f}" for k, x in v.items()))
         if (save_every > 0 and done % save_every == 0) or done == total_steps or done == stop_at_step:
             save(ckpt_path, model, optimizer, tokenizer, done, sampler, master, config, weights_dtype, init_from)
-            last_saved = done
+            guard.saved(done)
         if done == stop_at_step:
             common.print0(f"stop_at_step={stop_at_step}: stopping; continue with --resume=True")
             common.cleanup_distributed()
@@ -469,11 +482,9 @@ def main():
 
     # ---- final evaluation on the test split (rank 0, from the saved checkpoint)
     if eval_at_end and test_path != "none" and os.path.exists(test_path) and master:
-        best = VidEmo.from_pretrained(ckpt_path, device=dev)
-        new_tokens = max(eval_max_new_tokens, 160) if answer_format == "reasoning" else eval_max_new_tokens
-        evaluation.report(best, tokenizer, load_records_as(test_path, answer_format, reasoning_tasks), root,
-                          video_kwargs, out_dir, batch_size=eval_batch_size, max_new_tokens=new_tokens, device=dev,
-                          video_prune_rate=video_prune_rate)
+        trainer.final_evaluation(VidEmo.from_pretrained(ckpt_path, device=dev), tokenizer, test_path, out_dir,
+                                 answer_format, reasoning_tasks, video_root or None, video_options(), eval_batch_size,
+                                 eval_max_new_tokens, dev, video_prune_rate)
     common.barrier()
     common.cleanup_distributed()
 

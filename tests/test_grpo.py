@@ -3,6 +3,7 @@ explicit loops; the training-side log-probs against an unpadded per-row forward;
 own process) with a tiny random VidEmo on a tiny EmoSynth build (real rewards + checkpoint + eval, exact resume,
 torchrun DDP == one process)."""
 import itertools
+import dataclasses
 import json
 import math
 import os
@@ -298,7 +299,7 @@ def test_completion_logps_match_unpadded_forward(pruned):
     counts = _counts(inp["video_grid_thw"])
     mb = grpo.group_batch(inp["input_ids"], inp["attention_mask"], seqs, embeds, inp["video_grid_thw"],
                           inp["second_per_grid_ts"], keep, G, counts, IM_END, PAD, (VIDEO_PAD, IMAGE_PAD))
-    assert mb["lengths"].tolist() == lengths and mb["truncated"].tolist() == [True, False, False, False]
+    assert mb.lengths.tolist() == lengths and mb.truncated.tolist() == [True, False, False, False]
     for backend in ("naive", "auto"):
         got, ent = grpo.completion_logps(model, mb, tau, with_entropy=True, backend=backend)  # [B*G, Tc]
         for j, n in enumerate(lengths):
@@ -389,7 +390,7 @@ def test_reencoded_video_matches_rollout_encoding_and_subset():
         model.zero_grad()
         if by_hand:
             emb = model.encode_video(inp["pixel_values_videos"], grid)
-            batch = dict(batch, video_embeds=grpo.expand_groups(emb, _counts(grid), G))
+            batch = dataclasses.replace(batch, video_embeds=grpo.expand_groups(emb, _counts(grid), G))
         logps, _ = grpo.completion_logps(model, batch, 1.0, reencode=reencode)
         (logps * weights[:logps.shape[0]]).sum().backward()
         return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -404,8 +405,8 @@ def test_reencoded_video_matches_rollout_encoding_and_subset():
         plain, _ = grpo.completion_logps(model, mb, 1.0)  # the rollout encoding: same weights, same values
     torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-6)
     rows = torch.tensor([False] * G + [True] * G + [False] * G)  # keep only the second prompt's group
-    sub = grpo.subset(dict(mb, adv=torch.zeros(3 * G), old=None, ref=None, gen_logps=None), rows)
-    assert sub["pixels"].shape[0] == int(grid[1].prod()) and sub["prompt_grid"].tolist() == [grid[1].tolist()]
+    sub = dataclasses.replace(mb, adv=torch.zeros(3 * G)).select(rows)
+    assert sub.pixels.shape[0] == int(grid[1].prod()) and sub.prompt_grid.tolist() == [grid[1].tolist()]
     with torch.no_grad():
         part, _ = grpo.completion_logps(model, sub, 1.0, reencode=True)
     torch.testing.assert_close(part, want[rows], rtol=1e-5, atol=1e-6)

@@ -142,7 +142,7 @@ def test_scoring_both_forms(tiny_data):
         # the same answer written directly: same metric, no tree credit, no format credit
         bare = R.score(ans, r)
         assert bare[metric] == 1.0 and bare["format"] == 0.0 and bare["tree"] < 1.0
-        assert R.score(ans, d) == {metric: 1.0, "format": 0.0, "total": 1.0}  # the direct record: unchanged
+        assert R.score(ans, d) == {metric: 1.0, "total": 1.0}  # the direct record: its metric alone
         # a right tree with a wrong answer, and a wrong tree with the right answer
         wrong = "xyzzy" if metric == "accuracy" else "AU26 jaw drop"
         wa = R.score(D.reasoning_answer(think, wrong), r)

@@ -1,0 +1,250 @@
+"""A whole GRPO step in process: train_rl.py's parts (rollout -> advantages -> reference pass -> update -> metrics)
+called as functions on a tiny random VidEmo over a tiny EmoSynth build; the loss normalisation (grpo.Objective)
+against its formulas; a reward term added in reward.py alone; the degenerate steps."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import common
+import data as D
+import grpo
+import reward as R
+import train_rl as RL
+
+CPU = torch.device("cpu")
+NO_AUTOCAST = torch.autocast("cpu", enabled=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(tokenizer, policy state dict, train records, video kwargs) of a tiny EmoSynth build and a tiny random model."""
+    from model import VidEmo
+    from tiny import build_emosynth, tokenizer_config
+    build = build_emosynth(tmp_path_factory.mktemp("step") / "build", num_train=8, num_val=2, num_test=2, workers=1)
+    tok = D.load_tokenizer(build / "tokenizer")
+    torch.manual_seed(0)
+    model = VidEmo(tokenizer_config(tok, initializer_range=0.2))  # a large init: completions differ in length
+    return tok, model, build
+
+
+@pytest.fixture
+def rl(setup):
+    """train_rl configured for a tiny step (its globals restored afterwards)."""
+    tok, model, build = setup
+    g = vars(RL)
+    saved = {k: g[k] for k in common._config_keys(g)}
+    common.configure(g, [f"--data_dir={build}", "--num_generations=4", "--prompts_per_step=2", "--grad_accum=2",
+                         "--max_completion_length=10", "--beta=0.0", "--tasks=('emotion_single',)", "--dynamic_sampling=False"])
+    yield RL
+    g.update(saved)
+
+
+def policy_of(setup):
+    from model import VidEmo
+    _, model, _ = setup
+    p = VidEmo(model.config)
+    p.load_state_dict(model.state_dict())
+    return p.float()
+
+
+def one_step(rl, setup, policy, optimizer, seed=0, steps=1):
+    """The loop body of train_rl.main for one process: rollout, advantages, reference pass, update, metrics."""
+    tok, _, build = setup
+    records = rl.load_task_records(build / "train.jsonl")
+    stream = grpo.PromptStream(len(records), seed, 0, 1)
+    video_kwargs = dict(fps=rl.fps, max_frames=rl.max_frames, min_pixels=rl.min_pixels, max_pixels=rl.max_pixels)
+    gen = torch.Generator().manual_seed(seed)
+    micro = []
+    for _ in range(rl.grad_accum):
+        prompts = rl.next_prompts(1, stream, records, tok, None, video_kwargs, None, {})
+        micro.append(rl.rollout(policy, prompts, gen, tok, CPU, NO_AUTOCAST, reencode=True)[0])
+    total_all, zero_std, bad = rl.advantages(micro, 0, 1, CPU)
+    rl.reference_pass(micro, policy, None, True, NO_AUTOCAST)
+    objective = grpo.Objective(rl.beta, rl.epsilon, rl.epsilon, rl.loss_type, rl.max_completion_length,
+                               rl.grad_accum)
+    kept = objective.begin(micro, CPU)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    guard = RL.trainer.NonFiniteGuard("nowhere")
+    net = grpo.GroupScorer(policy, rl.temperature, reencode=True, backend=rl.logprobs_backend)
+    upd, grad_norm = rl.update(net, policy, params, optimizer, micro, objective, guard, 0,
+                               rl.num_iterations if kept else 0, NO_AUTOCAST, 1, CPU)
+    row = rl.step_metrics(1, rl.lr, micro, total_all, zero_std, bad, kept, upd, grad_norm,
+                          {"t_generate": 1.0, "t_score": 0.0, "t_ref": 0.0, "t_update": 0.0}, objective, CPU)
+    return micro, row
+
+
+def surrogate(policy, micro, signs):
+    """sum_i A_i * mean_t log pi(o_it) over the step's rows (grpo aggregation): what one PG step must raise."""
+    with torch.no_grad():
+        total = 0.0
+        for mb in micro:
+            logps, _ = grpo.completion_logps(policy, mb, RL.temperature, reencode=True)
+            per_row = (logps * mb.cmask).sum(1) / mb.cmask.sum(1).clamp(min=1)
+            total += float((signs * mb.adv * per_row).sum())
+    return total
+
+
+def test_a_step_in_process_climbs_its_objective(rl, setup, monkeypatch):
+    """A reward on how often "a" is written: the step's rollout has spread, its update moves the weights, and the
+    policy after it scores the step's own completions higher on sum_i A_i mean_t log pi(o_it)."""
+    monkeypatch.setattr(R, "terms", lambda c, r, lam=1.0: {"accuracy": c.count("a") / 10})
+    policy = policy_of(setup)
+    micro, row = one_step(rl, setup, policy, torch.optim.SGD(policy.parameters(), lr=0.05))
+    assert row["grad_norm"] > 0 and row["frac_reward_zero_std"] < 1 and "skipped_update" not in row
+    assert row["rollout_logp_diff"] < 1e-4  # the sampler and the training forward agree
+    assert surrogate(policy, micro, 1.0) > surrogate(policy_of(setup), micro, 1.0)
+
+
+def test_the_two_rewards_give_opposite_gradients(rl, setup, monkeypatch):
+    """Same rollout, rewards r and -r: every parameter's gradient of the step flips sign exactly."""
+    grads = {}
+    for sign in (1.0, -1.0):
+        monkeypatch.setattr(R, "terms", lambda c, r, lam=1.0, s=sign: {"accuracy": s * c.count("a") / 10})
+        policy = policy_of(setup)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.0)  # keep the gradients: lr 0, zero_grad replaced
+        monkeypatch.setattr(opt, "zero_grad", lambda set_to_none=True: None)
+        one_step(rl, setup, policy, opt)
+        grads[sign] = torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+    assert grads[1.0].abs().sum() > 0
+    torch.testing.assert_close(grads[-1.0], -grads[1.0], rtol=1e-4, atol=1e-7)
+
+
+def test_a_reward_term_added_in_reward_py_is_weighted_logged_and_optimised(rl, setup, monkeypatch):
+    """A toy term (the share of vowels) added to reward.py's terms and weights only: score weights it into the
+    total, the step logs reward/toy/*, and the update climbs it; grpo.py and train_rl.py are untouched."""
+    real_terms = R.terms
+
+    def with_toy(completion, record, lam=1.0):
+        out = real_terms(completion, record, lam)
+        out["toy"] = sum(ch in "aeiou" for ch in completion) / max(1, len(completion))
+        return out
+
+    monkeypatch.setattr(R, "terms", with_toy)
+    monkeypatch.setitem(R.DEFAULT_WEIGHTS, "toy", 2.0)
+    policy = policy_of(setup)
+    micro, row = one_step(rl, setup, policy, torch.optim.SGD(policy.parameters(), lr=0.05))
+    for mb in micro:
+        for sc in mb.scores:
+            assert sc["total"] == pytest.approx(sc["accuracy"] + 2.0 * sc["toy"])
+    toys = [sc["toy"] for mb in micro for sc in mb.scores]
+    assert row["reward/toy/mean"] == pytest.approx(sum(toys) / len(toys), rel=1e-6)
+    assert "reward/toy/std" in row and row["grad_norm"] > 0
+    assert surrogate(policy, micro, 1.0) > surrogate(policy_of(setup), micro, 1.0)
+    with pytest.raises(common.ConfigError, match="w_nope"):  # a w_ key for a term reward.py does not have
+        monkeypatch.setattr(RL, "w_nope", 1.0, raising=False)
+        RL.check_config(1, CPU)
+
+
+def test_degenerate_steps_complete_and_are_counted(rl, setup, monkeypatch):
+    """Equal rewards everywhere: no update, skipped_update shown. Every reward NaN: counted, no update, nothing
+    non-finite. Every completion truncated and masked: a finite loss over no token."""
+    start = policy_of(setup)
+    monkeypatch.setattr(RL, "dynamic_sampling", True)
+    for reward, key in ((lambda c, r, lam=1.0: {"accuracy": 0.5}, "skipped_update"),
+                        (lambda c, r, lam=1.0: {"accuracy": float("nan")}, "reward_nonfinite")):
+        monkeypatch.setattr(R, "terms", reward)
+        policy = policy_of(setup)
+        _, row = one_step(rl, setup, policy, torch.optim.SGD(policy.parameters(), lr=0.05))
+        assert key in row and row.get("skipped_update") == 1, row
+        assert all(math.isfinite(v) for k, v in row.items() if isinstance(v, float) and not k.startswith("reward"))
+        for p, q in zip(policy.parameters(), start.parameters()):
+            assert torch.equal(p, q)
+    assert row["reward_nonfinite"] == 8
+    monkeypatch.setattr(R, "terms", lambda c, r, lam=1.0: {"accuracy": c.count("a") / 10})
+    monkeypatch.setattr(RL, "max_completion_length", 1)
+    monkeypatch.setattr(RL, "mask_truncated_completions", True)
+    monkeypatch.setattr(RL, "dynamic_sampling", False)
+    policy = policy_of(setup)
+    micro, row = one_step(rl, setup, policy, torch.optim.SGD(policy.parameters(), lr=0.05))
+    if row["frac_truncated"] == 1.0:  # (a one-token completion may be a stop: then it is not truncated)
+        assert all(not mb.cmask.any() for mb in micro)
+    assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# grpo.Objective: the whole normalisation of a step against the formulas
+
+
+def _micro(n_groups, G, T, seed, use=None):
+    g = torch.Generator().manual_seed(seed)
+    N = n_groups * G
+    cmask = torch.rand(N, T, generator=g) > 0.3
+    cmask[0, 0] = True
+    return grpo.Rollout(G=G, cmask=cmask, adv=torch.randn(N, generator=g), ref=torch.randn(N, T, generator=g) - 1,
+                        prompt_grid=torch.ones(n_groups, 3, dtype=torch.long), row_tokens=[1] * N,
+                        use=use, valid=cmask.clone())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_objective_normalisation_matches_the_formulas(loss_type):
+    """Two micro-batches (dynamic sampling keeps 1 of 2 groups in the first, both in the second): the sum of the
+    backward losses equals the loss type's formula over the kept rows; dapo divides by the kept tokens of the whole
+    rollout batch, the others by grad_accum per micro-batch."""
+    G, T, beta, eps = 3, 5, 0.04, 0.2
+    keep_first = torch.tensor([False] * G + [True] * G)
+    micro = [_micro(2, G, T, 0, use=keep_first), _micro(2, G, T, 1, use=torch.ones(2 * G, dtype=torch.bool))]
+    obj = grpo.Objective(beta, eps, eps, loss_type, max_completion_length=T + 2, grad_accum=2)
+    assert obj.begin(micro, CPU) == 3 * G
+    g = torch.Generator().manual_seed(9)
+    got, want = 0.0, 0.0
+    n_tok = sum(float(mb.cmask[mb.use].sum()) for mb in micro)
+    for mb in micro:
+        sub, weight = obj.batch(mb)
+        assert weight == 1.0 and sub.cmask.shape[0] == int(mb.use.sum())
+        logps = torch.randn(sub.cmask.shape, generator=g, dtype=torch.float64) - 1
+        old = logps + 0.3 * torch.randn(sub.cmask.shape, generator=g, dtype=torch.float64)
+        loss, _ = obj(logps, old, sub)
+        got += float(loss)
+        ratio = torch.exp(logps - old)
+        a = sub.adv.double()[:, None]
+        per = -torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+        d = sub.ref.double() - logps
+        per = per + beta * (torch.exp(d) - d - 1)
+        m = sub.cmask.double()
+        if loss_type == "grpo":
+            want += float(((per * m).sum(1) / m.sum(1).clamp(min=1)).mean()) / 2
+        elif loss_type == "bnpo":
+            want += float((per * m).sum() / m.sum()) / 2
+        elif loss_type == "dr_grpo":
+            want += float((per * m).sum() / (m.shape[0] * (T + 2))) / 2
+        else:
+            want += float((per * m).sum() / n_tok)
+    assert got == pytest.approx(want, rel=1e-6)
+    assert obj.logged(got, num_iterations=1) == got
+
+
+def test_objective_drops_empty_micro_batches_and_keeps_ddp_ranks_in_step():
+    """No group kept: one process skips the micro-batch; under DDP it trains its first group with weight 0 (every
+    rank must run a backward each micro-step). All rows kept without dynamic sampling: the batch as it is."""
+    G = 2
+    empty = _micro(3, G, 4, 0, use=torch.zeros(3 * G, dtype=torch.bool))
+    assert grpo.Objective(0.0, 0.2, 0.2, "grpo", 4, 1, world=1).batch(empty) == (None, 0.0)
+    sub, weight = grpo.Objective(0.0, 0.2, 0.2, "grpo", 4, 1, world=2).batch(empty)
+    assert weight == 0.0 and sub.cmask.shape[0] == G and torch.equal(sub.cmask, empty.cmask[:G])
+    plain = _micro(3, G, 4, 0)
+    sub, weight = grpo.Objective(0.0, 0.2, 0.2, "grpo", 4, 1).batch(plain)
+    assert sub is plain and weight == 1.0
+    assert grpo.Objective(0.0, 0.2, 0.2, "grpo", 4, 1, world=2).logged(8.0, num_iterations=2) == 2.0
+
+
+def test_rollout_select_slices_every_per_row_field():
+    """Rollout.select follows each field's declared kind: a field added to the dataclass is sliced without a key
+    list; video tokens follow their rows, pixels their prompts."""
+    G = 2
+    counts, patches = [3, 1, 2], [4, 8, 4]
+    mb = grpo.Rollout(G=G, ids=torch.arange(6)[:, None], texts=list("abcdef"), records=["p0", "p1", "p2"],
+                      row_tokens=[c for c in counts for _ in range(G)],
+                      video_embeds=torch.cat([torch.full((c, 1), float(i)) for i, c in enumerate(counts)
+                                              for _ in range(G)]),
+                      prompt_grid=torch.tensor([[1, 2, 2], [2, 2, 2], [1, 2, 2]]),
+                      pixels=torch.cat([torch.full((n, 1), float(i)) for i, n in enumerate(patches)]))
+    rows = torch.tensor([False, False, True, True, True, True])
+    sub = mb.select(rows)
+    assert sub.ids.flatten().tolist() == [2, 3, 4, 5] and sub.texts == list("cdef") and sub.records == ["p1", "p2"]
+    assert sub.row_tokens == [1, 1, 2, 2] and sub.video_embeds.flatten().tolist() == [1, 1, 2, 2, 2, 2]
+    assert sub.pixels.flatten().tolist() == [1.0] * 8 + [2.0] * 4 and sub.G == G
+    assert sub.ref is None and sub.keep is None
+    kinds = {f.metadata.get("per") for f in dataclasses.fields(grpo.Rollout)}
+    assert kinds <= {"row", "prompt", "row_video", "prompt_video", "const"}  # every field declares its kind
