@@ -190,8 +190,8 @@ def _curve(rows, key, width=360, height=170):
         out.append(f'<line x1="{L}" y1="{sy(yv):.1f}" x2="{width - R}" y2="{sy(yv):.1f}" stroke="#e3e7ee"/>'
                    f'<text x="{L - 4}" y="{sy(yv) + 3:.1f}" font-size="10" text-anchor="end" '
                    f'fill="#6b7482">{yv:.3g}</text>')
-    for xv in (x0, x1):
-        out.append(f'<text x="{sx(xv):.1f}" y="{height - 6}" font-size="10" text-anchor="middle" '
+    for xv, anchor in ((x0, "start"), (x1, "end")):  # inside the panel at both ends
+        out.append(f'<text x="{sx(xv):.1f}" y="{height - 6}" font-size="10" text-anchor="{anchor}" '
                    f'fill="#6b7482">{xv:.0f}</text>')
     out.append(f'<polyline points="{path}" fill="none" stroke="#3b6fd8" stroke-width="1.5"/></svg>')
     return f"<figure>{''.join(out)}<figcaption>{_e(key)} vs step</figcaption></figure>"
