@@ -420,7 +420,8 @@ def report(model, tokenizer, records, video_root, video_kwargs, out_dir, html=""
     print(format_table(result))
     if html:
         html_report.write(html, result, rows, records, video_root, video_kwargs,
-                          metrics_path=html_report.find_metrics(out_dir), title=os.path.basename(os.path.normpath(out_dir)))
+                          metrics_path=html_report.find_metrics(out_dir),
+                          title=os.path.basename(os.path.normpath(out_dir)))
         print(f"wrote {html}")
     return result
 

@@ -8,8 +8,9 @@ Targets name layers by their last component (q_proj, ..., down_proj: the decoder
 adapts the vision tower's layers named X instead (e.g. visual.qkv, visual.proj, visual.gate_proj, visual.mlp.0 for
 the merger's first linear). Saving merges W + (alpha / r) B A into a plain checkpoint by default (train_sft /
 train_rl `lora_save`), so anything that reads a Qwen2.5-VL directory serves it unchanged; `lora_save=adapter` writes
-the adapters alone in peft's format (peft's PeftModel.from_pretrained on transformers' Qwen2_5_VLForConditionalGeneration
-and vLLM's LoRA loader read it), and load_adapter reads peft's adapters back (docs/ecosystem.md).
+the adapters alone in peft's format (peft's PeftModel.from_pretrained on transformers'
+Qwen2_5_VLForConditionalGeneration and vLLM's LoRA loader read it), and load_adapter reads peft's adapters back
+(docs/ecosystem.md).
 """
 import contextlib
 import json

@@ -217,7 +217,8 @@ def test_adapter_on_the_wrong_base_or_no_base(tmp_path):
     cfg_file = adapter / "adapter_config.json"
     cfg = json.loads(cfg_file.read_text())
     other = tmp_path / "other"
-    VidEmo(tiny_config(hidden_size=96, rope_scaling={"type": "mrope", "mrope_section": [4, 4, 4]})).save_pretrained(other)
+    wider = tiny_config(hidden_size=96, rope_scaling={"type": "mrope", "mrope_section": [4, 4, 4]})  # head_dim 24
+    VidEmo(wider).save_pretrained(other)
     cfg_file.write_text(json.dumps(dict(cfg, base_model_name_or_path=str(other))))
     with pytest.raises(ValueError, match=r"do not fit the base model .*other.*q_proj") as e:
         VidEmo.from_pretrained(adapter)
