@@ -233,3 +233,23 @@ def test_adapter_on_the_wrong_base_or_no_base(tmp_path):
     cfg_file.write_text(json.dumps(dict(cfg, peft_type="IA3")))
     with pytest.raises(ValueError, match="peft_type"):
         VidEmo.from_pretrained(adapter)
+
+
+def test_older_videmo_adapters_still_load(tmp_path):
+    """The layout lora_save=adapter wrote before (our parameter names, no peft_type) loads to the same weights."""
+    from safetensors.torch import save_file
+    torch.manual_seed(4)
+    model = VidEmo(tiny_config()).eval()
+    model.save_pretrained(tmp_path / "base")
+    lora.add_adapters(model, 4, 8.0, ("q_proj", "visual.qkv"))
+    with torch.no_grad():
+        for m in lora.layers(model).values():
+            m.lora_B.normal_(std=0.05)
+    (tmp_path / "old").mkdir()
+    save_file({k: v.contiguous() for k, v in lora.adapter_state(model).items()},
+              str(tmp_path / "old" / "adapter_model.safetensors"))
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": str(tmp_path / "base"), "r": 4, "lora_alpha": 8.0,
+         "target_modules": ["q_proj", "visual.qkv"], "adapted_layers": sorted(lora.layers(model))}))
+    inputs = fake_video_inputs(**INPUTS, seed=2)
+    assert _max_diff(_ours(VidEmo.from_pretrained(tmp_path / "old"), inputs), _ours(model, inputs), inputs) <= 1e-5

@@ -249,3 +249,20 @@ def test_report_renders_in_a_browser_without_errors(run, tmp_path):
     from PIL import Image
     im = Image.open(shot).convert("L")
     assert im.size == (1200, 2000) and sum(c > 0 for c in im.histogram()) > 20  # drawn, not a blank page
+
+
+def test_trainers_final_evaluation_writes_the_report(emo, run, tmp_path):
+    """evaluation.report(..., html=PATH): the one call the trainers make writes eval.json and the report, with the
+    curves of the out_dir's metrics.jsonl and the gallery of this evaluation's rows."""
+    import inference
+    model, tok, _ = inference.load_model(str(run / "out"))
+    shutil.copy(run / "out" / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    records = E.load_eval_records(str(emo / "test.jsonl"))[:6]
+    kw = dict(fps=4.0, max_frames=8, min_pixels=56 * 56, max_pixels=112 * 112)
+    result = E.report(model, tok, records, None, kw, str(tmp_path), html=str(tmp_path / "report.html"),
+                      batch_size=6, max_new_tokens=4, progress=False)
+    assert json.loads((tmp_path / "eval.json").read_text())["tasks"] == result["tasks"]
+    text = (tmp_path / "report.html").read_text()
+    p = check_self_contained(text)
+    assert "loss vs step" in "".join(p.text) and text.count('class="card') == sum(v["n"] for v in
+                                                                                 result["tasks"].values())
