@@ -96,17 +96,18 @@ def redacted(cfg):
     return dict(cfg, judge_url=re.sub(r"(?i)((?:api[_-]?)?key|token|secret|password)=[^&#]*", r"\1=***", url))
 
 
-def check_writable(path):
+def check_writable(path, key="out", example="eval.json"):
     """Fail before any work when the result cannot be written (a directory in the way, no permission)."""
     if os.path.isdir(path):
-        raise common.InputError(f"config key 'out': {path} is a directory; give a file name such as {path}/eval.json")
+        raise common.InputError(f"config key '{key}': {path} is a directory; give a file name such as "
+                                f"{path}/{example}")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path + ".tmp", "w"):
             pass
         os.remove(path + ".tmp")
     except OSError as e:
-        raise common.InputError(f"config key 'out': cannot write {path} ({e.strerror})") from None
+        raise common.InputError(f"config key '{key}': cannot write {path} ({e.strerror})") from None
 
 
 def main():
@@ -136,7 +137,7 @@ def main():
     if compare and not os.path.isfile(compare):
         raise common.InputError(f"config key 'compare': {compare} not found (give an eval.json)")
     if report:
-        check_writable(report)
+        check_writable(report, "report", "report.html")
     rows, records, video_kwargs, ckpt = [], [], None, None
     if predictions:
         path = out or os.path.splitext(os.path.normpath(predictions))[0] + ".result.json"  # a folder: beside it
