@@ -384,6 +384,14 @@ def video_inputs(path, video_kwargs=None, cache=None):
     return {"pixel_values_videos": pv, "video_grid_thw": grid, "second_per_grid_ts": spg}
 
 
+def record_frames(record, video_root=None, video_kwargs=None):
+    """The frames the model sees for each video of a record (uint8 [T, H, W, 3] per video), decoded exactly as
+    video_inputs does: the same path resolution, sampling and smart-resize (report.py's frame strips)."""
+    kw = {**VIDEO_DEFAULTS, **(video_kwargs or {})}
+    videos = record.get("videos") or []
+    return [_decode(_resolve(str(p), record, video_root), **kw)[0] for p in videos]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # tokenizer and records
 

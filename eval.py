@@ -7,6 +7,9 @@ optional LLM judge for captions.
     python eval.py --init_from=/models/VidEmo-7B --test_file=/data/Emo-CFG/jsons/test --video_root=/data/Emo-CFG \\
                    --fps=2.0 --max_frames=16 --max_pixels=401408 --batch_size=8
     python eval.py --predictions=infer_result.jsonl                 # score an ms-swift / VidEmo inference output
+    python eval.py --report=out/eval/report.html --compare=out/eval/other.json   # + a self-contained HTML report
+    python eval.py --export_official=out/official                   # + the official evaluation's files
+    python eval.py --predictions=out/official                       # re-score such a folder: the same numbers
 
 Each finished sample is appended (and flushed) to a predictions JSONL next to the result (<out>.predictions.jsonl),
 so an interrupted run resumes where it stopped and never redoes a finished sample (evaluation.py). Every response is
@@ -18,6 +21,13 @@ too long) are counted skips.
 reference answer as a string (multi-label answers comma separated). The task comes from the line's `task` field, else
 from --task, else from the file name (official Emo-CFG test names such as MAFW_Multiple-Label-Emotion-Recognition.json,
 or a name containing one of our task names such as emotion_multi.jsonl); lines with no known task are counted skips.
+--predictions=DIR scores every .json / .jsonl file of a folder together (the layout --export_official writes).
+
+--report=PATH.html writes one self-contained HTML file (report.py): the tables (beside --compare=OTHER.json's numbers),
+per-task bars, a gallery of right and wrong answers with the frames the model saw, and the training curves of a
+metrics.jsonl found beside the checkpoint. --export_official=DIR writes the predictions as the official VidEmo
+evaluation reads them: DIR/<method>/<official file name>, JSONL lines with messages / videos / response / labels
+(docs/ecosystem.md).
 """
 import os
 import re
@@ -27,6 +37,7 @@ import torch
 import common
 import evaluation
 import inference
+import report as html_report
 
 # ----------------------------------------------------------------------------------------------------------------------
 # defaults (override with a config file or --key=value; `--help` lists them)
@@ -65,6 +76,10 @@ dtype = "auto"
 device = "auto"
 seed = 0
 progress = True
+report = ""  # write a self-contained HTML report here (e.g. out/eval/report.html)
+compare = ""  # another eval.json whose numbers the report's tables show beside these
+export_official = ""  # write the predictions in the official VidEmo evaluation layout under this folder
+method = ""  # the method folder name of export_official (default: from the checkpoint's name)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -81,17 +96,18 @@ def redacted(cfg):
     return dict(cfg, judge_url=re.sub(r"(?i)((?:api[_-]?)?key|token|secret|password)=[^&#]*", r"\1=***", url))
 
 
-def check_writable(path):
+def check_writable(path, key="out", example="eval.json"):
     """Fail before any work when the result cannot be written (a directory in the way, no permission)."""
     if os.path.isdir(path):
-        raise common.InputError(f"config key 'out': {path} is a directory; give a file name such as {path}/eval.json")
+        raise common.InputError(f"config key '{key}': {path} is a directory; give a file name such as "
+                                f"{path}/{example}")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path + ".tmp", "w"):
             pass
         os.remove(path + ".tmp")
     except OSError as e:
-        raise common.InputError(f"config key 'out': cannot write {path} ({e.strerror})") from None
+        raise common.InputError(f"config key '{key}': cannot write {path} ({e.strerror})") from None
 
 
 def main():
@@ -115,12 +131,20 @@ def main():
         raise common.ConfigError("config key 'judge_api_key_env': must name the environment variable that holds the "
                                  "key (e.g. OPENAI_API_KEY), not the key itself")
     judge = evaluation.Judge(judge_url, judge_model, judge_api_key_env, judge_timeout) if judge_url else None
+    if export_official and predictions:
+        raise common.ConfigError("config key 'export_official': needs a model run (it is written from this run's "
+                                 "records and responses), not --predictions")
+    if compare and not os.path.isfile(compare):
+        raise common.InputError(f"config key 'compare': {compare} not found (give an eval.json)")
+    if report:
+        check_writable(report, "report", "report.html")
+    rows, records, video_kwargs, ckpt = [], [], None, None
     if predictions:
-        path = out or os.path.splitext(predictions)[0] + ".result.json"
+        path = out or os.path.splitext(os.path.normpath(predictions))[0] + ".result.json"  # a folder: beside it
         check_writable(path)
         try:
             result = evaluation.score_predictions_file(predictions, task, judge)
-        except (FileNotFoundError, OSError) as e:
+        except (FileNotFoundError, OSError, ValueError) as e:
             raise common.InputError(str(e)) from None
     else:
         dev = inference.resolve_device(device)
@@ -146,12 +170,33 @@ def main():
                                      progress=progress, scorer=scorer, temperature=temperature, judge=judge,
                                      seed=seed, level_samples=tuple(level_samples),
                                      level_temperatures=tuple(level_temperatures),
-                                     level_max_tokens=level_max_tokens, report_seconds=True)
+                                     level_max_tokens=level_max_tokens, report_seconds=True, rows_out=rows)
         result["predictions"] = os.path.splitext(path)[0] + ".predictions.jsonl"
     result["config"] = redacted(cfg)
     print(evaluation.format_table(result))
     evaluation.write_results(result, path)
     print(f"wrote {path}")
+    if export_official:
+        name = method or method_name(ckpt)
+        written = evaluation.export_official(rows, records, export_official, name)
+        print(f"wrote {sum(written.values())} predictions in {len(written)} files under "
+              f"{os.path.join(export_official, name)}")
+    if report:
+        try:
+            html_report.write(report, result, rows, records, video_root or None, video_kwargs,
+                              metrics_path=html_report.find_metrics(ckpt) if ckpt else None,
+                              compare=compare or None, title=os.path.basename(path))
+        except ValueError as e:  # an unreadable compare / metrics file, named in the message
+            raise common.InputError(common.first_line(e)) from None
+        print(f"wrote {report}")
+
+
+def method_name(ckpt):
+    """A folder name for the official layout from the checkpoint path: out/rl_emosynth/ckpt -> rl_emosynth."""
+    p = os.path.normpath(str(ckpt))
+    if os.path.basename(p) in ("ckpt", "ckpt.old"):
+        p = os.path.dirname(p)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(p)) or "videmo"
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import data as D
 import inference
+import report as html_report
 import reward
 from reward import GROUPS, task_level, task_metric
 
@@ -324,12 +325,13 @@ def run_tag(model, reasoning="plain", samples=4, scorer="logprob", video_prune_r
 def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16, max_new_tokens=128, device=None,
              predictions_path=None, reasoning="plain", samples=4, video_prune_rate=0.0, progress=True,
              scorer="logprob", temperature=0.9, judge=None, tag="", default_task="", seed=0, level_samples=(),
-             level_temperatures=(), level_max_tokens=64, report_seconds=False, video_cache=None):
+             level_temperatures=(), level_max_tokens=64, report_seconds=False, video_cache=None, rows_out=None):
     """Generate a response for every record, score it, and return the result dict
     {"tasks": {task: {"metric", "score", "n"}}, "groups": {level: mean task score}, "skipped": {reason: count}, "n"}.
     With predictions_path, finished samples are appended there and reused by the next call with the same weights,
     reasoning mode and `tag`; the result is computed from the file. video_cache: a data.VideoCache to decode into
-    (default: one for this call; EmoSynth asks ~4 tasks of each clip)."""
+    (default: one for this call; EmoSynth asks ~4 tasks of each clip). rows_out: a list that gets the prediction rows
+    the result is computed from (for export_official and report.write)."""
     raw = getattr(model, "module", model)  # DDP-wrapped models generate through the bare module
     if device is not None and next(raw.parameters()).device != torch.device(device):
         raw.to(device)
@@ -402,21 +404,50 @@ def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16,
         rows = [latest[k] for k in keys if k in latest]
     else:
         rows = memory
+    if rows_out is not None:
+        rows_out.extend(rows)
     return summarize(rows, seconds=report_seconds)
 
 
-def report(model, tokenizer, records, video_root, video_kwargs, out_dir, **kw):
+def report(model, tokenizer, records, video_root, video_kwargs, out_dir, html="", **kw):
     """A trainer's final evaluation: evaluate (predictions in out_dir/eval_predictions.jsonl, so a rerun resumes),
-    write out_dir/eval.json and print the tables. kw: evaluate's options."""
+    write out_dir/eval.json and print the tables; html: also write this self-contained HTML report (report.py, with
+    the training curves of out_dir/metrics.jsonl). kw: evaluate's options."""
+    rows = []
     result = evaluate(model, tokenizer, records, video_root, video_kwargs,
-                      predictions_path=os.path.join(out_dir, "eval_predictions.jsonl"), **kw)
+                      predictions_path=os.path.join(out_dir, "eval_predictions.jsonl"), rows_out=rows, **kw)
     write_results(result, os.path.join(out_dir, "eval.json"))
     print(format_table(result))
+    if html:
+        html_report.write(html, result, rows, records, video_root, video_kwargs,
+                          metrics_path=html_report.find_metrics(out_dir),
+                          title=os.path.basename(os.path.normpath(out_dir)))
+        print(f"wrote {html}")
     return result
 
 
 def score_predictions_file(path, default_task="", judge=None):
-    """Score an existing predictions JSONL (ms-swift `swift infer` output or ours) without a model."""
+    """Score an existing predictions JSONL (ms-swift `swift infer` output or ours) without a model; `path` may also be
+    a directory of them (score_predictions_dir)."""
+    if os.path.isdir(path):
+        return score_predictions_dir(path, default_task, judge)
+    return summarize(_file_rows(path, default_task, judge))
+
+
+def score_predictions_dir(path, default_task="", judge=None):
+    """Score every .json / .jsonl file under `path` together, each file's task from its lines or its name: the
+    official layout that export_official writes (DIR/<method>/<file>), or one method's folder of it."""
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".json", ".jsonl")))
+    if not files:
+        raise FileNotFoundError(f"no .json / .jsonl prediction files under {path}")
+    folders = sorted({os.path.dirname(f) for f in files})
+    if len(folders) > 1:
+        raise ValueError(f"{path}: prediction files in {len(folders)} folders ({', '.join(folders[:3])}); pass one "
+                         f"method's folder")
+    return summarize([r for f in files for r in _file_rows(f, default_task, judge)])
+
+
+def _file_rows(path, default_task="", judge=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"predictions file not found: {path}")
     file_task = default_task or reward.task_from_name(path)
@@ -439,7 +470,7 @@ def score_predictions_file(path, default_task="", judge=None):
             rows.append(dict(_score_line(r, file_task, judge), index=n))
         except (ValueError, TypeError, KeyError, AttributeError) as e:  # a bad line is a counted skip, never fatal
             rows.append({"index": n, "skip": "bad line: " + skip_reason(e), "detail": f"{path}:{n}: {e}"[:500]})
-    return summarize(rows)
+    return rows
 
 
 def _score_line(r, file_task, judge):
@@ -468,3 +499,111 @@ def _score_line(r, file_task, judge):
     return {"task": t, "scores": score_sample(str(r["response"] or ""), rec, t, judge)}
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the official VidEmo evaluation layout: DIR/<method>/<file>, one JSONL file per test set (named .json), each line
+# {"response", "labels", "messages": [{"role": "user", "content": question}], "videos"} as ms-swift's `swift infer`
+# writes it. File names and order are the official evaluation's task list; the task each is scored as is ours.
+
+OFFICIAL_FILES = (
+    ("RAVDESS_Fine-grained-Emotion-Recognition.json", "emotion_fine"),
+    ("PERR_Single-Label-Conversational-Emotion-Recognition.json", "conversation_emotion"),
+    ("MOSI_Single-Label-Sentiment-Recognition.json", "sentiment_single"),
+    ("MOSEI_Single-Label-Sentiment-Recognition.json", "sentiment_single"),
+    ("MER2023_Single-Label-Emotion-Recognition.json", "emotion_single"),
+    ("MELD_Single-Label-Conversational-Emotion-Recognition_new.json", "conversation_emotion"),
+    ("MEAD_Fine-grained-Emotion-Recognition.json", "emotion_fine"),
+    ("MEAD_ID.json", "identity"),
+    ("MEAD_Head-Pose.json", "head_pose"),
+    ("MAFW_Single-Label-Emotion-Recognition.json", "emotion_single"),
+    ("DFEW_Single-Label-Emotion-Recognition.json", "emotion_single"),
+    ("CHSIMIv1_Fine-grained-Sentiment-Recognition.json", "sentiment_fine"),
+    ("CelebV-Text_Emotion-Caption.json", "emotion_caption"),
+    ("CelebV-Text_Appearance-Caption.json", "appearance_caption"),
+    ("CelebV-Text_Action-Caption.json", "action_caption"),
+    ("CAS_Single-Label-Micro-Expression-Recognition.json", "micro_expression"),
+    ("MAFW_Multiple-Label-Emotion-Recognition.json", "emotion_multi"),
+    ("AffWild2_Action_Unit_Detection.json", "au_detection"),
+    ("CelebV-HQ_Appearance-Recognition.json", "appearance_recognition"),
+    ("CelebV-HQ_Action-Recognition.json", "action_recognition"),
+    ("caption_test_sampling_v2_all_example.json", "fine_grained_caption"),
+    ("QA_test_sampling_all.json", None),  # open attribute QA, judged per attribute: no task of ours scores it
+)
+# tasks without an official file: a name the official script never reads and reward.task_from_name maps back
+EXTRA_FILES = {"emotion_transition": "EmoSynth_emotion_transition.json"}
+SKIPPED_FILE = "videmo_skipped.jsonl"  # our counted skips, so that re-scoring the folder gives the same eval.json
+
+
+def official_file(task, source=""):
+    """The official file name for a record of `task`: its own source file's name when that is an official one of
+    the same task (real Emo-CFG test sets keep their split, e.g. MELD vs PERR), else the first official file of the
+    task."""
+    name = os.path.basename(str(source).rsplit(":", 1)[0]) if source else ""
+    official = dict(OFFICIAL_FILES)
+    if name in official and official[name] in (task, None):
+        return name
+    for fn, t in OFFICIAL_FILES:
+        if t == task:
+            return fn
+    return EXTRA_FILES.get(task, f"{task}.json")
+
+
+def official_line(row, record):
+    """One prediction row (evaluate's) and its record -> the official JSONL line. `labels` is the reference our
+    scorer reads, as a string (comma separated for F1 tasks; a list only when a string cannot carry it exactly).
+    Extra keys the official script ignores keep what re-scoring needs: task, and for reasoning-format records
+    answer_format and tree."""
+    t = row["task"]
+    metric = task_metric(t)
+    reasoning = record.get("answer_format") == "reasoning"
+    ref = reward.reference_text(record, missing="")
+    if metric in ("accuracy", "f1"):
+        if record.get("labels"):
+            items = reward.as_label_list(record["labels"], metric)
+        else:
+            items = reward.as_label_list(reward.extract_answer(ref) if reasoning else ref, metric)
+        if metric == "f1" and not any(re.search(r"[,;\n]", x) or x != x.strip() for x in items):
+            labels = ",".join(items)  # no spaces: the official F1 splits on "," without stripping
+        elif metric == "accuracy" and len(items) == 1 and items[0] == items[0].strip():
+            labels = items[0]
+        else:
+            labels = items
+    elif metric == "caption":
+        labels = reward.extract_answer(ref) if reasoning else ref
+    else:
+        labels = ref
+    question = reward.question_text(record).replace("<video>", "").strip()
+    line = {"response": row["response"], "labels": labels, "logprobs": None,
+            "messages": [{"role": "user", "content": question}], "videos": list(record.get("videos") or []),
+            "task": t}
+    if reasoning:
+        line.update(answer_format="reasoning", tree=record.get("tree"))
+    return line
+
+
+def export_official(rows, records, out_dir, method):
+    """Write the rows of one evaluation (evaluate's rows_out) in the official layout out_dir/<method>/<file>;
+    -> {file name: lines written}. Rows are matched to their records by index and key."""
+    folder = os.path.join(out_dir, method)
+    os.makedirs(folder, exist_ok=True)
+    files, skipped = {}, []
+    for row in rows:
+        i = row.get("index")
+        rec = records[i] if isinstance(i, int) and 0 <= i < len(records) else None
+        if rec is None or row.get("key") != record_key(i, rec):
+            raise ValueError(f"prediction row {row.get('key')} does not belong to these records")
+        if row.get("skip"):
+            skipped.append({"response": None, "skip": row["skip"], "task": row.get("task"), "index": i})
+            continue
+        fn = official_file(row["task"], rec.get("_src", ""))
+        files.setdefault(fn, []).append(official_line(row, rec))
+    if skipped:
+        files[SKIPPED_FILE] = skipped
+    for fn, lines in files.items():
+        tmp = os.path.join(folder, fn + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        os.replace(tmp, os.path.join(folder, fn))
+    return {fn: len(lines) for fn, lines in files.items()}

@@ -36,12 +36,21 @@ def resolve_device(name):
     return torch.device(name)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
 def load_model(init_from, tokenizer_dir="", device="cpu", dtype="auto"):
     """(model, tokenizer, checkpoint dir) ready for generation; any problem is an InputError naming the path."""
     ckpt = common.resolve_checkpoint(init_from)
     tok_dir = tokenizer_dir or ckpt
-    if not os.path.isdir(tok_dir) or not any(os.path.isfile(os.path.join(tok_dir, f))
-                                             for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+    has_tok = lambda d: any(os.path.isfile(os.path.join(d, f)) for f in TOKENIZER_FILES)  # noqa: E731
+    if not tokenizer_dir and not has_tok(ckpt) and os.path.isfile(os.path.join(ckpt, "adapter_config.json")):
+        import lora  # an adapter directory (peft's carry no tokenizer): its base's tokenizer
+        try:
+            tok_dir = lora.resolve_base(ckpt)
+        except ValueError as e:
+            raise common.InputError(common.first_line(e)) from None
+    if not os.path.isdir(tok_dir) or not has_tok(tok_dir):
         raise common.InputError(f"no tokenizer in {tok_dir} (pass --tokenizer_dir=DIR)")
     dev = torch.device(device)
     try:

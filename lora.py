@@ -7,12 +7,16 @@ names (`weight`, `bias`), so every checkpoint name maps as before; the adapters 
 Targets name layers by their last component (q_proj, ..., down_proj: the decoder's); a target written `visual.X`
 adapts the vision tower's layers named X instead (e.g. visual.qkv, visual.proj, visual.gate_proj, visual.mlp.0 for
 the merger's first linear). Saving merges W + (alpha / r) B A into a plain checkpoint by default (train_sft /
-train_rl `lora_save`), so anything that reads a Qwen2.5-VL directory serves it unchanged.
+train_rl `lora_save`), so anything that reads a Qwen2.5-VL directory serves it unchanged; `lora_save=adapter` writes
+the adapters alone in peft's format (peft's PeftModel.from_pretrained on transformers'
+Qwen2_5_VLForConditionalGeneration and vLLM's LoRA loader read it), and load_adapter reads peft's adapters back
+(docs/ecosystem.md).
 """
 import contextlib
 import json
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -137,17 +141,66 @@ def merge_(model):
     return model
 
 
-def save_adapter(path, model, base, targets):
-    """adapter_model.safetensors (our parameter names) + adapter_config.json (rank, alpha, targets, the base dir)."""
+# ----------------------------------------------------------------------------------------------------------------------
+# adapter-only checkpoints in peft's format (what peft's PeftModel.from_pretrained and vLLM's LoRA loader read):
+# adapter_model.safetensors holds base_model.model.<module>.lora_A.weight [r, in] and .lora_B.weight [out, r], the
+# module paths those of transformers' Qwen2_5_VLForConditionalGeneration (model.language_model.layers.N...,
+# model.visual.blocks.N...); adapter_config.json is a peft LoraConfig.
+
+PEFT_PREFIX = "base_model.model."
+# Hub / transformers module paths (transformers-5 first, then -4) -> ours; the same table as model.VidEmo's checkpoint
+# names, repeated here so that lora.py imports no project module
+_HF_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", ""), ("visual.", "visual."), ("model.", ""))
+# peft config fields that change what the adapter computes in ways this file does not implement: any truthy value is
+# refused by name (their tensors, if any, would be refused anyway as unknown keys)
+UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias", "trainable_token_indices",
+               "target_parameters", "alora_invocation_tokens", "layer_replication", "use_qalora", "use_bdlora",
+               "megatron_config")
+
+
+def peft_module(name):
+    """Our module name -> its path in transformers-5's Qwen2_5_VLForConditionalGeneration."""
+    return "model.visual." + name[len("visual."):] if name.startswith("visual.") else "model.language_model." + name
+
+
+def our_module(path):
+    """A transformers module path (transformers-4 or -5 naming) -> our module name, or None."""
+    for prefix, new in _HF_PREFIXES:
+        if path.startswith(prefix):
+            return new + path[len(prefix):]
+    return None
+
+
+def target_regex(names):
+    """peft's target_modules as one regex (peft full-matches a string against every module path) that selects exactly
+    the adapted layers: a plain name list would also catch the vision tower's gate/up/down_proj."""
+    pats = {re.sub(r"\\\.(layers|blocks)\\\.\d+\\\.", r"\\.\1\\.\\d+\\.", re.escape(peft_module(n))) for n in names}
+    return "|".join(sorted(pats))
+
+
+def save_adapter(path, model, base, targets=None):
+    """adapter_model.safetensors + adapter_config.json in peft's format. `base` is recorded as the user gave it (a Hub
+    id stays a Hub id, a path stays as passed: peft and our loader resolve it from the working directory).
+    `targets` is unused (the regex names the adapted layers themselves); kept for the trainers' call."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     mods = layers(model)
     some = next(iter(mods.values()))
-    save_file({k: v.contiguous() for k, v in adapter_state(model).items()}, os.path.join(path, ADAPTER_WEIGHTS))
+    tensors = {}
+    for n, m in mods.items():
+        key = PEFT_PREFIX + peft_module(n)
+        tensors[key + ".lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()  # [r, in]
+        tensors[key + ".lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()  # [out, r]
+    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    alpha = some.scaling * some.rank
+    alpha = int(round(alpha)) if abs(alpha - round(alpha)) < 1e-9 else alpha  # peft and vLLM write / expect ints
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "revision": None,
+           "r": some.rank, "lora_alpha": alpha, "target_modules": target_regex(mods), "lora_dropout": 0.0,
+           "bias": "none", "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "modules_to_save": None,
+           "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True, "inference_mode": True,
+           "layers_to_transform": None, "layers_pattern": None}
     with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
-        json.dump({"base_model_name_or_path": os.path.abspath(base) if os.path.isdir(base) else base,
-                   "r": some.rank, "lora_alpha": some.scaling * some.rank, "target_modules": list(targets),
-                   "adapted_layers": sorted(mods)}, f, indent=2)
+        json.dump(cfg, f, indent=2)
 
 
 def checkpoint_writer(model, state, msd, dtype, mode, base, targets):
@@ -167,29 +220,99 @@ def checkpoint_writer(model, state, msd, dtype, mode, base, targets):
 
 
 def read_adapter_config(path):
+    """adapter_config.json at `path` -> (base as recorded, rank, scaling); anything this file cannot apply exactly is a
+    ValueError naming the file and the field."""
     file = os.path.join(path, ADAPTER_CONFIG)
     try:
         with open(file) as f:
             cfg = json.load(f)
-        return cfg["base_model_name_or_path"], int(cfg["r"]), float(cfg["lora_alpha"]), tuple(cfg["target_modules"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{file}: not a VidEmo adapter config ({type(e).__name__}: {e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: not a readable adapter config ({type(e).__name__}: {e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{file}: peft_type {cfg['peft_type']!r} is not supported (only LORA)")
+    for field in UNSUPPORTED:
+        if cfg.get(field):
+            raise ValueError(f"{file}: {field}={cfg[field]!r} is not supported (plain LoRA only)")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{file}: bias={cfg['bias']!r} is not supported (only 'none')")
+    base = cfg.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{file}: base_model_name_or_path is not set (the base model to put the adapters on)")
+    try:
+        rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{file}: r and lora_alpha must be numbers ({type(e).__name__}: {e})") from None
+    if rank < 1:
+        raise ValueError(f"{file}: r={rank} must be >= 1")
+    # rsLoRA (Kalajdzievski, 2023) scales by alpha / sqrt(r), plain LoRA by alpha / r
+    return base, rank, alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+
+
+def resolve_base(path):
+    """The local directory of the base recorded in the adapter config at `path`: a directory as recorded (relative
+    paths from the working directory, as peft reads them; our training out_dir / checkpoint layouts too), or a Hub id
+    through common.resolve_checkpoint (the local HF cache, else the network)."""
+    import common  # lazily: lora.py is also used where common's distributed helpers are not
+    base = read_adapter_config(path)[0]
+    try:
+        return common.resolve_checkpoint(base, what=f"{os.path.join(path, ADAPTER_CONFIG)}: base_model_name_or_path")
+    except common.InputError as e:
+        raise ValueError(str(e)) from None
+
+
+def read_adapter_weights(path):
+    """{our module name: (lora_A [r, in], lora_B [out, r])} from adapter_model.safetensors in peft's key layout
+    (transformers-5 or -4 module paths) or the older VidEmo layout (our names, `.lora_A` / `.lora_B`)."""
+    from safetensors.torch import load_file
+    file = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isfile(file):
+        raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (adapter_model.bin is not read)")
+    try:
+        sd = load_file(file)
+    except Exception as e:  # safetensors raises its own error types for unreadable files
+        raise ValueError(f"{file}: cannot read safetensors ({type(e).__name__}: {e})") from None
+    pairs = {}
+    for key, t in sd.items():
+        m = re.fullmatch(r"(.+)\.(lora_[AB])(?:\.weight)?", key)
+        name = None
+        if m and key.startswith(PEFT_PREFIX) and key.endswith(".weight"):
+            name = our_module(m.group(1)[len(PEFT_PREFIX):])
+        elif m and not key.startswith(PEFT_PREFIX) and not key.endswith(".weight"):
+            name = m.group(1)  # the older VidEmo layout
+        if name is None or name == "lm_head" or name.endswith(".lm_head"):
+            raise ValueError(f"{file}: tensor '{key}' is not a LoRA A/B matrix of a decoder or vision linear layer")
+        pairs.setdefault(name, {})[m.group(2)] = t
+    for name, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{file}: layer '{name}' has {sorted(ab)} but not both lora_A and lora_B")
+    return {n: (ab["lora_A"], ab["lora_B"]) for n, ab in pairs.items()}
 
 
 def load_adapter(model, path):
-    """Add the adapters saved at `path` (save_adapter) to `model` (its base) and load their weights."""
-    from safetensors.torch import load_file
-    _, rank, alpha, targets = read_adapter_config(path)
-    add_adapters(model, rank, alpha, targets)
-    sd = load_file(os.path.join(path, ADAPTER_WEIGHTS))
-    own = dict(model.named_parameters())
-    missing = sorted(set(n for n in own if is_adapter(n)) - set(sd))
-    unknown = sorted(set(sd) - set(own))
-    shape = sorted(n for n in set(sd) & set(own) if sd[n].shape != own[n].shape)
-    if missing or unknown or shape:
-        raise ValueError(f"{path}: adapters do not fit the base model (missing {missing[:3]}, unknown {unknown[:3]}, "
-                         f"other shape {shape[:3]})")
-    with torch.no_grad():
-        for n, t in sd.items():
-            own[n].copy_(t)
+    """Wrap the layers named in the adapter saved at `path` (ours or peft's) and load A and B; `model` is the base.
+    A layer the base lacks, or of another shape, is a ValueError naming the tensor. -> model"""
+    base, rank, scaling = read_adapter_config(path)
+    weights = read_adapter_weights(path)
+    mods = dict(model.named_modules())
+    file = os.path.join(path, ADAPTER_WEIGHTS)
+    for n, (a, b) in weights.items():
+        m = mods.get(n)
+        if type(m) is not nn.Linear:
+            raise ValueError(f"{file}: adapters do not fit the base model {base}: it has no linear layer '{n}'")
+        if tuple(a.shape) != (rank, m.in_features) or tuple(b.shape) != (m.out_features, rank):
+            raise ValueError(f"{file}: adapters do not fit the base model {base}: '{n}' has lora_A "
+                             f"{list(a.shape)} / lora_B {list(b.shape)}, expected [{rank}, {m.in_features}] / "
+                             f"[{m.out_features}, {rank}] (r={rank})")
+    model.requires_grad_(False)
+    for n, (a, b) in weights.items():
+        parent, _, child = n.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        layer = LoRALinear(getattr(owner, child), rank, 1.0)
+        layer.scaling = scaling
+        with torch.no_grad():
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
+        setattr(owner, child, layer)
     return model

@@ -1007,8 +1007,8 @@ class VidEmo(nn.Module):
             raise FileNotFoundError(f"{path}: not a checkpoint directory")
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file) and os.path.isfile(os.path.join(path, "adapter_config.json")):
-            import lora  # LoRA adapters saved alone (lora_save=adapter): their base, with the adapters merged in
-            model = cls.from_pretrained(lora.read_adapter_config(path)[0], device=device)
+            import lora  # LoRA adapters alone (lora_save=adapter, or peft's): their base, the adapters merged in
+            model = cls.from_pretrained(lora.resolve_base(path), device=device)
             stored = model.embed_tokens.weight.dtype
             lora.merge_(lora.load_adapter(model.float(), path))
             return model.to(dtype or stored)
