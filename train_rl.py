@@ -110,6 +110,7 @@ stop_at_step = 0  # > 0: stop after this step's checkpoint (simulates a killed r
 eval_every = 100  # > 0: greedy held-out score of each RL task on val_file before step 1 and every N steps ("val/<task>")
 eval_val_records = 0  # > 0: at most this many val records per task (0 = all)
 eval_at_end = True
+report = True  # also write out_dir/report.html after the final evaluation (tables, gallery, curves; report.py)
 eval_batch_size = 32
 eval_max_new_tokens = 128
 eval_max_records = 0  # > 0: evaluate on the first N test records only (a quick look)
@@ -471,7 +472,8 @@ def save(policy, optimizer, stream, done, world, config, weights_dtype, init_dir
     if common.rank() == 0:
         state = {"step": done, "optimizer": osd, "rng": common.rng_state(), "data_pos": pos, "world_size": world,
                  "config": config}
-        write = lora.checkpoint_writer(policy, state, msd, weights_dtype, lora_save, init_dir, lora_targets)
+        write = lora.checkpoint_writer(policy, state, msd, weights_dtype, lora_save,
+                                       trainer.adapter_base(init_from, init_dir), lora_targets)
         common.save_checkpoint(os.path.join(out_dir, "ckpt"), write, tokenizer, state)
     common.barrier()
 
@@ -610,7 +612,7 @@ def main():
             if master:
                 trainer.final_evaluation(policy, tokenizer, test_path, out_dir, answer_format, reasoning_tasks, root,
                                          video_kwargs, eval_batch_size, eval_max_new_tokens, dev, video_prune_rate,
-                                         eval_max_records)
+                                         eval_max_records, html=report)
             common.barrier()
     common.barrier()
     common.cleanup_distributed()

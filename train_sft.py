@@ -103,6 +103,7 @@ val_batches = 8
 save_every = 200
 stop_at_step = 0  # >0: stop after this step's checkpoint (simulates a killed run; --resume continues)
 eval_at_end = True
+report = True  # also write out_dir/report.html after the final evaluation (tables, gallery, curves; report.py)
 eval_batch_size = 32
 eval_max_new_tokens = 96  # at least 160 under answer_format=reasoning (EmoSynth's reasoning targets reach 114 tokens)
 video_prune_rate = 0.0  # EVS token compression at evaluation (0 = keep all)
@@ -361,6 +362,37 @@ def forward_backward(net, model, micro, dev, autocast, world):
     return (loss_sum / n_tok.clamp(min=1)).item(), n_local
 
 
+def prepare_model(model, found, state, dev, use_bf16, world):
+    """Resumed weights, fp32 masters, what trains (LoRA or the freeze_* keys), DDP / FSDP2, AdamW ->
+    (model, the forward to call, trainable params, optimizer)."""
+    if state is not None:
+        if not lora_rank:  # (LoRA continues from its base, built above, and the adapters in the state)
+            model = load_weights(found)
+        if "master_weights" in state:  # saved in a lower precision: continue from the exact fp32 weights
+            model.float().load_state_dict(state["master_weights"])
+    # fp32 master weights whatever the stored dtype: AdamW steps below bf16's resolution must not vanish (bf16 compute
+    # comes from autocast on CUDA)
+    model.float().to(dev)
+    if lora_rank:  # adapters only; the freeze_* keys do not apply
+        trainer.attach_lora(model, lora_rank, lora_alpha, lora_targets, use_bf16, state)
+    else:
+        set_trainable(model)
+    model.gradient_checkpointing = grad_checkpointing
+    # the model scores its labels itself: the LM head runs inside the wrapped forward (DDP reduces its gradient like
+    # every other parameter's, FSDP has it unsharded)
+    net = model
+    if fsdp:
+        common.shard_model(model, use_bf16)
+    elif world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = trainer.adamw(params, lr, (beta1, beta2), weight_decay, dev)
+    if state is not None:
+        common.load_optimizer_state(model, optimizer, state["optimizer"], fsdp)
+        common.set_rng_state(state["rng"])
+    return model, net, params, optimizer
+
+
 def main():
     config = common.configure(globals())
     check_config()
@@ -388,32 +420,9 @@ def main():
     model = model if model is not None else scratch_model(tokenizer)
     found, state = trainer.load_resume(ckpt_path, config, RESUME_BREAKING, BEFORE) if resume else (None, None)
     if state is not None:
-        if not lora_rank:  # (LoRA continues from its base, built above, and the adapters in the state)
-            model = load_weights(found)
-        if "master_weights" in state:  # saved in a lower precision: continue from the exact fp32 weights
-            model.float().load_state_dict(state["master_weights"])
         sampler.load_state_dict(state["sampler"])
-    # fp32 master weights whatever the stored dtype: AdamW steps below bf16's resolution must not vanish (bf16 compute
-    # comes from autocast on CUDA)
-    model.float().to(dev)
-    if lora_rank:  # adapters only; the freeze_* keys do not apply
-        trainer.attach_lora(model, lora_rank, lora_alpha, lora_targets, use_bf16, state)
-    else:
-        set_trainable(model)
-    model.gradient_checkpointing = grad_checkpointing
-    # the model scores its labels itself: the LM head runs inside the wrapped forward (DDP reduces its gradient like
-    # every other parameter's, FSDP has it unsharded)
-    net = model
-    if fsdp:
-        common.shard_model(model, use_bf16)
-    elif world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = trainer.adamw(params, lr, (beta1, beta2), weight_decay, dev)
+    model, net, params, optimizer = prepare_model(model, found, state, dev, use_bf16, world)
     start_step = 0 if state is None else state["step"]
-    if state is not None:
-        common.load_optimizer_state(model, optimizer, state["optimizer"], fsdp)
-        common.set_rng_state(state["rng"])
     common.print0(f"VidEmo: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {len(train_records)} "
                   f"train records | {total_steps} steps x {batch_size * grad_accum * world} samples | world {world}")
     common.print0("stages (first step): " + ", ".join(f"{name} {b // grad_accum}" for name, b in sampler.bounds))
@@ -469,7 +478,8 @@ def main():
                 log.log(step=done, **v)
                 bar.write(f"step {done}: " + " ".join(f"{k}={x:.4f}" for k, x in v.items()))
         if (save_every > 0 and done % save_every == 0) or done == total_steps or done == stop_at_step:
-            save(ckpt_path, model, optimizer, tokenizer, done, sampler, master, config, weights_dtype, init_from)
+            save(ckpt_path, model, optimizer, tokenizer, done, sampler, master, config, weights_dtype,
+                 trainer.adapter_base(init_from, init_dir))
             guard.saved(done)
         if done == stop_at_step:
             common.print0(f"stop_at_step={stop_at_step}: stopping; continue with --resume=True")
@@ -484,7 +494,7 @@ def main():
     if eval_at_end and test_path != "none" and os.path.exists(test_path) and master:
         trainer.final_evaluation(VidEmo.from_pretrained(ckpt_path, device=dev), tokenizer, test_path, out_dir,
                                  answer_format, reasoning_tasks, video_root or None, video_options(), eval_batch_size,
-                                 eval_max_new_tokens, dev, video_prune_rate)
+                                 eval_max_new_tokens, dev, video_prune_rate, html=report)
     common.barrier()
     common.cleanup_distributed()
 

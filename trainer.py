@@ -1,6 +1,7 @@
 """The set-up both trainers share: resume with its config check, LoRA attach, AdamW, the non-finite guard and the
 final evaluation. Each is one call from train_sft.py / train_rl.py; what differs between the stages stays there."""
 import math
+import os
 
 import torch
 
@@ -68,12 +69,19 @@ class NonFiniteGuard:
 
 
 def final_evaluation(model, tokenizer, test_path, out_dir, answer_format, reasoning_tasks, root, video_kwargs,
-                     batch_size, max_new_tokens, device, video_prune_rate=0.0, max_records=0):
-    """The test-split table and out_dir/eval.json (rank 0). Reasoning answers get at least 160 new tokens (EmoSynth's
-    reasoning targets reach 114)."""
+                     batch_size, max_new_tokens, device, video_prune_rate=0.0, max_records=0, html=False):
+    """The test-split table and out_dir/eval.json (rank 0); html: also out_dir/report.html (report.py). Reasoning
+    answers get at least 160 new tokens (EmoSynth's reasoning targets reach 114)."""
     if answer_format == "reasoning":
         max_new_tokens = max(max_new_tokens, 160)
     records = D.load_records_as(test_path, answer_format, reasoning_tasks)[:max_records or None]
     model.eval()
     evaluation.report(model, tokenizer, records, root, video_kwargs, out_dir, batch_size=batch_size,
-                      max_new_tokens=max_new_tokens, device=device, video_prune_rate=video_prune_rate)
+                      max_new_tokens=max_new_tokens, device=device, video_prune_rate=video_prune_rate,
+                      html=os.path.join(out_dir, "report.html") if html else "")
+
+
+def adapter_base(init_from, init_dir):
+    """The base an adapter-only checkpoint records, as the user gave it: a hub id stays a hub id; a local path (an
+    out_dir or a checkpoint) becomes the loadable directory it resolved to."""
+    return init_dir if os.path.exists(init_from) else init_from
