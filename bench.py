@@ -703,7 +703,7 @@ def grpo_work(cfg, who, d, memory=False, ckpt=False):
             texts = tok.batch_decode([s[:n].tolist() for s, n in zip(seqs, mb.lengths.tolist())],
                                      skip_special_tokens=True)
             lengths.append(float(mb.lengths.float().mean()))
-            pad_share.append(1 - float(mb.attn.float().mean()))  # of the padded policy / reference batch
+            pad_share.append(1 - float(mb.per_row(emb)["attention_mask"].float().mean()))  # of a per-row padded batch
             adv = grpo.grpo_advantages(torch.tensor([_grpo_reward(t) for t in texts]), G, "group")
             t2 = now()
             with torch.no_grad():

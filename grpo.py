@@ -156,21 +156,29 @@ class Objective:
 # completion log-probs
 
 
-def completion_logps(model, batch, temperature, with_entropy=False, reencode=False, backend="auto"):
+def completion_logps(model, batch, temperature, with_entropy=False, reencode=False, backend="auto",
+                     shared_prefix=True):
     """batch: a Rollout. -> logps [N, Tc] of the completion tokens under logits / temperature (0 past EOS), entropy
     [N, Tc] (detached) or None. The model scores the completion labels itself (only completion positions reach the
-    LM head). The video is encoded once per prompt and shared by its G rows: the rollout's encoding, or with
-    `reencode` a fresh one by `model` (with grad when grad is on)."""
-    ids, valid = batch.ids, batch.valid  # [N, Lp + Tc], [N, Tc] tokens up to and including the first stop
+    LM head). The video is encoded once per prompt: the rollout's encoding, or with `reencode` a fresh one by `model`
+    (with grad when grad is on). shared_prefix: each group's prompt is computed once and its G completions attend to
+    it (model.group_logprobs); False: G rows [prompt; completion] per group (the prompt computed G times)."""
+    valid = batch.valid  # [N, Tc] tokens up to and including the first stop
     N, Tc = valid.shape
-    labels = torch.cat([torch.full_like(ids[:, :-Tc], -100), batch.targets.masked_fill(~valid, -100)], 1)  # [N, L]
-    video_embeds = batch.video_embeds  # the rollout's encoding (no grad), already expanded to the G rows
+    video_embeds = batch.video_embeds  # [n_vid, D] the rollout's encoding (no grad), once per prompt
     if reencode:  # this model's own vision tower: with grad for the policy, the frozen one for the reference
-        per_prompt = model.encode_video(batch.pixels, batch.prompt_grid)  # [n_vid_prompts, D]
-        video_embeds = expand_groups(per_prompt, batch.row_tokens[::batch.G], batch.G)  # [n_vid, D]
-    out = model(ids, attention_mask=batch.attn, video_embeds=video_embeds, video_grid_thw=batch.video_grid_thw,
-                second_per_grid_ts=batch.second_per_grid_ts, video_keep_mask=batch.keep, labels=labels,
-                temperature=temperature, return_entropy=with_entropy, logprobs_backend=backend)  # [n] row-major
+        video_embeds = model.encode_video(batch.pixels, batch.prompt_grid)  # [n_vid, D]
+    if shared_prefix:
+        out = model.group_logprobs(batch.prompt_ids, batch.prompt_attn, batch.targets, valid.sum(1), batch.G,
+                                   video_embeds=video_embeds, video_grid_thw=batch.prompt_grid,
+                                   second_per_grid_ts=batch.prompt_sec, video_keep_mask=batch.keep,
+                                   temperature=temperature, return_entropy=with_entropy, logprobs_backend=backend)
+    else:
+        rows = batch.per_row(video_embeds)
+        ids = rows["input_ids"]  # [N, Lp + Tc]
+        labels = torch.cat([torch.full_like(ids[:, :-Tc], -100), batch.targets.masked_fill(~valid, -100)], 1)
+        out = model(**rows, labels=labels, temperature=temperature, return_entropy=with_entropy,
+                    logprobs_backend=backend)  # [n] row-major
     logp, ent = out if with_entropy else (out, None)
     full = torch.zeros(N, Tc, dtype=logp.dtype, device=logp.device).masked_scatter(valid, logp)  # [N, Tc]
     if ent is not None:
@@ -182,12 +190,14 @@ class GroupScorer(nn.Module):
     """completion_logps as a module, so that DDP wraps it: the per-group re-encoding of the videos then runs inside
     the wrapped forward, and every gradient it produces is reduced like the rest."""
 
-    def __init__(self, model, temperature, reencode, backend="auto"):
+    def __init__(self, model, temperature, reencode, backend="auto", shared_prefix=True):
         super().__init__()
         self.model, self.temperature, self.reencode, self.backend = model, temperature, reencode, backend
+        self.shared_prefix = shared_prefix
 
     def forward(self, batch, with_entropy=False):
-        return completion_logps(self.model, batch, self.temperature, with_entropy, self.reencode, self.backend)
+        return completion_logps(self.model, batch, self.temperature, with_entropy, self.reencode, self.backend,
+                                self.shared_prefix)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -196,28 +206,29 @@ class GroupScorer(nn.Module):
 
 def per(kind):
     """A Rollout field and how it follows a selection of rows: "row" (dim 0 is the B*G rows, or a list of them),
-    "prompt" (dim 0 is the B prompts), "row_video" (segments of `row_tokens` video tokens, one per row),
-    "prompt_video" (segments of patches, one per prompt, sized by `prompt_grid`), "const"."""
+    "prompt" (dim 0 is the B prompts), "prompt_tokens" (segments of `prompt_tokens` merged video tokens, one per
+    prompt), "prompt_video" (segments of patches, one per prompt, sized by `prompt_grid`), "const"."""
     return field(default=None, metadata={"per": kind})
 
 
 @dataclass
 class Rollout:
-    """One micro-batch: B prompts x G completions; row b*G + j is completion j of prompt b. Every field declares
-    how it follows a selection of rows (`per`), so `select` needs no list of keys to keep in sync."""
+    """One micro-batch: B prompts x G completions; row b*G + j is completion j of prompt b. Each prompt and its
+    video are held once; every field declares how it follows a selection of rows (`per`), so `select` needs no list
+    of keys to keep in sync."""
     G: int = per("const")
-    ids: torch.Tensor = per("row")  # [B*G, Lp + Tc] prompt (left padded) + completion
-    attn: torch.Tensor = per("row")  # [B*G, Lp + Tc] 0 on the prompt's padding and after the completion's stop
+    prompt_ids: torch.Tensor = per("prompt")  # [B, Lp] left padded, video placeholders in place
+    prompt_attn: torch.Tensor = per("prompt")  # [B, Lp]
+    prompt_grid: torch.Tensor = per("prompt")  # [B, 3] video_grid_thw
+    prompt_sec: torch.Tensor = per("prompt")  # [B] second_per_grid_ts
+    prompt_tokens: list = per("prompt")  # merged video tokens of each prompt
+    video_embeds: torch.Tensor = per("prompt_tokens")  # [sum prompt_tokens, D] the rollout's encoding
+    keep: torch.Tensor = per("prompt_tokens")  # [sum prompt_tokens] EVS keep-mask, or None
+    pixels: torch.Tensor = per("prompt_video")  # [n_patches, C*2*14*14] to re-encode the videos, or None
     targets: torch.Tensor = per("row")  # [B*G, Tc] what was sampled
+    inputs: torch.Tensor = per("row")  # [B*G, Tc] the same as inputs: a sampled vision placeholder made padding
     valid: torch.Tensor = per("row")  # [B*G, Tc] bool: tokens up to and including the first stop
     cmask: torch.Tensor = per("row")  # [B*G, Tc] bool: the tokens that get a loss
-    video_grid_thw: torch.Tensor = per("row")  # [B*G, 3]
-    second_per_grid_ts: torch.Tensor = per("row")  # [B*G]
-    row_tokens: list = per("row")  # merged video tokens of each row
-    video_embeds: torch.Tensor = per("row_video")  # [sum row_tokens, D] each group shares its prompt's encoding
-    keep: torch.Tensor = per("row_video")  # [sum row_tokens] EVS keep-mask, or None
-    prompt_grid: torch.Tensor = per("prompt")  # [B, 3]
-    pixels: torch.Tensor = per("prompt_video")  # [n_patches, C*2*14*14] to re-encode the videos, or None
     lengths: torch.Tensor = per("row")  # [B*G] completion tokens (CPU)
     truncated: torch.Tensor = per("row")  # [B*G] bool: no stop within the budget (CPU)
     # filled by the rollout's scoring, the advantages and the reference pass
@@ -231,11 +242,12 @@ class Rollout:
     ref: torch.Tensor = per("row")  # [B*G, Tc] the reference's log-probs, or None (beta = 0)
 
     def select(self, rows):
-        """The rows (whole groups) kept, rows [B*G] bool: every field sliced by its kind, video tokens with their
-        rows, pixels with their prompts."""
+        """The rows (whole groups) kept, rows [B*G] bool: every field sliced by its kind, video tokens and pixels
+        with their prompts."""
         keep_rows = rows.tolist()
         prompts = keep_rows[::self.G]  # a group's first row says whether its prompt stays
-        patches = self.prompt_grid.prod(-1).tolist()
+        sizes = {"prompt_tokens": self.prompt_tokens,
+                 "prompt_video": self.prompt_grid.prod(-1).tolist() if self.prompt_grid is not None else None}
         out = {}
         for f in fields(self):
             x, kind = getattr(self, f.name), f.metadata["per"]
@@ -246,30 +258,37 @@ class Rollout:
                 out[f.name] = x[torch.tensor(mask, device=x.device)] if torch.is_tensor(x) else \
                     [v for v, k in zip(x, mask) if k]
             else:
-                sizes, mask = (self.row_tokens, keep_rows) if kind == "row_video" else (patches, prompts)
-                out[f.name] = torch.cat([seg for seg, k in zip(x.split(sizes), mask) if k])
+                out[f.name] = torch.cat([seg for seg, k in zip(x.split(sizes[kind]), prompts) if k])
         return Rollout(**out)
+
+    def per_row(self, video_embeds):
+        """The per-row layout (shared_prefix=False): row b*G + j = [prompt b; completion j], the video expanded to
+        the G rows -> forward's keyword inputs."""
+        G = self.G
+        return dict(input_ids=torch.cat([self.prompt_ids.repeat_interleave(G, 0), self.inputs], 1),  # [B*G, Lp + Tc]
+                    attention_mask=torch.cat([self.prompt_attn.repeat_interleave(G, 0),
+                                              self.valid.to(self.prompt_attn.dtype)], 1),  # pads after EOS masked
+                    video_embeds=expand_groups(video_embeds, self.prompt_tokens, G),
+                    video_keep_mask=expand_groups(self.keep, self.prompt_tokens, G) if self.keep is not None else None,
+                    video_grid_thw=self.prompt_grid.repeat_interleave(G, 0),
+                    second_per_grid_ts=self.prompt_sec.repeat_interleave(G, 0))
 
 
 def group_batch(ids, attn, seqs, video_embeds, grid, sec, keep, G, counts, eos_id, pad_id, placeholder_ids=(),
                 mask_truncated=False, pixels=None):
-    """Prompts [B, Lp] (left padded) + their completions [B*G, Tc] (pad after EOS) -> the training micro-batch of
-    B*G rows (a Rollout): [prompt + completion] ids and attention mask, completion masks and targets, and the
-    group-expanded video inputs (`counts`: each prompt's merged video tokens). A sampled vision placeholder
-    (<|video_pad|>, <|image_pad|>; a random or young policy writes them) ends the completion like EOS: it is scored
-    as a target, but never fed back as an input, where the model would take it for a video token."""
+    """Prompts [B, Lp] (left padded) + their completions [B*G, Tc] (pad after EOS) -> the training micro-batch (a
+    Rollout): the prompts and their video once (`counts`: each prompt's merged video tokens), the completions'
+    masks and targets. A sampled vision placeholder (<|video_pad|>, <|image_pad|>; a random or young policy writes
+    them) ends the completion like EOS: it is scored as a target, but never fed back as an input, where the model
+    would take it for a video token."""
     stops = torch.isin(seqs, torch.tensor([eos_id, *placeholder_ids], device=seqs.device))
     valid, truncated = completion_mask(stops)  # [B*G, Tc] up to and including the first stop, [B*G]
-    inputs = seqs.masked_fill(stops & (seqs != eos_id), pad_id)  # placeholders out of the input (masked anyway)
-    counts = [int(c) for c in counts]  # merged video tokens per prompt (model.vision_token_counts)
     return Rollout(
-        G=G, ids=torch.cat([ids.repeat_interleave(G, 0), inputs], 1),
-        attn=torch.cat([attn.repeat_interleave(G, 0), valid.to(attn.dtype)], 1),  # pads after EOS are masked
-        targets=seqs, valid=valid, cmask=valid & ~truncated[:, None] if mask_truncated else valid,
-        video_grid_thw=grid.repeat_interleave(G, 0), second_per_grid_ts=sec.repeat_interleave(G, 0),
-        row_tokens=[c for c in counts for _ in range(G)], video_embeds=expand_groups(video_embeds, counts, G),
-        keep=expand_groups(keep, counts, G) if keep is not None else None, prompt_grid=grid, pixels=pixels,
-        lengths=valid.sum(1).cpu(), truncated=truncated.cpu())
+        G=G, prompt_ids=ids, prompt_attn=attn, prompt_grid=grid, prompt_sec=sec, prompt_tokens=[int(c) for c in counts],
+        video_embeds=video_embeds, keep=keep, pixels=pixels, targets=seqs,
+        inputs=seqs.masked_fill(stops & (seqs != eos_id), pad_id),  # placeholders out of the input (masked anyway)
+        valid=valid, cmask=valid & ~truncated[:, None] if mask_truncated else valid, lengths=valid.sum(1).cpu(),
+        truncated=truncated.cpu())
 
 
 def completion_mask(stops):

@@ -433,6 +433,39 @@ class DecodeGraphs:
         return out
 
 
+class SharedPrefix:
+    """GRPO groups laid end to end in one row: each group is its prompt once, then its G completions, each right
+    after the one before. A prompt attends causally to itself; a completion attends to its whole prompt and causally
+    to itself, never to a sibling, so every token sees what it sees in its own [prompt; completion] row while the
+    prompt's tokens are computed once per group. prompt_lens [B], comp_lens [B*G] (tokens fed per completion)."""
+
+    def __init__(self, prompt_lens, comp_lens, G, device):
+        self.groups = []  # (start, prompt length, completion tokens, mask [S, P + S] or None)
+        start = 0
+        for b, P in enumerate(prompt_lens.tolist()):
+            cs = comp_lens[b * G:(b + 1) * G].to(device)
+            S = int(cs.sum())
+            mask = None
+            if S:
+                seg = torch.repeat_interleave(torch.arange(G, device=device), cs)  # [S] completion of each token
+                idx = torch.arange(S, device=device)
+                own = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # causal inside its completion
+                mask = torch.cat([torch.ones(S, P, dtype=torch.bool, device=device), own], 1)  # [S, P + S]
+            self.groups.append((start, P, S, mask))
+            start += P + S
+
+    def attend(self, q, k, v):  # q [H, N, hd], k/v [H, N, hd] (kv heads repeated) -> [N, H, hd]
+        outs = []
+        for s, P, S, mask in self.groups:
+            outs.append(F.scaled_dot_product_attention(q[None, :, s:s + P], k[None, :, s:s + P], v[None, :, s:s + P],
+                                                       is_causal=True)[0])  # [H, P, hd] the prompt, once
+            if S:  # the group's completions against [its prompt; themselves]: the prompt's K/V read in place
+                e = s + P + S
+                outs.append(F.scaled_dot_product_attention(q[None, :, s + P:e], k[None, :, s:e], v[None, :, s:e],
+                                                           attn_mask=mask)[0])  # [H, S, hd]
+        return torch.cat(outs, 1).transpose(0, 1)
+
+
 class Attention(nn.Module):
     def __init__(self, ts):
         super().__init__()
@@ -454,6 +487,9 @@ class Attention(nn.Module):
             if cache is not None:  # generate's packed prefill
                 cache.write_packed(layer, k[0], v[0])
             return self.o_proj(self._packed(q[0], k[0], v[0], mask).reshape(1, T, -1))
+        if isinstance(mask, SharedPrefix):  # B = 1: GRPO groups, each prompt once
+            k, v = (t[0].repeat_interleave(self.n_head // self.n_kv, 0) for t in (k, v))
+            return self.o_proj(mask.attend(q[0], k, v).reshape(1, T, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)
             if T == 1:  # one query per row: the heads of a kv group become that group's queries, no kv repeat
@@ -777,6 +813,58 @@ class VidEmo(nn.Module):
         sel = targets != -100
         return token_logprobs(h[:-1][sel], self.lm_head.weight, targets[sel], temperature=temperature,
                               return_entropy=return_entropy, backend=backend)
+
+    def group_logprobs(self, prompt_ids, prompt_mask, completions, lengths, G, video_embeds=None, video_grid_thw=None,
+                       second_per_grid_ts=None, video_keep_mask=None, temperature=1.0, return_entropy=False,
+                       logprobs_backend="auto"):
+        """GRPO's scoring with each prompt computed once per group (SharedPrefix): prompts [B, Lp] (padded, video
+        placeholders; video_embeds [n_vid, D] once per prompt, keep-mask likewise), completions [B*G, Tc] (row
+        b*G + j samples j of prompt b), lengths [B*G] its scored tokens. Completion positions continue from the
+        prompt's next text position on all three M-RoPE axes, as in generation. -> log-probs [n] (and entropy [n])
+        of completions[r, t] for t < lengths[r], row-major: the values forward(labels=...) gives on the per-row
+        batch [prompt; completion]. Token t is predicted from token t - 1 of its completion, token 0 from the
+        prompt's last token: only the first lengths - 1 completion tokens are fed."""
+        x, pos, real, next_pos = self._prepare(prompt_ids, prompt_mask, None, video_grid_thw, second_per_grid_ts,
+                                               None, None, video_embeds, video_keep_mask)  # [B, L', D], [3, B, L']
+        B, L = x.shape[:2]
+        real = torch.ones(B, L, dtype=torch.bool, device=x.device) if real is None else real
+        plens = real.sum(1)  # [B]
+        fed = (lengths - 1).clamp(min=0)  # [B*G] completion tokens fed
+        comp = self.embed_tokens(completions)  # [B*G, Tc, D]
+        Tc = completions.shape[1]
+        feed = torch.arange(Tc, device=x.device)[None] < fed[:, None]  # [B*G, Tc]
+        # the layout, group by group: prompt b's real tokens, then its completions' fed tokens
+        p_flat = real.flatten().nonzero()[:, 0]  # [sum P] positions in [B * L']
+        c_flat = feed.flatten().nonzero()[:, 0]  # [sum fed] positions in [B*G * Tc]
+        p_off = F.pad(plens.cumsum(0), (1, 0)).tolist()
+        c_off = F.pad(fed.cumsum(0), (1, 0)).tolist()
+        n_p = p_off[-1]
+        order, where_last, where_comp = [], [], []  # -> index into cat([prompt tokens, completion tokens])
+        at = 0
+        for b in range(B):
+            P = p_off[b + 1] - p_off[b]
+            order.append(torch.arange(p_off[b], p_off[b + 1]))
+            where_last.append(at + P - 1)  # the prompt's last token: predicts every completion's token 0
+            at += P
+            for j in range(b * G, (b + 1) * G):
+                n = c_off[j + 1] - c_off[j]
+                order.append(torch.arange(n_p + c_off[j], n_p + c_off[j + 1]))
+                where_comp.append(at)
+                at += n
+        order = torch.cat(order).to(x.device)
+        h = torch.cat([x.flatten(0, 1)[p_flat], comp.flatten(0, 1)[c_flat]])[order][None]  # [1, N, D]
+        c_pos = next_pos.repeat_interleave(G)[:, None] + torch.arange(Tc, device=x.device)  # [B*G, Tc]
+        pos = torch.cat([pos.flatten(1, 2)[:, p_flat], c_pos.flatten()[c_flat].expand(3, -1)], 1)[:, order]
+        layout = SharedPrefix(plens, fed, G, x.device)
+        h = self.norm(self._layers(h, *self.mrope(pos[:, None], h.dtype), layout))[0]  # [N, D]
+        # the hidden state that predicts completions[r, t]: the prompt's last token for t = 0, else fed token t - 1
+        last = torch.tensor(where_last, device=x.device).repeat_interleave(G)  # [B*G]
+        first = torch.tensor(where_comp, device=x.device)  # [B*G] where each completion's fed tokens start
+        t = torch.arange(Tc, device=x.device)[None]
+        src = torch.where(t == 0, last[:, None], first[:, None] + t - 1)  # [B*G, Tc]
+        scored = t < lengths[:, None]
+        return token_logprobs(h[src[scored]], self.lm_head.weight, completions[scored], temperature=temperature,
+                              return_entropy=return_entropy, backend=logprobs_backend)
 
     # --- generation -----------------------------------------------------------
 

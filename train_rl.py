@@ -63,6 +63,9 @@ video_prune_rate = 0.0  # > 0: EVS keep-mask per prompt (kernels.token_compress)
 # train the vision tower and merger too: the policy pass re-encodes each prompt's video with grad (once per group) so
 # the tree reward reaches perception (gender, glasses, neutral faces); False = encode once per rollout, vision frozen
 train_vision = True
+# the policy, reference and old log-prob passes compute each group's prompt once and its G completions attend to it
+# (model.group_logprobs); False = G rows [prompt; completion] per group, the prompt computed G times
+shared_prefix = True
 # GRPO
 prompts_per_step = 8  # prompts per optimizer step over all ranks (x G completions); each rank owns whole groups
 grad_accum = 2  # micro-batches per rank per step (each prompts_per_step // (world * grad_accum) prompts)
@@ -354,10 +357,10 @@ def reference_pass(micro, policy, ref_model, reencode, autocast):
             elif lora_rank:  # the reference is the policy with its adapters off
                 with lora.disabled(policy):
                     mb.ref = grpo.completion_logps(policy, mb, temperature, reencode=reencode,
-                                                   backend=logprobs_backend)[0]
+                                                   backend=logprobs_backend, shared_prefix=shared_prefix)[0]
             else:
                 mb.ref = grpo.completion_logps(ref_model, mb, temperature, reencode=reencode,
-                                               backend=logprobs_backend)[0]
+                                               backend=logprobs_backend, shared_prefix=shared_prefix)[0]
 
 
 def update(net, policy, params, optimizer, micro, objective, guard, step, passes, autocast, world, dev):
@@ -533,7 +536,7 @@ def main():
     ref_model = load_reference(init_dir, dev, use_bf16)
     if fsdp:
         common.shard_model(policy, use_bf16)
-    net = grpo.GroupScorer(policy, temperature, reencode=reencode, backend=logprobs_backend)
+    net = grpo.GroupScorer(policy, temperature, reencode=reencode, backend=logprobs_backend, shared_prefix=shared_prefix)
     if world > 1 and not fsdp:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     params = [p for p in policy.parameters() if p.requires_grad]

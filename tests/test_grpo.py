@@ -278,8 +278,8 @@ def _counts(grid):
     return vision_token_counts(grid, 2).tolist()
 
 
-@pytest.mark.parametrize("pruned", (False, True))
-def test_completion_logps_match_unpadded_forward(pruned):
+@pytest.mark.parametrize("pruned,shared", [(False, True), (True, True), (True, False)])
+def test_completion_logps_match_unpadded_forward(pruned, shared):
     from tiny import IM_END, IMAGE_PAD, PAD, VIDEO_PAD, fake_video_inputs
     model = _tiny_model()
     tau, G, Tc = 0.7, 2, 6
@@ -301,7 +301,8 @@ def test_completion_logps_match_unpadded_forward(pruned):
                           inp["second_per_grid_ts"], keep, G, counts, IM_END, PAD, (VIDEO_PAD, IMAGE_PAD))
     assert mb.lengths.tolist() == lengths and mb.truncated.tolist() == [True, False, False, False]
     for backend in ("naive", "auto"):
-        got, ent = grpo.completion_logps(model, mb, tau, with_entropy=True, backend=backend)  # [B*G, Tc]
+        got, ent = grpo.completion_logps(model, mb, tau, with_entropy=True, backend=backend,
+                                         shared_prefix=shared)  # [B*G, Tc]
         for j, n in enumerate(lengths):
             b = j // G
             prompt = inp["input_ids"][b][inp["attention_mask"][b] == 1]
@@ -390,7 +391,7 @@ def test_reencoded_video_matches_rollout_encoding_and_subset():
         model.zero_grad()
         if by_hand:
             emb = model.encode_video(inp["pixel_values_videos"], grid)
-            batch = dataclasses.replace(batch, video_embeds=grpo.expand_groups(emb, _counts(grid), G))
+            batch = dataclasses.replace(batch, video_embeds=emb)
         logps, _ = grpo.completion_logps(model, batch, 1.0, reencode=reencode)
         (logps * weights[:logps.shape[0]]).sum().backward()
         return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

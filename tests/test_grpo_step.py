@@ -173,7 +173,7 @@ def _micro(n_groups, G, T, seed, use=None):
     cmask = torch.rand(N, T, generator=g) > 0.3
     cmask[0, 0] = True
     return grpo.Rollout(G=G, cmask=cmask, adv=torch.randn(N, generator=g), ref=torch.randn(N, T, generator=g) - 1,
-                        prompt_grid=torch.ones(n_groups, 3, dtype=torch.long), row_tokens=[1] * N,
+                        prompt_grid=torch.ones(n_groups, 3, dtype=torch.long), prompt_tokens=[1] * n_groups,
                         use=use, valid=cmask.clone())
 
 
@@ -231,20 +231,19 @@ def test_objective_drops_empty_micro_batches_and_keeps_ddp_ranks_in_step():
 
 def test_rollout_select_slices_every_per_row_field():
     """Rollout.select follows each field's declared kind: a field added to the dataclass is sliced without a key
-    list; video tokens follow their rows, pixels their prompts."""
+    list; video tokens and pixels follow their prompts."""
     G = 2
     counts, patches = [3, 1, 2], [4, 8, 4]
-    mb = grpo.Rollout(G=G, ids=torch.arange(6)[:, None], texts=list("abcdef"), records=["p0", "p1", "p2"],
-                      row_tokens=[c for c in counts for _ in range(G)],
-                      video_embeds=torch.cat([torch.full((c, 1), float(i)) for i, c in enumerate(counts)
-                                              for _ in range(G)]),
+    mb = grpo.Rollout(G=G, targets=torch.arange(6)[:, None], texts=list("abcdef"), records=["p0", "p1", "p2"],
+                      prompt_tokens=counts,
+                      video_embeds=torch.cat([torch.full((c, 1), float(i)) for i, c in enumerate(counts)]),
                       prompt_grid=torch.tensor([[1, 2, 2], [2, 2, 2], [1, 2, 2]]),
                       pixels=torch.cat([torch.full((n, 1), float(i)) for i, n in enumerate(patches)]))
     rows = torch.tensor([False, False, True, True, True, True])
     sub = mb.select(rows)
-    assert sub.ids.flatten().tolist() == [2, 3, 4, 5] and sub.texts == list("cdef") and sub.records == ["p1", "p2"]
-    assert sub.row_tokens == [1, 1, 2, 2] and sub.video_embeds.flatten().tolist() == [1, 1, 2, 2, 2, 2]
+    assert sub.targets.flatten().tolist() == [2, 3, 4, 5] and sub.texts == list("cdef") and sub.records == ["p1", "p2"]
+    assert sub.prompt_tokens == [1, 2] and sub.video_embeds.flatten().tolist() == [1, 2, 2]
     assert sub.pixels.flatten().tolist() == [1.0] * 8 + [2.0] * 4 and sub.G == G
     assert sub.ref is None and sub.keep is None
     kinds = {f.metadata.get("per") for f in dataclasses.fields(grpo.Rollout)}
-    assert kinds <= {"row", "prompt", "row_video", "prompt_video", "const"}  # every field declares its kind
+    assert kinds <= {"row", "prompt", "prompt_tokens", "prompt_video", "const"}  # every field declares its kind
