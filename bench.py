@@ -28,7 +28,7 @@ from model import VidEmo, scratch_config
 
 # ----------------------------------------------------------------------------------------------------------------------
 # defaults (override with --key=value or a config file, as in every VidEmo script; --help lists them)
-section = "all"  # generate | data | kernels | sft | prune | rl | memory | peers | all
+section = "all"  # generate | data | kernels | sft | prune | rl | shared_prefix | memory | peers | all
 threads = 2  # torch CPU threads
 repeats = 3  # timed runs per measurement (the fastest is reported: least disturbed by other load)
 clock = "wall"  # wall | cpu (process CPU time: steadier on a shared machine; use with threads=1)
@@ -52,6 +52,12 @@ sft_batch = 16  # clips per step
 init_from = "out/sft_emosynth/ckpt"  # the SFT checkpoint they start from
 data_dir = "data/emosynth/build"  # its EmoSynth build
 rl_overrides = ""  # extra train_rl.py flags for the rl section, space separated (e.g. "--num_generations=4")
+# shared_prefix section: GRPO's reference + update passes, each group's prompt once vs G times (peer_shapes' model)
+sp_sizes = (112, 224)  # frame sides
+sp_frames = (2, 4, 8)
+sp_G = (4, 8, 16)
+sp_completion = 64  # completion tokens per row
+sp_prompts = 2  # prompts per micro-batch
 # memory section: per-GPU memory plan (memplan.py) of init_from's config.json, or of a built-in shape
 # (init_from=qwen2.5-vl-3b | qwen2.5-vl-7b; both when init_from does not exist)
 world = 8  # the FSDP2 row's world size
@@ -1055,8 +1061,56 @@ def bench_memory(cfg):
                 print(f"  {part:30s} plan {p / 2**20:9.2f} MiB  measured {m / 2**20:9.2f} MiB  plan/measured {p / m:.3f}")
 
 
+def bench_shared_prefix(cfg):
+    """GRPO's reference pass (no grad) + policy update (forward + backward) on one micro-batch of sp_prompts prompts x
+    G completions, shared_prefix vs per-row, over prompt length (frames x frame side) and G: the tokens each layout
+    computes, the time ratio beside the token ratio G(P+C) / (P+G*C), and the peak RSS the update adds (CPU)."""
+    import grpo
+    from model import vision_token_counts
+    torch.manual_seed(0)
+    model = VidEmo(peer_config(cfg["peer_shapes"][0], cfg["peer_depth"])).float().train()
+    C, B = cfg["sp_completion"], cfg["sp_prompts"]
+    print(f"\nshared_prefix: {cfg['peer_shapes'][0]} model, {B} prompts x G, completions {C} tokens, "
+          f"{torch.get_num_threads()} threads; seconds = min of {cfg['repeats']} (ref + update)")
+    print("| frames x side | P | G | tokens per-row | tokens shared | token ratio | per-row s | shared s | time ratio "
+          "| time / token ratio | peak MiB per-row | peak MiB shared |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for size in cfg["sp_sizes"]:
+        for frames in cfg["sp_frames"]:
+            side = size // 14 // 2 * 2  # patches per side, even (2 x 2 merge)
+            grid = torch.tensor([[frames // 2, side, side]] * B)
+            n_vid = int(vision_token_counts(grid, 2)[0])
+            pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
+            text = torch.randint(10, 1000, (B, 12))
+            prompt = torch.cat([text[:, :6], torch.full((B, 1), PEER_IDS["<|vision_start|>"]),
+                                torch.full((B, n_vid), PEER_IDS["<|video_pad|>"]),
+                                torch.full((B, 1), PEER_IDS["<|vision_end|>"]), text[:, 6:]], 1)
+            P = prompt.shape[1]
+            with torch.no_grad():
+                emb = model.encode_video(pixels, grid)
+            for G in cfg["sp_G"]:
+                seqs = torch.randint(10, 1000, (B * G, C))
+                mb = grpo.group_batch(prompt, torch.ones_like(prompt), seqs, emb, grid, torch.ones(B), None, G,
+                                      [n_vid] * B, 2, 0, (PEER_IDS["<|video_pad|>"],), pixels=pixels)
+                secs, peaks = {}, {}
+                for shared in (False, True):
+                    def step():
+                        with torch.no_grad():
+                            grpo.completion_logps(model, mb, 1.0, reencode=True, shared_prefix=shared)
+                        model.zero_grad(set_to_none=True)
+                        lp, _ = grpo.completion_logps(model, mb, 1.0, reencode=True, shared_prefix=shared)
+                        lp.sum().backward()
+                    secs[shared] = timed(step, cfg["repeats"], cfg["clock"])
+                    peaks[shared] = peak_rss_during(step) / 2 ** 20
+                rows, shared_tok = B * G * (P + C), B * (P + G * C)
+                tr, sr = rows / shared_tok, secs[False] / secs[True]
+                print(f"| {frames} x {size}² | {P} | {G} | {rows} | {shared_tok} | {tr:.2f} | {secs[False]:.3f} | "
+                      f"{secs[True]:.3f} | {sr:.2f} | {sr / tr:.2f} | {peaks[False]:.0f} | {peaks[True]:.0f} |",
+                      flush=True)
+
+
 SECTIONS = {"generate": bench_generate, "data": bench_data, "kernels": bench_kernels, "sft": bench_sft,
-            "prune": bench_prune, "rl": bench_rl, "memory": bench_memory, "peers": bench_peers}
+            "prune": bench_prune, "rl": bench_rl, "shared_prefix": bench_shared_prefix, "memory": bench_memory, "peers": bench_peers}
 
 
 def main():

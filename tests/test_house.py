@@ -166,7 +166,8 @@ def test_every_bench_section_runs_at_toy_sizes(tmp_path):
             "--kernel_d=32", "--sft_batch=2", f"--init_from={ckpt}", f"--data_dir={build}",
             "--rl_overrides=--num_generations=2 --prompts_per_step=2 --grad_accum=1 --max_completion_length=4",
             "--peer_shapes=toy", "--peer_sft_batch=2", "--peer_gen_batch=2", "--peer_gen_tokens=4",
-            "--peer_grpo_prompts=2", "--peer_G=2", "--peer_grpo_tokens=4"]
+            "--peer_grpo_prompts=2", "--peer_G=2", "--peer_grpo_tokens=4", "--sp_sizes=(56,)", "--sp_frames=(2,)",
+            "--sp_G=(2,)", "--sp_completion=4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True, cwd=ROOT,
                        env=env, timeout=600)
@@ -174,7 +175,7 @@ def test_every_bench_section_runs_at_toy_sizes(tmp_path):
     out = r.stdout
     for needle in ("greedy outputs identical: True", "clips/s", "peak RSS added", "| tiny (EmoSynth default) |",
                    "| 0.5 |", "| whole step |", "rollout:", "| SFT step vs transformers |",
-                   "greedy tokens identical: True", "loss transformers| = "):
+                   "greedy tokens identical: True", "loss transformers| = ", "| time / token ratio |"):
         assert needle in out, (needle, out[-3000:])
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--section=gpu_only"], capture_output=True, text=True,
                        cwd=ROOT, env=env)
