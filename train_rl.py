@@ -11,6 +11,7 @@ them with reward.score (the very function eval.py reports) -> `rollout`; turns r
 loss with a k3 KL -> `update`; logs -> `step_metrics`; checkpoints -> `save`. The formulas, the loss normalisation
 (grpo.Objective) and the typed rollout batch (grpo.Rollout) live in grpo.py; the reward terms in reward.py.
 """
+import collections
 import contextlib
 import os
 import time
@@ -268,7 +269,7 @@ def next_prompts(n, stream, records, tokenizer, root, video_kwargs, cache, skipp
             skipped[str(e)] = skipped.get(str(e), 0) + 1
             misses += 1
             if misses > len(records):
-                top = sorted(skipped.items(), key=lambda kv: -kv[1])[:3]
+                top = collections.Counter(skipped).most_common(3)
                 raise common.InputError(f"{train_file}: every record was skipped; top reasons: {top}. Check "
                                         f"--video_root and the records") from None
             continue

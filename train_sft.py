@@ -307,7 +307,7 @@ def next_micro(loader, make_loader):
         try:
             micro.append(next(loader))
         except StopIteration:
-            loader = make_loader()
+            loader = iter(make_loader())
     return micro, loader
 
 
@@ -441,7 +441,7 @@ def main():
     for step in bar:
         done = step + 1
         # 1. the step's micro-batches, and the records they had to skip
-        micro, loader = next_micro(loader, lambda: iter(make_loader()))
+        micro, loader = next_micro(loader, make_loader)
         first_skip, counts = count_skips(micro, skipped, first_skip, dev, world)
         used, n_skipped = used + int(counts[1]), n_skipped + int(counts[2])
         if used == 0 and n_skipped >= min(len(train_records), 64):
