@@ -145,6 +145,7 @@ class Workload:
     ckpt: bool = True  # activation checkpointing for the total
     entropy: bool = True  # RL scores entropies in the update (train_rl: with_entropy on the first pass)
     padded: bool = False  # SFT: rows padded to the longest (an attention mask); RL rows always are
+    shared_prefix: bool = True  # RL: each group is its prompt once + G completions (train_rl's shared_prefix)
 
 
 @dataclass
@@ -163,8 +164,10 @@ def _seq(config, w):
     if w.stage == "sft":
         # planned rows are all the same length: no padding, no mask (a padded batch adds a [B, 1, L, L] mask per layer)
         return w.batch, L, w.batch * patches, w.batch * w.completion, w.padded
-    # RL update: prompts x G rows; the vision tower re-encodes each prompt's video once (train_vision); completions
-    # end at different lengths, so the rows are padded (mask). Scored: the completions but for the last position
+    # RL update: the vision tower re-encodes each prompt's video once (train_vision). shared_prefix: one packed
+    # segment per group, [prompt; G completions]; else prompts x G rows [prompt; completion]. Scored: the completions
+    if w.shared_prefix:
+        return w.prompts, L + (w.G - 1) * w.completion, w.prompts * patches, w.prompts * w.G * w.completion, True
     return w.prompts * w.G, L, w.prompts * patches, w.prompts * w.G * w.completion, True
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -234,6 +237,9 @@ def activations(model, w, cuda=True, ckpt=False, vision_grad=True, lora=None, re
     D, hd = ts["hidden_size"], ts["hidden_size"] // ts["num_attention_heads"]
     act = 2 if cuda else 4  # bytes of an activation element (bf16 / fp32)
     layer = _decoder_layer(ts, N, rows, L, masked, cuda, packed)
+    if w.stage == "rl" and w.shared_prefix:  # each group's completions attend under a [S, P + S] mask (SharedPrefix)
+        S = w.G * w.completion
+        layer += (2 if cuda else 4) * rows * S * L  # SDPA's additive copy of the bool mask, per layer
     nl = ts["num_hidden_layers"]
     # around the layers: ids (int64) for the embedding backward, masked_scatter's mask, M-RoPE cos/sin fp32
     # [rows, 1, L, hd] (shared by all layers), the final norm (x, x_hat, rstd: fp32), the scorer's inputs: the
