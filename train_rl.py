@@ -53,7 +53,7 @@ min_pixels = 56 * 56
 max_pixels = 112 * 112
 # rollout
 num_generations = 8  # G completions per prompt
-# sampling temperature; policy / old / reference log-probs use logits / temperature too (README: why 0.5 here)
+# sampling temperature; policy / old / reference log-probs use logits / temperature too (docs/results.md: why 0.5 here)
 temperature = 0.5
 top_p = 1.0
 top_k = 0
@@ -96,7 +96,7 @@ beta2 = 0.99
 grad_clip = 1.0
 logprobs_backend = "auto"  # kernels.logprobs: auto (triton on CUDA, chunked torch on CPU) | triton | torch | naive
 grad_checkpointing = False  # activation checkpointing of every decoder block (and vision block) in the policy pass
-fsdp = False  # FSDP2: policy and reference sharded per decoder block, the vision tower its own unit (README: memory)
+fsdp = False  # FSDP2: policy and reference sharded per decoder block, the vision tower its own unit (docs/scale.md)
 # LoRA: lora_rank > 0 trains adapters only (lora.py); the frozen base is bf16 on CUDA and is also the reference
 lora_rank = 0
 lora_alpha = 32.0

@@ -87,7 +87,7 @@ freeze_llm = False
 logprobs_backend = "auto"  # kernels.logprobs: auto (triton on CUDA, chunked torch on CPU) | triton | torch | naive
 grad_checkpointing = False
 fsdp = False  # FSDP2 (fully_shard per block, the vision tower as its own unit) instead of DDP
-# LoRA: lora_rank > 0 trains adapters only (lora.py); the frozen base is bf16 on CUDA (README: memory)
+# LoRA: lora_rank > 0 trains adapters only (lora.py); the frozen base is bf16 on CUDA (docs/scale.md)
 lora_rank = 0
 lora_alpha = 32.0
 lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # visual.X: the tower's

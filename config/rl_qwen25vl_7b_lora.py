@@ -1,5 +1,5 @@
 # VidEmo-7B stage 2 with LoRA on ONE 80 GB GPU, from a stage-1 checkpoint (merged LoRA or full). The reference is the
-# base with the adapters off: no second copy of the weights (README: memory plan).
+# base with the adapters off: no second copy of the weights (docs/scale.md).
 #   python train_rl.py config/rl_qwen25vl_7b_lora.py
 import os
 

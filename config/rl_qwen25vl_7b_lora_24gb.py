@@ -1,5 +1,5 @@
-# VidEmo-7B stage 2 with LoRA on ONE 24 GB GPU: G = 4 completions of <= 512 tokens, 8 frames per video (README: memory
-# plan).
+# VidEmo-7B stage 2 with LoRA on ONE 24 GB GPU: G = 4 completions of <= 512 tokens, 8 frames per video (docs/scale.md:
+# the memory plan).
 #   python train_rl.py config/rl_qwen25vl_7b_lora_24gb.py
 import os
 

@@ -1,5 +1,5 @@
 # VidEmo-3B stage 1 on ONE 80 GB GPU, full fine-tuning (fp32 master weights + AdamW fit beside the activations with
-# checkpointing; README: memory plan). The 8-GPU recipe's global batch of 512 by accumulation (slow but the same run).
+# checkpointing; docs/scale.md). The 8-GPU recipe's global batch of 512 by accumulation (slow but the same run).
 #   python train_sft.py config/sft_qwen25vl_3b_1gpu.py
 import os
 

@@ -1,5 +1,5 @@
 # VidEmo-7B stage 1 with LoRA on ONE 80 GB GPU: rank-16 adapters on every decoder projection, the base frozen in bf16
-# (README: memory plan). Saves a merged HF directory (lora_save = "merged"), which vLLM / transformers load unchanged.
+# (docs/scale.md). Saves a merged HF directory (lora_save = "merged"), which vLLM / transformers load unchanged.
 #   python train_sft.py config/sft_qwen25vl_7b_lora.py
 import os
 

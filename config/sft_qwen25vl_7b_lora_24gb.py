@@ -1,5 +1,5 @@
 # VidEmo-7B stage 1 with LoRA on ONE 24 GB GPU (RTX 3090 / 4090 / A5000): the 80 GB LoRA recipe with one sample per
-# micro-batch and 8 frames per video (README: memory plan).
+# micro-batch and 8 frames per video (docs/scale.md).
 #   python train_sft.py config/sft_qwen25vl_7b_lora_24gb.py
 import os
 
