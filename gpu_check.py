@@ -41,7 +41,7 @@ from model import VidEmo, scratch_config
 # ----------------------------------------------------------------------------------------------------------------------
 # defaults (override with a config file or --key=value; `--help` lists them)
 out = "out/gpu_check.json"
-checks = ("kernels", "bf16_forward", "flash_attn", "fsdp_rl", "memory", "decode", "bench")
+checks = ("kernels", "bf16_forward", "flash_attn", "shared_prefix", "fsdp_rl", "memory", "decode", "bench")
 dry_run = False  # CPU, tiny shapes, Triton through TRITON_INTERPRET=1: kernels, bf16_forward, flash_attn only
 depth = 4  # decoder layers (and vision blocks) of the 3B-shaped model: the widths are real, the depth is cut
 batch = 2  # videos per batch in bf16_forward / memory
@@ -50,6 +50,10 @@ size = 224  # frame side in pixels (multiple of 28)
 text_len = 128  # text tokens after each video (supervised in the memory step)
 decode_batch = 64  # prompts in the decode check (one video each)
 decode_tokens = 64  # greedy tokens per prompt (no EOS: every row decodes them all)
+sp_frames = 8  # shared_prefix: frames of the group's video (8 x 448² = 1,024 video tokens)
+sp_size = 448
+sp_G = 8
+sp_completion = 256
 sft_steps = 20  # scratch SFT steps before the FSDP RL run
 rl_steps = 3
 work_dir = ""  # default: a fresh temporary directory (EmoSynth build, SFT and RL outputs)
@@ -58,8 +62,8 @@ seed = 0
 # ----------------------------------------------------------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ALL_CHECKS = ("kernels", "bf16_forward", "flash_attn", "fsdp_rl", "memory", "decode", "bench")
-DRY_CHECKS = ("kernels", "bf16_forward", "flash_attn", "decode")
+ALL_CHECKS = ("kernels", "bf16_forward", "flash_attn", "shared_prefix", "fsdp_rl", "memory", "decode", "bench")
+DRY_CHECKS = ("kernels", "bf16_forward", "flash_attn", "shared_prefix", "decode")
 # Qwen2.5-VL-3B-Instruct's widths (config.json), depth set by `depth`
 QWEN25VL_3B = memplan.builtin_config("qwen2.5-vl-3b")
 
@@ -262,6 +266,67 @@ def check_flash_attn(cfg, dev):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# (3b) shared-prefix GRPO scoring vs the per-row layout, bf16
+
+
+def check_shared_prefix(cfg, dev):
+    """One GRPO group on the 3B-shaped model (~1,024 video tokens, G completions of sp_completion tokens): the
+    policy's log-probs and every gradient under bf16 autocast, shared_prefix vs per-row, and the reference +
+    update times of both."""
+    import grpo
+    config = model_config(cfg)
+    torch.manual_seed(cfg["seed"])
+    model = VidEmo(config).to(dev).train()
+    frames_, size_, G, C = (4, 56, 3, 8) if cfg["dry_run"] else (cfg["sp_frames"], cfg["sp_size"], cfg["sp_G"],
+                                                                   cfg["sp_completion"])
+    inp = video_batch(config, 1, frames_, size_, 16, dev, cfg["seed"])
+    grid = inp["video_grid_thw"]
+    g = torch.Generator().manual_seed(cfg["seed"])
+    seqs = torch.randint(0, min(config["vocab_size"], 500), (G, C), generator=g).to(dev)  # no stop: C tokens each
+    with torch.no_grad():
+        emb = model.encode_video(inp["pixel_values_videos"], grid)
+    mb = grpo.group_batch(inp["input_ids"], inp["attention_mask"], seqs, emb, grid, inp["second_per_grid_ts"], None,
+                          G, model.vision_token_counts(grid), config["eos_token_id"], config.get("pad_token_id") or 0,
+                          (config["video_token_id"],), pixels=inp["pixel_values_videos"])
+    w = torch.linspace(-1, 1, G * C, device=dev).view(G, C)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    out, times = {}, {}
+    for shared in (False, True):
+        def ref():
+            with torch.no_grad(), autocast:
+                return grpo.completion_logps(model, mb, 1.0, reencode=True, shared_prefix=shared)[0]
+
+        def update():
+            model.zero_grad(set_to_none=True)
+            with autocast:
+                lp = grpo.completion_logps(model, mb, 1.0, reencode=True, shared_prefix=shared)[0]
+            (lp.float() * w).sum().backward()
+            return lp
+        lp = update()
+        out[shared] = (lp.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()
+                                             if p.grad is not None})
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            times[shared] = (common.cuda_ms(ref, 3), common.cuda_ms(update, 3), torch.cuda.max_memory_allocated())
+        else:
+            times[shared] = (0.0, 0.0, 0)
+    cos = min(torch.nn.functional.cosine_similarity(out[True][1][n].flatten(), gr.flatten(), 0).item()
+              for n, gr in out[False][1].items() if gr.abs().max() > 0)
+    P = int(inp["input_ids"].shape[1])
+    res = {"prompt_tokens": P, "G": G, "completion": C, "token_ratio": G * (P + C) / (P + G * C),
+           "logp_abs_err_mean": (out[True][0] - out[False][0]).abs().mean().item(),
+           "logp_abs_err_max": (out[True][0] - out[False][0]).abs().max().item(), "grad_cosine_min": cos,
+           "ref_ms_rows": times[False][0], "ref_ms_shared": times[True][0], "update_ms_rows": times[False][1],
+           "update_ms_shared": times[True][1], "peak_gib_rows": times[False][2] / 2 ** 30,
+           "peak_gib_shared": times[True][2] / 2 ** 30}
+    if dev.type == "cuda":
+        res["time_ratio"] = (times[False][0] + times[False][1]) / (times[True][0] + times[True][1])
+    tol = 2e-2 if dev.type == "cuda" else 1e-4  # bf16 sums in another order vs fp32
+    res["ok"] = res["logp_abs_err_mean"] <= tol and res["grad_cosine_min"] >= (0.99 if dev.type == "cuda" else 0.9999)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # (4) FSDP2 world-1 GRPO step over NCCL
 
 
@@ -455,6 +520,8 @@ def main():
                 res = check_bf16_forward(cfg, dev)
             elif name == "flash_attn":
                 res = check_flash_attn(cfg, dev)
+            elif name == "shared_prefix":
+                res = check_shared_prefix(cfg, dev)
             elif name == "fsdp_rl":
                 work = cfg["work_dir"] or tempfile.mkdtemp(prefix="gpu_check_")  # kept, for a look after
                 res = dict(check_fsdp_rl(cfg, work), work_dir=work)

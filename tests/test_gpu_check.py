@@ -25,7 +25,7 @@ def test_dry_run_writes_the_figures(tmp_path, interpret):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert rep["dry_run"] is True and rep["ok"] is True
-    assert list(rep["checks"]) == ["kernels", "bf16_forward", "flash_attn", "decode"]  # the GPU-only ones left out
+    assert list(rep["checks"]) == ["kernels", "bf16_forward", "flash_attn", "shared_prefix", "decode"]  # the GPU-only ones left out
     k = rep["checks"]["kernels"]
     for dtype in ("bfloat16", "float32"):
         row = k[f"token_logprobs_{dtype}"]
