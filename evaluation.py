@@ -231,18 +231,9 @@ def write_results(result, path):
 
 def read_predictions(path):
     """Rows of a predictions JSONL (a torn last line from a crash is ignored)."""
-    rows = []
     if not path or not os.path.exists(path):
-        return rows
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(r, dict):
-                rows.append(r)
-    return rows
+        return []
+    return html_report.read_metrics(path)  # the same JSONL reader: one object per line, torn lines passed over
 
 
 class PredictionWriter:

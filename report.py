@@ -59,7 +59,8 @@ def find_metrics(ckpt):
 
 
 def read_metrics(path):
-    """Rows of a metrics.jsonl (lines that are not JSON objects are passed over: a torn last line)."""
+    """Rows of a JSONL file such as metrics.jsonl or a predictions file (lines that are not JSON objects are passed
+    over: a torn last line)."""
     rows = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
