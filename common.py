@@ -524,7 +524,7 @@ def _holder_text(info, path):
     return f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {started} ({path})"
 
 
-def lock_file(lock_path, what):
+def lock_file(lock_path, what, target=None):
     """Take the lock `lock_path` for this process: an flock (the kernel drops it when the holder dies, however it
     dies) plus who holds it (pid, host, start time, command) written inside. A second run is refused at once with an
     InputError naming the holder; a lock file left by a run that was killed is taken over with a printed note. Where
@@ -532,13 +532,14 @@ def lock_file(lock_path, what):
     import errno
     import fcntl
     lock_path = os.path.abspath(lock_path)
+    target = target or os.path.dirname(lock_path)  # what the lock guards, as the messages name it
     me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "pid_start": _proc_start(os.getpid()),
           "cmd": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:500]}
     for _ in range(10):  # the lock file can be removed by its releasing holder between our open and flock: retry
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise InputError(f"{what} {os.path.dirname(lock_path)}: cannot create the lock file {lock_path} "
+            raise InputError(f"{what} {target}: cannot create the lock file {lock_path} "
                              f"({e.strerror})") from None
         try:
             old = os.read(fd, 4096).decode("utf-8", "replace")
@@ -551,7 +552,7 @@ def lock_file(lock_path, what):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 locked = True
             except BlockingIOError:
-                raise InputError(f"{what} {os.path.dirname(lock_path)} is in use by another run: "
+                raise InputError(f"{what} {target} is in use by another run: "
                                  f"{_holder_text(info, lock_path)}; wait for it, stop it, or choose another "
                                  f"{what}") from None
             except OSError as e:
@@ -560,11 +561,11 @@ def lock_file(lock_path, what):
                 locked = False  # no flock on this filesystem: judge the holder by its pid
                 if info and info.get("pid") != os.getpid():
                     if info.get("host") != me["host"]:
-                        raise InputError(f"{what} {os.path.dirname(lock_path)} is locked by {_holder_text(info, lock_path)}"
+                        raise InputError(f"{what} {target} is locked by {_holder_text(info, lock_path)}"
                                          f" and this filesystem has no locks to tell whether it runs; delete "
                                          f"{lock_path} if it does not") from None
                     if _pid_alive(int(info.get("pid", 0)) or -1, info.get("pid_start")):
-                        raise InputError(f"{what} {os.path.dirname(lock_path)} is in use by another run: "
+                        raise InputError(f"{what} {target} is in use by another run: "
                                          f"{_holder_text(info, lock_path)}; wait for it, stop it, or choose another "
                                          f"{what}") from None
             if locked:
