@@ -55,6 +55,12 @@ class VideoError(ValueError):
     """A video (or image) that is missing, empty, truncated or not decodable. The message names the path."""
 
 
+class SettingError(ValueError):
+    """A setting a library function cannot work with (e.g. a negative seed), named by its config key; common.run
+    prints it as one line (input_error)."""
+    input_error = True
+
+
 class SkipRecord(Exception):
     """A record that cannot be used (missing field, bad video, too long). Counted and logged, never fatal."""
 
@@ -1053,6 +1059,8 @@ class CurriculumSampler:
             raise ValueError(f"replay must be in [0, 1), got {replay}")
         if not 0.0 <= mix_first <= 1.0:
             raise ValueError(f"mix_first must be in [0, 1], got {mix_first}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise SettingError(f"config key 'seed': must be an integer >= 0 (numpy seeds the schedule), got {seed!r}")
         mix = mix or mix_first >= 1.0
         if not 0 <= rank < world_size or batch_size < 1:
             raise ValueError(f"bad rank {rank} / world_size {world_size} / batch_size {batch_size}")
