@@ -6,6 +6,7 @@ Every script keeps its defaults as module-level globals at its top and calls `co
     python train_sft.py config/sft_emosynth.py --batch_size=8 --lr=3e-4
 """
 import ast
+import atexit
 import contextlib
 import gc
 import json
@@ -13,6 +14,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import socket
 import sys
 import time
 
@@ -46,6 +49,11 @@ def run(main):
         main()
     except (InputError, ConfigError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a library error type that marks itself as the user's input (model.CheckpointError, ...)
+        if not getattr(type(e), "input_error", False):
+            raise
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(2)
     # free the DDP / FSDP modules (reference cycles) while the interpreter is whole: the process group they hold must
     # not be torn down during interpreter shutdown, where gloo's worker threads can abort the process
@@ -136,6 +144,8 @@ def configure(g, argv=None):
                 val = _parse_literal(val)
             if key not in defaults:
                 raise ConfigError(f"unknown config key '{key}' (see --help)")
+            if "=" not in arg and not isinstance(defaults[key], bool):  # `--lr 3e-4`: the value became a file name
+                raise ConfigError(f"config key '{key}': give its value as --{key}=VALUE (with '=', not a space)")
             g[key] = _coerce(key, val, defaults[key])
     return {k: g[k] for k in defaults}
 
@@ -373,6 +383,252 @@ def _fsync_dir(d):
         for fn in files:
             with open(os.path.join(root, fn), "rb") as f:
                 os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# preemption, output-folder locks, writable outputs
+
+
+class Stopped(BaseException):
+    """Raised by a StopSignal(interrupt=True) handler. A BaseException (like KeyboardInterrupt), so the `except
+    Exception` that turns a bad record into a counted skip cannot swallow it."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (a scheduler's preemption or time-limit warning, e.g. SLURM --signal=USR1@120) as a request
+    to stop at the next safe point instead of dying mid-step or mid-write.
+
+        stop = common.StopSignal()          # in the main thread, before the loop
+        ...after each optimizer step:
+        if stop.should_stop(dev):           # every rank gets the same answer
+            save(...); stop.exit(f"python train_sft.py ... --resume=True")
+
+    The handler only sets a flag (interrupt=True: raises Stopped at once, for work that is cheap to redo, e.g. an
+    evaluation whose finished samples are on disk). `should_stop` is one all_reduce(MAX) of one int when a process
+    group is up, so a signal that reached one rank stops every rank at the same step. `close()` (or leaving a `with`
+    block) restores the previous handlers. DataLoader workers should ignore the signals (`worker_init_fn=
+    common.StopSignal.worker_init`): a signal sent to the whole process group would otherwise kill them and the
+    loader would raise in the main process, possibly during the checkpoint write."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, signals=SIGNALS, interrupt=False):
+        self.signum, self.interrupt, self.previous = None, interrupt, {}
+        for s in signals:  # signal.signal works only in the main thread: a clear error, not a silent no-op
+            self.previous[s] = signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            print(f"received {signal.Signals(signum).name}: stopping at the next safe point", file=sys.stderr,
+                  flush=True)
+        if self.interrupt:
+            raise Stopped(signum)
+
+    @property
+    def received(self):
+        return self.signum is not None
+
+    def should_stop(self, device=None):
+        """True on every rank when any rank got a signal. A collective under torch.distributed: call it at the same
+        point on every rank (once per optimizer step)."""
+        flag = int(self.received)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if device is None:
+                device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor([flag], dtype=torch.int32, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+        return bool(flag)
+
+    @property
+    def exit_code(self):
+        """128 + the signal number (143 for SIGTERM, 138 for SIGUSR1), as a shell reports a process the signal
+        killed: a preempted run is not a finished one (`train && eval` must not go on)."""
+        return 128 + int(self.signum or signal.SIGTERM)
+
+    def exit(self, resume_command=""):
+        """Print how to resume (rank 0), leave the process group, exit with exit_code."""
+        name = signal.Signals(self.signum or signal.SIGTERM).name
+        print0(f"stopped by {name}" + (f"; resume with: {resume_command}" if resume_command else ""))
+        self.close()
+        gc.collect()
+        cleanup_distributed()
+        sys.exit(self.exit_code)
+
+    def close(self):
+        for s, h in self.previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @staticmethod
+    def worker_init(worker_id=None):
+        """DataLoader worker_init_fn: the worker ignores SIGTERM / SIGUSR1; the main process decides when to stop and
+        shuts its workers down itself (an orphaned worker exits on its own: DataLoader's watchdog)."""
+        for s in StopSignal.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
+def _proc_start(pid):
+    """The kernel's start time of `pid` (clock ticks since boot; /proc/<pid>/stat field 22), or None: tells a live
+    holder from an unrelated process that reused its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_alive(pid, start=None):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return start is None or _proc_start(pid) in (None, start)
+
+
+class DirLock:
+    """What lock_dir / lock_file return: holds an flock on `path` until release() (or exit)."""
+
+    def __init__(self, path, fd):
+        self.path, self.fd = path, fd
+        atexit.register(self.release)
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:
+            if os.path.exists(self.path) and os.path.samestat(os.stat(self.path), os.fstat(self.fd)):
+                os.remove(self.path)  # removed while still locked: a waiting opener re-checks the inode
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        atexit.unregister(self.release)
+
+
+def _holder_text(info, path):
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("time", 0))) if info.get("time") else "?"
+    return f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {started} ({path})"
+
+
+def lock_file(lock_path, what, target=None):
+    """Take the lock `lock_path` for this process: an flock (the kernel drops it when the holder dies, however it
+    dies) plus who holds it (pid, host, start time, command) written inside. A second run is refused at once with an
+    InputError naming the holder; a lock file left by a run that was killed is taken over with a printed note. Where
+    the filesystem has no flock, a holder on this host whose pid is gone counts as dead. Released at exit."""
+    import errno
+    import fcntl
+    lock_path = os.path.abspath(lock_path)
+    target = target or os.path.dirname(lock_path)  # what the lock guards, as the messages name it
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "pid_start": _proc_start(os.getpid()),
+          "cmd": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:500]}
+    for _ in range(10):  # the lock file can be removed by its releasing holder between our open and flock: retry
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise InputError(f"{what} {target}: cannot create the lock file {lock_path} "
+                             f"({e.strerror})") from None
+        try:
+            old = os.read(fd, 4096).decode("utf-8", "replace")
+            try:
+                info = json.loads(old) if old.strip() else {}
+                info = info if isinstance(info, dict) else {}
+            except ValueError:
+                info = {}
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                raise InputError(f"{what} {target} is in use by another run: "
+                                 f"{_holder_text(info, lock_path)}; wait for it, stop it, or choose another "
+                                 f"{what}") from None
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                locked = False  # no flock on this filesystem: judge the holder by its pid
+                if info and info.get("pid") != os.getpid():
+                    if info.get("host") != me["host"]:
+                        raise InputError(f"{what} {target} is locked by {_holder_text(info, lock_path)}"
+                                         f" and this filesystem has no locks to tell whether it runs; delete "
+                                         f"{lock_path} if it does not") from None
+                    if _pid_alive(int(info.get("pid", 0)) or -1, info.get("pid_start")):
+                        raise InputError(f"{what} {target} is in use by another run: "
+                                         f"{_holder_text(info, lock_path)}; wait for it, stop it, or choose another "
+                                         f"{what}") from None
+            if locked:
+                try:
+                    if not os.path.samestat(os.stat(lock_path), os.fstat(fd)):
+                        os.close(fd)
+                        continue  # we locked a file its holder just removed; lock the current one
+                except FileNotFoundError:
+                    os.close(fd)
+                    continue
+            if info.get("pid"):
+                print(f"{what}: taking over the lock left by a run that is no longer running: "
+                      f"{_holder_text(info, lock_path)}", file=sys.stderr, flush=True)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            os.fsync(fd)
+            return DirLock(lock_path, fd)
+        except BaseException:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
+    raise InputError(f"{what}: could not take the lock {lock_path} (it keeps changing)")
+
+
+LOCK_NAME = ".videmo.lock"
+
+
+def lock_dir(path, what="out_dir"):
+    """Lock the output folder `path` (created if missing) for this run: see lock_file. One call per run, on the
+    process that writes there (rank 0)."""
+    check_writable(path, what)
+    return lock_file(os.path.join(path, LOCK_NAME), what)
+
+
+def check_writable(path, what="out_dir", need_bytes=0):
+    """Fail before any work when the folder `path` cannot take our output: it is created if missing, a probe file is
+    written, fsync'ed and removed there (a read-only mount, a path under /proc, a file where a folder should be, no
+    permission, a full disk), and `need_bytes` (e.g. two checkpoints' worth) must be free. InputError naming the
+    path otherwise."""
+    path = os.path.abspath(path)
+    probe = os.path.join(path, f".write_probe.{os.getpid()}")
+    try:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise InputError(f"{what} {path}: exists and is not a directory")
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"videmo write probe\n" * 64)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+        raise InputError(f"{what} {path}: cannot write there ({e.strerror or type(e).__name__})") from None
+    if need_bytes:
+        free = shutil.disk_usage(path).free
+        if free < need_bytes:
+            raise InputError(f"{what} {path}: {free / 2**30:.2f} GiB free, the run needs about "
+                             f"{need_bytes / 2**30:.2f} GiB (checkpoints)")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------------

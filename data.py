@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import re
 import struct
 import sys
 
@@ -52,6 +53,12 @@ IM_END = "<|im_end|>"
 
 class VideoError(ValueError):
     """A video (or image) that is missing, empty, truncated or not decodable. The message names the path."""
+
+
+class SettingError(ValueError):
+    """A setting a library function cannot work with (e.g. a negative seed), named by its config key; common.run
+    prints it as one line (input_error)."""
+    input_error = True
 
 
 class SkipRecord(Exception):
@@ -91,7 +98,7 @@ def _resize(frame, h, w):
 
 def _check_file(path):
     if not os.path.isfile(path):  # also keeps FIFOs/devices (which could block) away from ffmpeg
-        raise VideoError(f"{path}: no such file")
+        raise VideoError(f"{path}: " + ("no such file" if not os.path.exists(path) else "not a regular file"))
     if os.path.getsize(path) == 0:
         raise VideoError(f"{path}: empty file")
 
@@ -482,6 +489,84 @@ def special_ids(tokenizer):
     return tokenizer.convert_tokens_to_ids(IM_END), tokenizer.pad_token_id
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
+
+
+def _read_text(path):
+    """A record file's text: UTF-8 (a BOM dropped), or UTF-16 when it starts with a UTF-16 BOM (Windows "Unicode");
+    bytes that are not UTF-8 become lone surrogates (_NOT_UTF8), so the records holding them are skipped by name
+    instead of silently altered."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16", errors="replace")
+    return raw.decode("utf-8-sig", errors="surrogateescape")
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _media_path(v):
+    """A media entry as a path: a string, or a {"path" | "video" | "image" | "url" | "image_url": ...} dict (the chat
+    formats' content parts); file:// URLs become paths. Anything else is returned as is (and refused later)."""
+    if isinstance(v, dict):
+        v = next((v[k] for k in ("path", "video", "image", "url", "video_url", "image_url") if v.get(k)), v)
+        if isinstance(v, dict):  # {"image_url": {"url": ...}}
+            v = v.get("url", v)
+    if isinstance(v, str) and v.startswith("file://"):
+        from urllib.parse import unquote
+        v = unquote(v[len("file://"):])
+    return v
+
+
+def normalize_record(record):
+    """In place: the shapes other chat formats give a record, as ours. `videos` / `images` as one path or a list of
+    paths or {"path": ...} dicts -> a list of paths; a message whose content is a list of typed parts (OpenAI /
+    transformers: {"type": "text", "text": ...}, {"type": "video"[, "video" | "path": ...]}, {"type": "image"...})
+    -> one string with <video> / <image> tags where the parts were; media paths carried by the parts fill `videos` /
+    `images` when the record has none. Raises SkipRecord for a part it cannot read. Returns the record."""
+    for key in ("videos", "images"):
+        v = record.get(key)
+        if isinstance(v, (str, dict)):
+            v = [v]
+        if isinstance(v, list):
+            record[key] = [_media_path(x) for x in v]
+    msgs = record.get("messages")
+    if not isinstance(msgs, list):
+        return record
+    carried = {"videos": [], "images": []}
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), list):
+            out.append(m)
+            continue
+        text = []
+        for j, part in enumerate(m["content"]):
+            kind = part.get("type") if isinstance(part, dict) else ("text" if isinstance(part, str) else None)
+            if isinstance(part, dict) and kind is None:  # untyped parts: {"text": ...} / {"video": ...}
+                kind = next((k for k in ("text", "video", "image") if k in part), None)
+            if kind == "text":
+                t = part if isinstance(part, str) else part.get("text")
+                if not isinstance(t, str):
+                    raise SkipRecord(f"messages[{i}].content[{j}]: text part without a string 'text'")
+                text.append(t)
+            elif kind in ("video", "video_url", "image", "image_url"):
+                media = "videos" if kind.startswith("video") else "images"
+                text.append("<video>" if media == "videos" else "<image>")
+                path = _media_path(part)
+                if isinstance(path, str):
+                    carried[media].append(path)
+            else:
+                raise SkipRecord(f"messages[{i}].content[{j}]: a content part of type {kind!r} (text, video and "
+                                 f"image are read)")
+        out.append(dict(m, content="".join(text)))
+    record["messages"] = out
+    for key, paths in carried.items():
+        if paths and not record.get(key):
+            record[key] = paths
+    return record
+
+
 def load_records(path, skipped=None):
     """Emo-CFG records from a JSON list or JSON lines file (told apart by content, not extension), or every .json /
     .jsonl file under a folder (sorted, recursive).
@@ -498,32 +583,39 @@ def load_records(path, skipped=None):
         raise FileNotFoundError(f"records path {path} does not exist")
     records, bad = [], []
 
-    def add(obj, where):
-        if isinstance(obj, dict):
-            obj["_src"] = where
-            records.append(obj)
-        else:
+    def add(obj, where, check_utf8=False):
+        if not isinstance(obj, dict):
             bad.append(f"{where}: not a JSON object")
+        elif check_utf8 and _NOT_UTF8.search(json.dumps(obj, ensure_ascii=False)):
+            bad.append(f"{where}: not UTF-8 text (save the file as UTF-8)")
+        else:
+            obj["_src"] = where
+            try:
+                normalize_record(obj)
+            except SkipRecord:
+                pass  # left as written: encoding skips it with the reason
+            records.append(obj)
 
     for f in files:
-        with open(f, encoding="utf-8-sig", errors="replace") as fh:  # a BOM is not part of the first record
-            text = fh.read()
+        text = _read_text(f)
+        not_utf8 = _NOT_UTF8.search(text) is not None  # bytes that are not UTF-8 (latin-1, cp1252, binary junk)
         head = text.lstrip()[:1]
         if head == "[" or (head == "{" and f.endswith(".json")):  # a JSON list (or object) whatever the extension
             try:
                 obj = json.loads(text)
                 for i, r in enumerate(obj if isinstance(obj, list) else [obj]):
-                    add(r, f"{f}:[{i}]")
+                    add(r, f"{f}:[{i}]", not_utf8)
                 continue
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 pass  # JSON lines saved as .json: read line by line
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                add(json.loads(line), f"{f}:{n}")
-            except json.JSONDecodeError as e:
-                bad.append(f"{f}:{n}: bad JSON ({e.msg})")
+                add(json.loads(line), f"{f}:{n}", not_utf8)
+            except (ValueError, RecursionError) as e:  # also nesting too deep, integers of >4300 digits
+                why = getattr(e, "msg", None) or f"{type(e).__name__}: {str(e)[:60]}"
+                bad.append(f"{f}:{n}: bad JSON ({why})")
     if skipped is not None:
         skipped.extend(bad)
     elif bad:
@@ -688,6 +780,7 @@ def _messages(record):
     and the video/image path lists."""
     if not isinstance(record, dict):
         raise SkipRecord("record is not a JSON object")
+    record = normalize_record(dict(record))
     msgs = record.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise SkipRecord("missing field 'messages' (a non-empty list)")
@@ -779,6 +872,10 @@ def _encode(record, tokenizer, video_root, max_seq_len, video_kwargs, cache, pro
     # vision first: its token counts decide the length
     out = {}
     vids = []
+    for p in videos + images:
+        if _URL.match(p):  # never fetched: no network use from the data path
+            raise SkipRecord(f"{'video' if p in videos else 'image'} {p}: remote URL, not fetched (media are read from "
+                             f"local files; download it and give its path)")
     for p in videos:
         try:
             vids.append(video_inputs(_resolve(p, record, video_root), video_kwargs, cache))
@@ -970,6 +1067,8 @@ class CurriculumSampler:
             raise ValueError(f"replay must be in [0, 1), got {replay}")
         if not 0.0 <= mix_first <= 1.0:
             raise ValueError(f"mix_first must be in [0, 1], got {mix_first}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise SettingError(f"config key 'seed': must be an integer >= 0 (numpy seeds the schedule), got {seed!r}")
         mix = mix or mix_first >= 1.0
         if not 0 <= rank < world_size or batch_size < 1:
             raise ValueError(f"bad rank {rank} / world_size {world_size} / batch_size {batch_size}")

@@ -31,6 +31,7 @@ evaluation reads them: DIR/<method>/<official file name>, JSONL lines with messa
 """
 import os
 import re
+import sys
 
 import torch
 
@@ -110,6 +111,9 @@ def check_writable(path, key="out", example="eval.json"):
         raise common.InputError(f"config key '{key}': cannot write {path} ({e.strerror})") from None
 
 
+_running = {}  # what a stop signal should report
+
+
 def main():
     cfg = common.configure(globals())
     common.check([
@@ -126,11 +130,17 @@ def main():
         ("max_records", max_records, max_records >= 0, ">= 0 (0 = all)"),
         ("temperature", temperature, temperature > 0, "> 0"),
         ("video_prune_rate", video_prune_rate, 0 <= video_prune_rate < 1, "in [0, 1)"),
+        ("fps", fps, fps > 0, "> 0"), ("max_frames", max_frames, max_frames >= 1, ">= 1"),
+        ("min_pixels", min_pixels, min_pixels >= 28 * 28, ">= 784 (one 28x28 patch group)"),
+        ("max_pixels", max_pixels, max_pixels >= max(min_pixels, 28 * 28), ">= min_pixels and >= 784"),
         ("judge_timeout", judge_timeout, judge_timeout > 0, "> 0")])
     if judge_api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", judge_api_key_env):  # never echo it
         raise common.ConfigError("config key 'judge_api_key_env': must name the environment variable that holds the "
                                  "key (e.g. OPENAI_API_KEY), not the key itself")
-    judge = evaluation.Judge(judge_url, judge_model, judge_api_key_env, judge_timeout) if judge_url else None
+    try:
+        judge = evaluation.Judge(judge_url, judge_model, judge_api_key_env, judge_timeout) if judge_url else None
+    except ValueError as e:
+        raise common.ConfigError(f"config key 'judge_url': {e}") from None
     if export_official and predictions:
         raise common.ConfigError("config key 'export_official': needs a model run (it is written from this run's "
                                  "records and responses), not --predictions")
@@ -138,6 +148,21 @@ def main():
         raise common.InputError(f"config key 'compare': {compare} not found (give an eval.json)")
     if report:
         check_writable(report, "report", "report.html")
+    # SIGTERM / SIGUSR1: stop at once; every finished sample is already on disk (appended + fsync'ed per batch)
+    stop = common.StopSignal(interrupt=True)
+    try:
+        run_eval(cfg, judge)
+    except common.Stopped as e:
+        pred = _running.get("predictions")
+        done = (f"{len(evaluation.read_predictions(pred))} finished samples are in {pred}; rerun the same command to "
+                f"resume") if pred else "nothing written"
+        print(f"eval stopped by {e}: {done}", file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
+    finally:
+        stop.close()
+
+
+def run_eval(cfg, judge):
     rows, records, video_kwargs, ckpt = [], [], None, None
     if predictions:
         path = out or os.path.splitext(os.path.normpath(predictions))[0] + ".result.json"  # a folder: beside it
@@ -158,20 +183,24 @@ def main():
                 raise common.InputError(f"config key 'only_tasks': no records of {list(only_tasks)} in {test_file}")
         if max_records > 0:
             records = records[:max_records]
-        model, tokenizer, ckpt = inference.load_model(init_from, tokenizer_dir, dev, dtype)
-        path = out or default_out(ckpt, test_file)
+        path = out or default_out(common.resolve_checkpoint(init_from), test_file)
         check_writable(path)
+        # two evals appending to one predictions file would mix their rows
+        common.lock_file(path + ".lock", "out", os.path.abspath(path))
+        model, tokenizer, ckpt = inference.load_model(init_from, tokenizer_dir, dev, dtype)
+        pred_path = os.path.splitext(path)[0] + ".predictions.jsonl"
+        _running["predictions"] = pred_path
         video_kwargs = dict(fps=fps, max_frames=max_frames, min_pixels=min_pixels, max_pixels=max_pixels)
         torch.manual_seed(seed)
         result = evaluation.evaluate(model, tokenizer, records, video_root or None, video_kwargs,
                                      batch_size=batch_size, max_new_tokens=max_new_tokens, device=dev,
-                                     predictions_path=os.path.splitext(path)[0] + ".predictions.jsonl",
+                                     predictions_path=pred_path,
                                      reasoning=reasoning, samples=samples, video_prune_rate=video_prune_rate,
                                      progress=progress, scorer=scorer, temperature=temperature, judge=judge,
                                      seed=seed, level_samples=tuple(level_samples),
                                      level_temperatures=tuple(level_temperatures),
                                      level_max_tokens=level_max_tokens, report_seconds=True, rows_out=rows)
-        result["predictions"] = os.path.splitext(path)[0] + ".predictions.jsonl"
+        result["predictions"] = pred_path
     result["config"] = redacted(cfg)
     print(evaluation.format_table(result))
     evaluation.write_results(result, path)

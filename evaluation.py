@@ -78,9 +78,39 @@ def record_key(index, record):
 # scoring
 
 
-class Judge:
-    """An OpenAI-compatible chat endpoint that rates a caption against the reference, 0-10 -> [0, 1]. urllib only."""
+class _Tracked:
+    """urllib handlers that remember the sockets they open, so a timer can shut them at a request's deadline
+    (a socket timeout is per read: a server that trickles a byte at a time never trips it)."""
 
+    @staticmethod
+    def opener(conns):
+        import http.client
+
+        def tracked(cls):
+            class Conn(cls):
+                def connect(self):
+                    super().connect()
+                    conns.append(self.sock)  # the socket itself: urllib drops conn.sock once the headers are read
+            return Conn
+
+        class H(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(tracked(http.client.HTTPConnection), req)
+
+        class S(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(tracked(http.client.HTTPSConnection), req, context=self._context)
+
+        return urllib.request.build_opener(H, S)
+
+
+class Judge:
+    """An OpenAI-compatible chat endpoint that rates a caption against the reference, 0-10 -> [0, 1]. urllib only.
+    `timeout` is a wall deadline per request (connect, headers and body together); a reply that is not JSON (an HTML
+    error page from a proxy), over MAX_REPLY bytes, or without a score is a counted failure whose reason is printed
+    once, naming the URL."""
+
+    MAX_REPLY = 1 << 20
     PROMPT = ("Rate how well a model's description of a person in a video matches the reference description.\n"
               "Consider the emotional states named (label overlap) and the supporting cues: facial attributes, "
               "actions, facial expressions and their timing (clue overlap). Ignore wording and style.\n\n"
@@ -89,12 +119,53 @@ class Judge:
               "formatted as 'Score: N'.")
 
     def __init__(self, url, model, api_key_env="OPENAI_API_KEY", timeout=60.0, retries=2, give_up_after=3):
+        if not re.match(r"^https?://[^/\s]+", url or ""):
+            raise ValueError(f"{url!r} is not an http:// or https:// URL (e.g. http://localhost:8000/v1)")
         url = url.rstrip("/")
         if not url.endswith("/chat/completions"):
             url += "/chat/completions" if url.endswith("/v1") else "/v1/chat/completions"
         self.url, self.model, self.timeout, self.retries = url, model, timeout, retries
         self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
         self.failures, self.in_a_row, self.give_up_after, self.gave_up = 0, 0, give_up_after, False
+        self.last_error, self.reported = None, set()
+
+    def shown_url(self):
+        return re.sub(r"(?<=://)[^/@]+@", "***@", self.url.split("?")[0])  # never print credentials
+
+    def _post(self, body, headers):
+        """One request under a wall deadline -> the parsed JSON reply. Raises OSError / ValueError saying why."""
+        import threading
+        conns = []
+        timer = threading.Timer(self.timeout, lambda: [_shut(c) for c in list(conns)])
+        timer.daemon = True
+        timer.start()
+        t0 = time.monotonic()
+        try:
+            req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+            with _Tracked.opener(conns).open(req, timeout=self.timeout) as f:
+                ctype = f.headers.get_content_type()
+                blob = f.read(self.MAX_REPLY + 1)
+        except Exception as e:  # HTTPException (bad status line, cut reply), URLError, socket errors
+            if time.monotonic() - t0 >= self.timeout * 0.99:
+                raise TimeoutError(f"no complete reply within the {self.timeout:g} s deadline") from None
+            raise OSError(f"{type(e).__name__}: {first_line(e)}") from None
+        finally:
+            timer.cancel()
+        if time.monotonic() - t0 >= self.timeout * 0.99:  # the timer cut the reply short
+            raise TimeoutError(f"no complete reply within the {self.timeout:g} s deadline")
+        if len(blob) > self.MAX_REPLY:
+            raise ValueError(f"reply over {self.MAX_REPLY >> 20} MB")
+        try:
+            return json.loads(blob.decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
+            head = re.sub(r"\s+", " ", blob[:80].decode("utf-8", "replace"))
+            raise ValueError(f"answered 200 with {ctype}, not JSON (starts {head!r})") from None
+
+    def _failed(self, why):
+        self.last_error = why
+        if why not in self.reported and len(self.reported) < 5:  # each distinct reason once
+            self.reported.add(why)
+            print(f"judge {self.shown_url()}: {why}", file=sys.stderr, flush=True)
 
     def __call__(self, question, reference, response):
         if self.gave_up:  # an unresponsive judge must not stall the evaluation: rule-based scores only from here
@@ -108,24 +179,39 @@ class Judge:
             headers["Authorization"] = f"Bearer {self.api_key}"
         for attempt in range(self.retries + 1):
             try:
-                req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as f:
-                    reply = json.loads(f.read().decode("utf-8", "replace"))
+                reply = self._post(body, headers)
                 s = parse_judge_score(reply["choices"][0]["message"]["content"])
                 if s is not None:
                     self.in_a_row = 0
                     return s / 10.0
-            except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError):
-                pass
+                self._failed("reply has no 0-10 score")
+            except (OSError, ValueError) as e:
+                self._failed(str(e))
+            except (KeyError, IndexError, TypeError):
+                self._failed("reply is not a chat completion (no choices[0].message.content)")
             if attempt < self.retries:
                 time.sleep(0.5 * (attempt + 1))
         self.failures += 1
         self.in_a_row += 1
         if self.in_a_row >= self.give_up_after:
             self.gave_up = True
-            print(f"judge: {self.in_a_row} calls in a row failed; giving up on the judge, the rule-based scores "
-                  f"stay", file=sys.stderr, flush=True)
+            print(f"judge {self.shown_url()}: {self.in_a_row} calls in a row failed (last: {self.last_error}); giving "
+                  f"up on the judge, the rule-based scores stay", file=sys.stderr, flush=True)
         return None  # counted as 0 in the average, like the official judge's failed calls
+
+
+def _shut(sock):
+    """Shut a socket from another thread: a read blocked on it returns at once."""
+    import socket
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def first_line(e):
+    s = str(e).strip()
+    return s.splitlines()[0] if s else ""
 
 
 def parse_judge_score(text):
@@ -268,6 +354,10 @@ def record_task(record, default_task=""):
         raise ValueError("missing task")
     if task_metric(t) is None:
         raise ValueError(f"unknown task {t}")
+    labels = record.get("labels")
+    if not (labels is None or isinstance(labels, str) or
+            (isinstance(labels, list) and all(isinstance(x, str) for x in labels))):
+        raise ValueError(f"labels must be a string or a list of strings, got {type(labels).__name__}")
     if not (record.get("labels") or record.get("tree") or reward.reference_text(record, missing="").strip()):
         raise ValueError("no reference answer")
     return t
@@ -316,13 +406,15 @@ def run_tag(model, reasoning="plain", samples=4, scorer="logprob", video_prune_r
 def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16, max_new_tokens=128, device=None,
              predictions_path=None, reasoning="plain", samples=4, video_prune_rate=0.0, progress=True,
              scorer="logprob", temperature=0.9, judge=None, tag="", default_task="", seed=0, level_samples=(),
-             level_temperatures=(), level_max_tokens=64, report_seconds=False, video_cache=None, rows_out=None):
+             level_temperatures=(), level_max_tokens=64, report_seconds=False, video_cache=None, rows_out=None,
+             max_seq_len=None):
     """Generate a response for every record, score it, and return the result dict
     {"tasks": {task: {"metric", "score", "n"}}, "groups": {level: mean task score}, "skipped": {reason: count}, "n"}.
     With predictions_path, finished samples are appended there and reused by the next call with the same weights,
     reasoning mode and `tag`; the result is computed from the file. video_cache: a data.VideoCache to decode into
     (default: one for this call; EmoSynth asks ~4 tasks of each clip). rows_out: a list that gets the prediction rows
-    the result is computed from (for export_official and report.write)."""
+    the result is computed from (for export_official and report.write). max_seq_len: longer prompts are counted
+    skips (default: the model's max_position_embeddings less max_new_tokens)."""
     raw = getattr(model, "module", model)  # DDP-wrapped models generate through the bare module
     if device is not None and next(raw.parameters()).device != torch.device(device):
         raw.to(device)
@@ -331,9 +423,13 @@ def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16,
     tag = run_tag(raw, reasoning, samples, scorer, video_prune_rate, tag, level_samples, level_temperatures)
     keys = [record_key(i, r) for i, r in enumerate(records)]
     wanted = set(keys)
+    writer = PredictionWriter(predictions_path)  # first: it cuts a torn last line, which must not count as done
     done = {r["key"] for r in read_predictions(predictions_path) if r.get("tag") == tag and r.get("key") in wanted}
     todo = [i for i, k in enumerate(keys) if k not in done]
-    writer = PredictionWriter(predictions_path)
+    if max_seq_len is None:  # a prompt past the model's positions (a pasted transcript) would stall the whole batch
+        cfg = getattr(raw, "config", None) or {}
+        limit = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+        max_seq_len = max(1, int(limit) - max_new_tokens) if limit else None
     video_cache = D.VideoCache(512) if video_cache is None else video_cache
     memory = []  # rows of this call (the result without a predictions file)
     gen = torch.Generator(device=next(raw.parameters()).device).manual_seed(seed)
@@ -348,7 +444,8 @@ def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16,
                 rec = records[i]
                 try:
                     t = record_task(rec, default_task)
-                    item = D.encode_prompt(rec, tokenizer, video_root, video_kwargs, cache=video_cache)
+                    item = D.encode_prompt(rec, tokenizer, video_root, video_kwargs, max_seq_len=max_seq_len,
+                                           cache=video_cache)
                     item["index"] = i
                     items.append((i, t, item))
                 except Exception as e:  # SkipRecord, broken fields: a counted skip, the run goes on
@@ -448,13 +545,13 @@ def _file_rows(path, default_task="", judge=None):
     try:  # a JSON list instead of JSONL
         obj = json.loads(text)
         items = list(enumerate(obj if isinstance(obj, list) else [obj], 1))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         items = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     items.append((n, json.loads(line)))
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     items.append((n, None))
     for n, r in items:
         try:

@@ -540,6 +540,118 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 # -----------------------------------------------------------------------------
+# checkpoint checks: damaged or foreign weights are one line naming the file, the tensor or the model_type
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be what it claims (damaged, foreign, inconsistent). common.run prints it as
+    one line (input_error), whichever script loads it."""
+    input_error = True
+
+
+class CheckpointFileMissing(FileNotFoundError):
+    input_error = True
+
+
+# model_types that are not Qwen2.5-VL, with why they cannot load (a text-only LLM has no vision tower; the other VL
+# generations have other vision towers and tensor names)
+FOREIGN = {"qwen2": "a text-only LLM (no vision tower)", "qwen3": "a text-only LLM (no vision tower)",
+           "qwen2_moe": "a text-only LLM (no vision tower)", "llama": "a text-only LLM (no vision tower)",
+           "mistral": "a text-only LLM (no vision tower)",
+           "qwen2_vl": "Qwen2-VL (its vision tower has no window attention and LayerNorm blocks)",
+           "qwen3_vl": "Qwen3-VL (another vision tower and decoder)",
+           "qwen3_vl_moe": "Qwen3-VL (another vision tower and decoder)",
+           "qwen2_5_omni": "Qwen2.5-Omni (thinker/talker layout)"}
+
+
+def safetensors_header(path):
+    """{tensor name: (dtype, shape)} from a .safetensors file's header alone, after checking that the file holds every
+    byte its header describes (an interrupted copy is cut short). Raises CheckpointError naming the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise CheckpointError(f"{path}: not a safetensors file or truncated ({size} bytes; header length "
+                                  f"{n if n >= 0 else '?'})")
+        try:
+            header = json.loads(f.read(n))
+            assert isinstance(header, dict)
+        except (ValueError, AssertionError):
+            raise CheckpointError(f"{path}: the safetensors header is not valid JSON (damaged file)") from None
+    tensors, end = {}, 0
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            tensors[name] = (v["dtype"], tuple(int(x) for x in v["shape"]))
+            end = max(end, int(v["data_offsets"][1]))
+        except (TypeError, KeyError, ValueError, IndexError):
+            raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated: {size} bytes, its header describes {8 + n + end} (an interrupted "
+                              f"copy or download?)")
+    return tensors
+
+
+def check_hf_config(config, where):
+    """A config.json that describes a Qwen2.5-VL: the model_type, integer widths > 0 that divide as the layers need.
+    Raises CheckpointError naming the key."""
+    mt = config.get("model_type")
+    arch = config.get("architectures")
+    if mt in FOREIGN or (mt is not None and mt != "qwen2_5_vl"):
+        why = FOREIGN.get(mt, "not a Qwen2.5-VL model")
+        raise CheckpointError(f"{where}: model_type {mt!r} ({', '.join(arch) if isinstance(arch, list) else arch}) is "
+                              f"{why}; VidEmo loads Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl')")
+    if mt is None and not isinstance(config.get("vision_config"), dict):
+        raise CheckpointError(f"{where}: no model_type and no vision_config: not a Qwen2.5-VL config")
+    ts, vs = text_settings(config), vision_settings(config)
+    for prefix, d, keys in (("", ts, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                      "num_attention_heads", "num_key_value_heads")),
+                            ("vision_config.", vs, ("depth", "hidden_size", "intermediate_size", "num_heads",
+                                                    "patch_size", "spatial_merge_size", "temporal_patch_size",
+                                                    "out_hidden_size", "window_size"))):
+        for k in keys:
+            if not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] <= 0:
+                raise CheckpointError(f"{where}: {prefix}{k} must be a positive integer, got {d[k]!r}")
+    if ts["hidden_size"] % ts["num_attention_heads"]:
+        raise CheckpointError(f"{where}: hidden_size {ts['hidden_size']} is not a multiple of num_attention_heads "
+                              f"{ts['num_attention_heads']}")
+    if ts["num_attention_heads"] % ts["num_key_value_heads"]:
+        raise CheckpointError(f"{where}: num_attention_heads {ts['num_attention_heads']} is not a multiple of "
+                              f"num_key_value_heads {ts['num_key_value_heads']}")
+    if vs["hidden_size"] % vs["num_heads"]:
+        raise CheckpointError(f"{where}: vision_config.hidden_size {vs['hidden_size']} is not a multiple of "
+                              f"vision_config.num_heads {vs['num_heads']}")
+
+
+def check_widths(config, shapes, where):
+    """The config's widths against the stored tensors (shapes: {our name: (shape, file)}), before any model is built:
+    a config.json from another model size is named by key and tensor, not by a later shape error."""
+    ts, vs = text_settings(config), vision_settings(config)
+
+    def want(name, dim, key, value):
+        if name in shapes and len(shapes[name][0]) > dim and shapes[name][0][dim] != value:
+            shape, fn = shapes[name]
+            raise CheckpointError(f"{where}: {key}={value} but {fn} stores '{VidEmo._hf_name(name)}' as "
+                                  f"{list(shape)}: config.json does not describe these weights")
+
+    want("embed_tokens.weight", 1, "hidden_size", ts["hidden_size"])
+    want("embed_tokens.weight", 0, "vocab_size", ts["vocab_size"])
+    want("layers.0.mlp.gate_proj.weight", 0, "intermediate_size", ts["intermediate_size"])
+    hd = ts["hidden_size"] // ts["num_attention_heads"]
+    want("layers.0.self_attn.k_proj.weight", 0, "num_key_value_heads x head_dim", ts["num_key_value_heads"] * hd)
+    want("visual.patch_embed.proj.weight", 0, "vision_config.hidden_size", vs["hidden_size"])
+    want("visual.blocks.0.mlp.gate_proj.weight", 0, "vision_config.intermediate_size", vs["intermediate_size"])
+    for prefix, key, n in (("layers.", "num_hidden_layers", ts["num_hidden_layers"]),
+                           ("visual.blocks.", "vision_config.depth", vs["depth"])):
+        stored = {int(k[len(prefix):].split(".")[0]) for k in shapes if k.startswith(prefix)}
+        if stored and max(stored) + 1 != n:
+            raise CheckpointError(f"{where}: {key}={n} but the weights hold {max(stored) + 1} blocks "
+                                  f"('{VidEmo._hf_name(prefix + str(max(stored)))}.*')")
+
+
+# -----------------------------------------------------------------------------
 # the whole model
 
 
@@ -1101,41 +1213,56 @@ class VidEmo(nn.Module):
             lora.merge_(lora.load_adapter(model.float(), path))
             return model.to(dtype or stored)
         if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"{cfg_file}: missing (a Qwen2.5-VL checkpoint directory needs config.json)")
+            raise CheckpointFileMissing(f"{cfg_file}: missing (a Qwen2.5-VL checkpoint directory needs config.json)")
         try:
-            with open(cfg_file) as f:
+            with open(cfg_file, encoding="utf-8") as f:
                 config = json.load(f)
             if not isinstance(config, dict):
                 raise ValueError("not a JSON object")
         except ValueError as e:
-            raise ValueError(f"{cfg_file}: not a valid config ({e})") from None
+            raise CheckpointError(f"{cfg_file}: not a valid config ({e})") from None
+        check_hf_config(config, cfg_file)
         index_file = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index_file):
             try:
                 with open(index_file) as f:
                     weight_map = json.load(f)["weight_map"]
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{index_file}: not a valid safetensors index ({e})") from None
+                raise CheckpointError(f"{index_file}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index_file}: weight_map must map tensor names to shard file names")
             files = sorted(set(weight_map.values()))
+            if bad := [fn for fn in files if os.path.basename(fn) != fn or fn in ("", ".", "..")]:
+                raise CheckpointError(f"{index_file}: shard {bad[0]!r} is not a file name in the checkpoint directory")
         elif os.path.isfile(os.path.join(path, "model.safetensors")):
             weight_map, files = None, ["model.safetensors"]
         else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                    "(pickled .bin checkpoints are not read)")
+            raise CheckpointFileMissing(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                        "(pickled .bin checkpoints are not read)")
         for fn in files:
             if not os.path.isfile(os.path.join(path, fn)):
-                raise FileNotFoundError(f"{os.path.join(path, fn)}: shard listed in the index is missing")
+                raise CheckpointFileMissing(f"{os.path.join(path, fn)}: shard listed in the index is missing")
+        # headers first (cheap): truncated files, and a config.json that does not describe these weights
+        shapes = {}
+        for fn in files:
+            for key, (_, shape) in safetensors_header(os.path.join(path, fn)).items():
+                if (name := cls._internal_name(key)) is not None:
+                    shapes[name] = (shape, os.path.join(path, fn))
+        check_widths(config, shapes, cfg_file)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         if dtype is None:
             name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
             dtype = getattr(torch, name, None) if isinstance(name, str) else None
             if name is not None and name != "auto" and not isinstance(dtype, torch.dtype):
-                raise ValueError(f"{cfg_file}: torch_dtype {name!r} is not a torch dtype (float32, bfloat16, ...)")
+                raise CheckpointError(f"{cfg_file}: torch_dtype {name!r} is not a torch dtype (float32, bfloat16, ...)")
             dtype = dtype if isinstance(dtype, torch.dtype) else None
 
-        with torch.device("meta"):
-            model = cls(config)
+        try:
+            with torch.device("meta"):
+                model = cls(config)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{cfg_file}: {type(e).__name__}: {e}") from None
         tied = model.ts["tie_word_embeddings"]
         expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
         state = {}
@@ -1149,14 +1276,20 @@ class VidEmo(nn.Module):
                         if name == "lm_head.weight" and tied:
                             continue  # tied: the head is the embedding
                         if name not in expected:
-                            raise ValueError(f"{full}: unknown tensor '{key}' for this config")
+                            raise CheckpointError(f"{full}: unknown tensor '{key}' for this config")
                         shape = tuple(f.get_slice(key).get_shape())
                         if shape != tuple(expected[name]):
-                            raise ValueError(f"{full}: tensor '{key}' has shape {list(shape)}, the config "
+                            raise CheckpointError(f"{full}: tensor '{key}' has shape {list(shape)}, the config "
                                              f"expects {list(expected[name])}")
                         if name in state:
-                            raise ValueError(f"{full}: tensor '{key}' appears twice in the checkpoint")
+                            raise CheckpointError(f"{full}: tensor '{key}' appears twice in the checkpoint")
                         t = f.get_tensor(key)
+                        if not t.is_floating_point():
+                            raise CheckpointError(f"{full}: tensor '{key}' is {str(t.dtype).removeprefix('torch.')}, "
+                                                  "not floating point (a quantized or foreign checkpoint?)")
+                        if not bool(torch.isfinite(t).all()):  # a diverged or corrupt export: caught here, not in eval
+                            n_bad = int((~torch.isfinite(t)).sum())
+                            raise CheckpointError(f"{full}: tensor '{key}' holds {n_bad} NaN/inf value(s)")
                         if t.is_floating_point():
                             dtype = dtype or t.dtype  # no dtype asked for or in config.json: as stored
                             t = t.to(dtype)
@@ -1164,15 +1297,15 @@ class VidEmo(nn.Module):
                     if weight_map is not None:
                         for key, wf in weight_map.items():
                             if wf == fn and key not in keys:
-                                raise ValueError(f"{full}: tensor '{key}' listed in the index is not in the shard")
+                                raise CheckpointError(f"{full}: tensor '{key}' listed in the index is not in the shard")
             except (ValueError, FileNotFoundError, torch.OutOfMemoryError):
                 raise
             except Exception as e:  # safetensors raises its own error types for unreadable files
-                raise ValueError(f"{full}: cannot read safetensors ({type(e).__name__}: {e})") from None
+                raise CheckpointError(f"{full}: cannot read safetensors ({type(e).__name__}: {e})") from None
         missing = sorted(set(expected) - set(state))
         if missing:
             shown = ", ".join(cls._hf_name(k) for k in missing[:5])
-            raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {shown}"
+            raise CheckpointError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {shown}"
                              f"{' ...' if len(missing) > 5 else ''}")
         if tied:
             state["lm_head.weight"] = state["embed_tokens.weight"]

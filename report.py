@@ -66,7 +66,7 @@ def read_metrics(path):
         for line in f:
             try:
                 r = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # torn, or hostile (nesting, >4300-digit integers)
                 continue
             if isinstance(r, dict):
                 rows.append(r)

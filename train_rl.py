@@ -212,6 +212,18 @@ def load_task_records(path):
 # set-up
 
 
+def load_resume(ckpt_path, config, world):
+    """--resume: (checkpoint dir, trainer state) of this run's last checkpoint, written by train_rl.py at this world
+    size (the prompt streams are per rank)."""
+    found, state = trainer.load_resume(ckpt_path, config, RESUME_BREAKING)
+    if "data_pos" not in state or "world_size" not in state:
+        raise common.InputError(f"--resume: {found} was not written by train_rl.py (no prompt-stream position); "
+                                f"start stage 2 from it with --init_from={found} instead")
+    if state["world_size"] != world:
+        raise common.InputError(f"--resume: checkpoint was written with world size {state['world_size']}, now {world}")
+    return found, state
+
+
 def load_policy(init_dir, found, state, dev, use_bf16):
     """The policy (resumed or from SFT) in fp32, with what trains marked -> (policy, reencode, weights_dtype)."""
     if state is not None and not lora_rank:
@@ -497,6 +509,16 @@ def heldout(policy, tokenizer, records, root, video_kwargs, cache, dev):
     return scores
 
 
+def final_eval(policy, tokenizer, test_path, root, video_kwargs, dev):
+    """The test-split table, eval.json and report.html (rank 0; FSDP2: on the gathered weights)."""
+    with common.unsharded(policy) if fsdp else contextlib.nullcontext():
+        if common.rank() == 0:
+            trainer.final_evaluation(policy, tokenizer, test_path, out_dir, answer_format, reasoning_tasks, root,
+                                     video_kwargs, eval_batch_size, eval_max_new_tokens, dev, video_prune_rate,
+                                     eval_max_records, html=report)
+        common.barrier()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the loop
 
@@ -514,11 +536,14 @@ def main():
 
     # ---- data: records of the chosen tasks, one endless shuffled stream per rank
     init_dir = resolve_init()
-    os.makedirs(out_dir, exist_ok=True)
+    trainer.claim_out_dir(out_dir, master)
     if not os.path.exists(train_path):
         raise common.InputError(f"train_file {train_path} not found (build EmoSynth with `python train_sft.py` or "
                                 f"data/emosynth/prepare.py, or pass --train_file)")
-    tokenizer = D.load_tokenizer(tokenizer_dir or init_dir)
+    try:
+        tokenizer = D.load_tokenizer(tokenizer_dir or init_dir)
+    except (OSError, ValueError) as e:
+        raise common.InputError(f"tokenizer {tokenizer_dir or init_dir}: {common.first_line(e)}") from None
     video_kwargs = dict(fps=fps, max_frames=max_frames, min_pixels=min_pixels, max_pixels=max_pixels)
     records = load_task_records(train_path)
     if not records:
@@ -527,12 +552,7 @@ def main():
     video_cache, val_cache = D.VideoCache(256), D.VideoCache(256)  # decoded clips, reused when they come round again
 
     # ---- models: the policy (resumed or from SFT) and a frozen reference (always the SFT checkpoint)
-    found, state = trainer.load_resume(ckpt_path, config, RESUME_BREAKING) if resume else (None, None)
-    if state is not None and ("data_pos" not in state or "world_size" not in state):
-        raise common.InputError(f"--resume: {found} was not written by train_rl.py (no prompt-stream position); "
-                                f"start stage 2 from it with --init_from={found} instead")
-    if state is not None and state["world_size"] != world:
-        raise common.InputError(f"--resume: checkpoint was written with world size {state['world_size']}, now {world}")
+    found, state = load_resume(ckpt_path, config, world) if resume else (None, None)
     policy, reencode, weights_dtype = load_policy(init_dir, found, state, dev, use_bf16)
     ref_model = load_reference(init_dir, dev, use_bf16)
     if fsdp:
@@ -563,8 +583,13 @@ def main():
         if master:
             log.log(step=0, **before)
     gen = torch.Generator(device=dev)
+    stop = common.StopSignal()  # SIGTERM / SIGUSR1 (preemption): finish the step, checkpoint, exit
     for step in range(start_step, max_steps):
         t_step, done = time.time(), step + 1
+        if stop.should_stop(dev):  # every rank at the same step: `step` steps are done
+            if guard.last_saved != step:
+                save(policy, optimizer, stream, step, world, config, weights_dtype, init_dir, tokenizer, dev)
+            stop.exit(trainer.resume_command())
         # 1. rollout, per micro-batch. Sampling depends only on (seed, step, global micro-batch index): exact on
         # resume, and W ranks with grad_accum=a sample what one process with grad_accum=W*a does (1 prompt each)
         micro, t_gen, t_score = [], 0.0, 0.0
@@ -607,17 +632,15 @@ def main():
             common.print0(f"stop_at_step={stop_at_step}: stopping; continue with --resume=True")
             common.cleanup_distributed()
             return
+    if stop.should_stop(dev):  # the last step is saved: the evaluation runs on --resume
+        stop.exit(trainer.resume_command())
+    stop.close()
     if skipped and master:
         print("skipped records:", skipped)
 
-    # ---- final evaluation on the test split (rank 0; FSDP2: on the gathered weights)
+    # ---- final evaluation on the test split
     if eval_at_end and test_path != "none" and os.path.exists(test_path):
-        with common.unsharded(policy) if fsdp else contextlib.nullcontext():
-            if master:
-                trainer.final_evaluation(policy, tokenizer, test_path, out_dir, answer_format, reasoning_tasks, root,
-                                         video_kwargs, eval_batch_size, eval_max_new_tokens, dev, video_prune_rate,
-                                         eval_max_records, html=report)
-            common.barrier()
+        final_eval(policy, tokenizer, test_path, root, video_kwargs, dev)
     common.barrier()
     common.cleanup_distributed()
 

@@ -401,7 +401,7 @@ def main():
     test_path = test_file or os.path.join(data_dir, "test.jsonl")
     rank, world, dev = common.setup_distributed(device)
     master = rank == 0
-    os.makedirs(out_dir, exist_ok=True)
+    trainer.claim_out_dir(out_dir, master)
     use_bf16 = dev.type == "cuda" and dtype in ("auto", "bfloat16")
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)
     ckpt_path = os.path.join(out_dir, "ckpt")
@@ -430,16 +430,23 @@ def main():
     # ---- train
     log = common.MetricLog(os.path.join(out_dir, "metrics.jsonl"), wandb_project if master else None, config)
     make_loader = functools.partial(torch.utils.data.DataLoader, train_set, batch_sampler=sampler,
-                                    collate_fn=functools.partial(collate, pad_token_id=pad_id), num_workers=num_workers)
+                                    collate_fn=functools.partial(collate, pad_token_id=pad_id), num_workers=num_workers,
+                                    worker_init_fn=common.StopSignal.worker_init)
     loader = iter(make_loader(persistent_workers=False))
     skipped, first_skip, used, n_skipped, skipped_batches = collections.Counter(), None, 0, 0, 0
     guard = trainer.NonFiniteGuard(ckpt_path, start_step if resume else None)
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not master,
                dynamic_ncols=True)
     t0, tokens_seen = time.time(), 0
+    stop = common.StopSignal()  # SIGTERM / SIGUSR1 (preemption): finish the step, checkpoint, exit
     model.train()
     for step in bar:
         done = step + 1
+        if stop.should_stop(dev):  # every rank at the same step: `step` steps are done
+            if guard.last_saved != step:
+                save(ckpt_path, model, optimizer, tokenizer, step, sampler, master, config, weights_dtype,
+                     trainer.adapter_base(init_from, init_dir))
+            stop.exit(trainer.resume_command())
         # 1. the step's micro-batches, and the records they had to skip
         micro, loader = next_micro(loader, make_loader)
         first_skip, counts = count_skips(micro, skipped, first_skip, dev, world)
@@ -486,6 +493,9 @@ def main():
             common.cleanup_distributed()
             return
     bar.close()
+    if stop.should_stop(dev):  # the last step is saved: the evaluation runs on --resume
+        stop.exit(trainer.resume_command())
+    stop.close()
     if skipped and master:
         print(f"skipped records: {sum(skipped.values())} ({dict(skipped.most_common(5))}); skipped steps: "
               f"{skipped_batches}")

@@ -2,6 +2,7 @@
 final evaluation. Each is one call from train_sft.py / train_rl.py; what differs between the stages stays there."""
 import math
 import os
+import sys
 
 import torch
 
@@ -85,3 +86,18 @@ def adapter_base(init_from, init_dir):
     """The base an adapter-only checkpoint records, as the user gave it: a hub id stays a hub id; a local path (an
     out_dir or a checkpoint) becomes the loadable directory it resolved to."""
     return init_dir if os.path.exists(init_from) else init_from
+
+
+def claim_out_dir(out_dir, master):
+    """Before any work: rank 0 takes out_dir's lock (a second run on it is refused at once, naming the holder; a
+    killed run's lock is taken over) after a real write there (read-only, /proc, a file in the way, a full disk)."""
+    if master:
+        common.lock_dir(out_dir)
+    common.barrier()
+
+
+def resume_command():
+    """How to continue this run: its own command line with --resume=True (torchrun: the same launcher line)."""
+    args = " ".join(a for a in sys.argv[1:] if not a.startswith("--resume"))
+    launcher = "torchrun ... " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "python "
+    return f"{launcher}{os.path.basename(sys.argv[0])} {args} --resume=True".replace("  ", " ")

@@ -419,17 +419,29 @@ def test_reencoded_video_matches_rollout_encoding_and_subset():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # runs train_rl.py as __main__ after swapping in a synthetic reward (argv[1]: real | vowel | constant)
 DRIVER = """
-import runpy, sys
+import os, runpy, signal, sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-import reward, test_grpo
+import common, reward, test_grpo
 reward.score = {{"real": reward.score, "vowel": test_grpo._vowel_reward,
                  "constant": test_grpo._constant_reward}}[sys.argv.pop(1)]
+K = int(os.environ.get("SIGTERM_AT", 0))  # a real SIGTERM to this process before its K-th preemption check
+orig, calls = common.StopSignal.should_stop, [0]
+def should_stop(self, device=None):
+    calls[0] += 1
+    if calls[0] == K:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            if self.received:
+                break
+            time.sleep(0.001)
+    return orig(self, device)
+common.StopSignal.should_stop = should_stop
 sys.argv[0] = {script!r}
 runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def run_rl(tmp_path, args, reward="real", nproc=1, check=True):
+def run_rl(tmp_path, args, reward="real", nproc=1, check=True, sigterm_at=0):
     """train_rl.py with args in a fresh process -> (metric rows of the steps, CompletedProcess)."""
     driver = tmp_path / "rl_driver.py"
     driver.write_text(DRIVER.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
@@ -437,7 +449,7 @@ def run_rl(tmp_path, args, reward="real", nproc=1, check=True):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={nproc}"]
     r = subprocess.run(launcher + [str(driver), reward] + args, capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
+                       env=dict(os.environ, OMP_NUM_THREADS="1", SIGTERM_AT=str(sigterm_at)), cwd=ROOT)
     if check and r.returncode != 0:
         raise AssertionError(f"train_rl failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}")
     out = next(a.split("=", 1)[1] for a in args if a.startswith("--out_dir="))
@@ -596,6 +608,21 @@ def test_e2e_learning_signal_and_exact_resume(emosynth_tiny, straight_run, tmp_p
     c = VidEmo.from_pretrained(tmp_path / "b" / "ckpt")  # and the same weights after the second update
     for (n, p), (_, q) in zip(a.named_parameters(), c.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+
+
+def test_e2e_sigterm_checkpoints_and_resume_is_exact(emosynth_tiny, straight_run, tmp_path):
+    """SIGTERM before step 2 (save_every off): a checkpoint at step 1, exit 143 with the resume command; --resume
+    gives the uninterrupted run's step 2."""
+    build, init = emosynth_tiny
+    straight, _ = straight_run
+    kw = dict(RUN_KW, save_every=0)
+    first, r = run_rl(tmp_path, _args(build, init, tmp_path / "p", **kw), reward="vowel", check=False, sigterm_at=2)
+    assert r.returncode == 143 and "--resume=True" in r.stdout, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert [x["step"] for x in first] == [1]
+    both, _ = run_rl(tmp_path, _args(build, init, tmp_path / "p", resume=True, **kw), reward="vowel")
+    assert [x["step"] for x in both] == [1, 2]
+    for k in COMPARE:
+        assert both[1][k] == pytest.approx(straight[1][k], abs=1e-6), k
 
 
 def test_e2e_ddp_two_ranks_equal_one_process(emosynth_tiny, straight_run, tmp_path):
