@@ -21,6 +21,7 @@ Conventions (the trainers' semantics; on CUDA compute is bf16 under autocast, on
 Meta-device models give exact parameter counts without reading any weights.
 """
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -343,7 +344,8 @@ def plan(config, recipe, w, cuda=True, model=None):
         # model.generate allocates the cache in the autocast dtype on CUDA (bf16 whatever the master weights); 4 B on
         # CPU (fp32)
         elem = 2 if cuda else 4
-        kv = kv_cache_bytes(ts, w.prompts * w.G, L, elem)
+        _, row_len, _, _, _ = _seq(config, dataclasses.replace(w, shared_prefix=False))  # [prompt; completion]
+        kv = kv_cache_bytes(ts, w.prompts * w.G, row_len, elem)
     persistent = params + grads + optim + ref + buckets + cache
     update = (act_ckpt if w.ckpt else act) + scorer + units
     rollout = kv + rollout_copy
