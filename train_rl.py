@@ -159,7 +159,7 @@ def check_config(world, dev):
         ("logprobs_backend", logprobs_backend, logprobs_backend in ("auto", "triton", "torch", "naive"),
          "auto, triton, torch or naive"),
         ("answer_format", answer_format, answer_format in D.ANSWER_FORMATS, "direct or reasoning"),
-        ("prompts_per_step", prompts_per_step, prompts_per_step % (world * grad_accum) == 0,
+        ("prompts_per_step", prompts_per_step, grad_accum < 1 or prompts_per_step % (world * grad_accum) == 0,
          f"divisible by world size x grad_accum = {world} x {grad_accum} (each rank owns whole groups)")])
     unknown = [t for t in tasks if t not in R.TASK_METRIC]
     if unknown:

@@ -38,7 +38,7 @@ def test_dry_run_writes_the_figures(tmp_path, interpret):
     assert rep["checks"]["flash_attn"]["skipped"]
     d = rep["checks"]["decode"]  # eager vs static decode (graphs need CUDA) vs transformers, the same greedy tokens
     assert d["static_same_tokens_as_eager"] and d["eager_same_tokens_as_transformers"] and "graphs_decode_tok_s" not in d
-    assert "4/4 checks ok" in r.stdout
+    assert "5/5 checks ok" in r.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
