@@ -7,8 +7,10 @@ attributes (hair, glasses, hat, beard, age, gender, head pose, head/eye/mouth ac
 action units with onset/apex/offset, micro-expressions) and emotions (7 basic emotions, intensity, sentiment,
 transitions, blends). Also trains a small byte-level BPE tokenizer with the Qwen special tokens and chat template.
 
-Everything is deterministic from --seed. Every cue is drawn big and dark enough to be seen in a 14-pixel patch
-(thin features and random colours kept a tiny model at chance; docs/design.md, "EmoSynth").
+Everything is deterministic from --seed, down to the bytes: two builds with the same arguments are identical file
+by file on any machine and with any worker count (done.json records a digest of them). Every cue is drawn big and
+dark enough to be seen in a 14-pixel patch (thin features and random colours kept a tiny model at chance;
+docs/design.md, "EmoSynth").
 
     python data/emosynth/prepare.py [--out_dir=data/emosynth/build] [--num_train=3000] [--num_val=150]
                                     [--num_test=400] [--seed=0] [--size=112] [--frames=8] [--fps=4]
@@ -32,7 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for common.py
 import common  # noqa: E402
 
-VERSION = 1  # bump when the output changes, so old builds are not reused
+VERSION = 2  # bump when the output changes, so old builds are not reused
+DRAW = 1  # seeds the plan and record streams: the clips and records drawn for a --seed stay put across VERSIONs
 DEFAULT_OUT = Path(__file__).resolve().parent / "build"
 DEFAULTS = dict(num_train=3000, num_val=150, num_test=400, seed=0, size=112, frames=8, fps=4.0, workers=2,
                 difficulty=0, vocab_size=1536)
@@ -746,19 +749,44 @@ def render_clip(spec, size):
     return video
 
 
+def rgb_to_yuv420p(frame):
+    """uint8 [H, W, 3] RGB -> uint8 [H * 3 // 2, W] planar YUV 4:2:0 (BT.601, limited range), in exact integer
+    arithmetic: swscale's own conversion takes CPU-dependent SIMD paths, so its bytes vary from machine to machine."""
+    H, W, _ = frame.shape
+    if H % 2 or W % 2:
+        raise ValueError(f"rgb_to_yuv420p: {H}x{W} frame; 4:2:0 needs even sides")
+    x = frame.astype(np.int32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16  # [H, W]
+    q = x.reshape(H // 2, 2, W // 2, 2, 3).sum(axis=(1, 3))  # [H/2, W/2, 3]: 2x2 sums (4x the mean)
+    r, g, b = q[..., 0], q[..., 1], q[..., 2]
+    u = ((-38 * r - 74 * g + 112 * b + 512) >> 10) + 128  # the mean's rounding folded into one shift
+    v = ((112 * r - 94 * g - 18 * b + 512) >> 10) + 128
+    flat = np.concatenate([y.ravel(), u.ravel(), v.ravel()])  # the Y, U, V planes back to back (PyAV's layout)
+    return np.clip(flat, 0, 255).astype(np.uint8).reshape(H * 3 // 2, W)
+
+
 def write_mp4(path, frames, fps, codec=None):
-    """frames uint8 [T, H, W, 3] -> H.264 (libx264 when PyAV's ffmpeg has it, else MPEG-4 part 2), yuv420p."""
+    """frames uint8 [T, H, W, 3] -> H.264 (libx264 when PyAV's ffmpeg has it, else MPEG-4 part 2), yuv420p.
+    Byte-identical on any machine and worker count: our own integer RGB->YUV, one encoder thread, x264's
+    cpu-independent mode (no CPU-specific algorithm choices) and bit-exact muxing."""
     import av
     codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
     tmp = str(path) + ".tmp"
     with av.open(tmp, "w", format="mp4", options={"fflags": "+bitexact"}) as c:
         st = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         st.width, st.height, st.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        st.options = {"crf": "18", "preset": "fast", "threads": "1"} if codec == "libx264" else {"qscale": "3"}
-        if codec != "libx264":
+        st.codec_context.flags |= av.codec.context.Flags.bitexact
+        if codec == "libx264":
+            st.options = {"crf": "18", "preset": "fast", "threads": "1",
+                          "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:cpu-independent=1"}
+        else:
+            st.options = {"qscale": "3", "threads": "1"}
             st.codec_context.qscale = 3
-        for f in frames:
-            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(rgb_to_yuv420p(f), format="yuv420p")
+            vf.pts = i
+            for pkt in st.encode(vf):
                 c.mux(pkt)
         for pkt in st.encode():
             c.mux(pkt)
@@ -813,6 +841,17 @@ def train_tokenizer(texts, out_dir, vocab_size):
 
 # ----------------------------------------------------------------------------------------------------------------------
 
+def digest(out_dir):
+    """sha256 over every file a build writes (names and bytes, sorted), done.json and the marker aside."""
+    import hashlib
+    h = hashlib.sha256()
+    root = Path(out_dir)
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in ("done.json", ".emosynth"):
+            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def prepare(out_dir=DEFAULT_OUT, force=False, verbose=True, **kwargs):
     """Build EmoSynth into out_dir (a no-op when done.json there matches these arguments). Returns out_dir."""
     unknown = set(kwargs) - set(DEFAULTS)
@@ -853,7 +892,7 @@ def prepare(out_dir=DEFAULT_OUT, force=False, verbose=True, **kwargs):
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
 
     # plan every split (one RNG stream per split and purpose), then records, then render in parallel
-    ss = np.random.SeedSequence([int(args["seed"]), VERSION])
+    ss = np.random.SeedSequence([int(args["seed"]), DRAW])
     plan_seq, rec_seq = ss.spawn(2)
     splits = {"train": int(args["num_train"]), "val": int(args["num_val"]), "test": int(args["num_test"])}
     jobs, records, meta, idx = [], {}, [], 0
@@ -882,7 +921,7 @@ def prepare(out_dir=DEFAULT_OUT, force=False, verbose=True, **kwargs):
     vocab = train_tokenizer(texts, out_dir / "tokenizer", int(args["vocab_size"]))
     counts = {split: {task: sum(r["task"] == task for r in recs) for task in TASKS} for split, recs in records.items()}
     info = dict(args=want, clips=splits, records={s: len(r) for s, r in records.items()}, per_task=counts,
-                vocab_size=vocab, seconds=round(time.time() - t0, 1))
+                vocab_size=vocab, digest=digest(out_dir))  # no timings: two builds are the same bytes, done.json too
     done.write_text(json.dumps(info, indent=2) + "\n")  # last: marks the build complete
     if verbose:
         print(f"EmoSynth: {idx} clips ({t2 - t1:.1f}s render), records {info['records']}, vocab {vocab}, "
