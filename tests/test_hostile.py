@@ -21,7 +21,7 @@ import common
 import data as D
 import evaluation as E
 from model import CheckpointError, VidEmo
-from tiny import tiny_config, tokenizer_config
+from tiny import one_line_error, tiny_config, tokenizer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO_KW = dict(fps=4.0, max_frames=8, min_pixels=56 * 56, max_pixels=112 * 112)
@@ -38,13 +38,6 @@ def script(*args, timeout=120):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
-    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error:"), r.stderr[-3000:]
-    for n in needles:
-        assert n in r.stderr, (n, r.stderr)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import common
 import data
 import evaluation
 import reward
+from tiny import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=1", "--n_inner=64", "--vision_depth=1",
@@ -27,13 +28,6 @@ def run(script, *args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=timeout)
-
-
-def one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
-    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error:"), r.stderr[-3000:]
-    for n in needles:
-        assert n in r.stderr, (n, r.stderr)
 
 
 @pytest.fixture(scope="module")

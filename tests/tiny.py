@@ -199,3 +199,12 @@ def build_emosynth(out_dir, **kw):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.prepare(out_dir, verbose=False, **kw)
+
+
+def one_line_error(r, *needles):
+    """A finished subprocess that failed as a config/input error should: exit 2, no traceback, one last line
+    "error: ..." holding every needle."""
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error:"), r.stderr[-3000:]
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
