@@ -85,6 +85,10 @@ peer_gen_tokens = 64
 peer_grpo_prompts = 8  # prompts per GRPO step (x peer_G completions)
 peer_G = 8
 peer_grpo_tokens = 96
+peer_grpo_images = 1  # frames per GRPO prompt: TRL gets them as that many images, ours as one video of that many
+# temporal patches (each frame doubled, so the patches are the same pixels); > 1 with large frames: a video-shaped set
+peer_grpo_pixels = (56 * 84, 84 * 112, 112 * 168)  # each prompt's pixel budget per frame, drawn from these
+peer_grpo_shared = True  # our scoring passes: each group's prompt once (train_rl's shared_prefix) or G rows
 peer_grpo_ckpt = (False, True)  # GRPO rows: without / with activation checkpointing on both sides
 peer_interleave = True  # time ours and the peer in turn (False: one at a time, for memory: the 3b shape)
 peer_child = ""  # internal: kind:who = run one memory measurement in this process (a child of the section)
@@ -713,9 +717,11 @@ def grpo_work(cfg, who, d, memory=False, ckpt=False):
             adv = grpo.grpo_advantages(torch.tensor([_grpo_reward(t) for t in texts]), G, "group")
             t2 = now()
             with torch.no_grad():
-                ref_lp = grpo.completion_logps(ref, mb, temperature, reencode=True)[0]
+                ref_lp = grpo.completion_logps(ref, mb, temperature, reencode=True,
+                                               shared_prefix=cfg["peer_grpo_shared"])[0]
             t3 = now()
-            logps, _ = grpo.completion_logps(policy, mb, temperature, reencode=True)
+            logps, _ = grpo.completion_logps(policy, mb, temperature, reencode=True,
+                                             shared_prefix=cfg["peer_grpo_shared"])
             loss = grpo.grpo_loss(logps, logps.detach(), ref_lp, adv, mb.cmask, beta, 0.2, 0.2, "grpo")
             loss.backward()
             opt.step()
@@ -758,8 +764,9 @@ def grpo_work(cfg, who, d, memory=False, ckpt=False):
                 marks.append(rss("VmHWM"))
 
     from PIL import Image
-    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
-             "image": Image.fromarray(img.numpy())} for img, text in zip(work["images"], work["texts"])]
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}] * len(imgs) + [{"type": "text", "text": text}]}],
+             "images": [Image.fromarray(torch.as_tensor(im).numpy()) for im in imgs]} for imgs, text in zip(work["images"],
+                                                                                          work["texts"])]
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=P * G, num_generations=G,
                       max_completion_length=T, temperature=temperature, beta=beta, learning_rate=1e-5,
                       loss_type="grpo", max_steps=2 if memory else 1, logging_strategy="no", report_to=[],
@@ -772,7 +779,8 @@ def grpo_work(cfg, who, d, memory=False, ckpt=False):
         def check_argument_for_proper_class(self, name, arg):
             return arg if arg is None else super().check_argument_for_proper_class(name, arg)
     tok = D.load_tokenizer(d)
-    processor = ImageProcessor(image_processor=Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=128 * 28 * 28),
+    max_pixels = max(128 * 28 * 28, *cfg["peer_grpo_pixels"])  # never resize what ours sees at full size
+    processor = ImageProcessor(image_processor=Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=max_pixels),
                                tokenizer=tok, video_processor=None, chat_template=tok.chat_template)
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(d, attn_implementation="sdpa")
     trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [
@@ -790,9 +798,10 @@ def grpo_work(cfg, who, d, memory=False, ckpt=False):
 
 
 def grpo_inputs(cfg, tok):
-    """peer_grpo_prompts image prompts, each the first sampled frame of a real clip at its own pixel budget and a
-    question of its own length: PIL-ready images and texts for TRL, and for ours the same pixels as a 1-frame-pair
-    video (what Qwen2.5-VL's image path computes) in the prompt the chat template renders."""
+    """peer_grpo_prompts prompts, each peer_grpo_images frames of a real clip at its own pixel budget and a question
+    of its own length: PIL-ready images and texts for TRL, and for ours the same pixels as one video whose temporal
+    patches are the frames doubled (one frame doubled is what Qwen2.5-VL's image path computes) in the prompt the
+    chat template renders. TRL's prompt has one vision block per image: 2 * (images - 1) tokens more than ours."""
     root = _clips_root()
     g = torch.Generator().manual_seed(6)
     words = ["what", "is", "the", "person", "feeling", "in", "this", "face", "describe", "expression", "now"]
@@ -804,11 +813,14 @@ def grpo_inputs(cfg, tok):
         rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         rendered = rendered.replace("<|image_pad|>", "<|video_pad|>" * (int(grid.prod()) // 4))
         return tok(rendered, add_special_tokens=False)["input_ids"]
+    k, budgets = cfg["peer_grpo_images"], cfg["peer_grpo_pixels"]
+    n_frames = max(2, k + k % 2)
     for _ in range(cfg["peer_grpo_prompts"]):
-        frames, _ = D.load_video(os.path.join(root, CLIPS[pick(len(CLIPS))]), fps=2.0, max_frames=2, min_frames=2,
-                                 min_pixels=28 * 28, max_pixels=(56 * 84, 84 * 112, 112 * 168)[pick(3)])
-        pv, grid = D.patchify_image(frames[0])
-        images.append(frames[0])
+        frames, _ = D.load_video(os.path.join(root, CLIPS[pick(len(CLIPS))]), fps=2.0, max_frames=n_frames,
+                                 min_frames=n_frames, min_pixels=28 * 28, max_pixels=budgets[pick(len(budgets))])
+        frames = frames[:k]  # [k, H, W, 3]
+        pv, grid, _ = D.patchify_video(torch.as_tensor(frames).repeat_interleave(2, dim=0))  # grid (k, h, w)
+        images.append(frames)
         texts.append(" ".join(words[pick(len(words))] for _ in range(3 + pick(20))))
         items.append({"pv": pv, "grid": grid})
     # TRL 1.16 left-pads a multimodal prompt batch but not its mm_token_type_ids (transformers' M-RoPE index then
@@ -845,7 +857,9 @@ def _child_peak(cfg, kind, who, d):
     name = f"{kind.split()[0]}:{who}" + (":ckpt" if kind.endswith("ckpt") else "")  # "grpo ckpt": checkpointed
     args = [sys.executable, os.path.abspath(__file__), f"--peer_child={name}", f"--peer_dir={d}",
             f"--threads={cfg['threads']}"] + [f"--{k}={cfg[k]}" for k in ("peer_gen_tokens", "peer_grpo_prompts",
-                                                                         "peer_G", "peer_grpo_tokens")]
+                                                                         "peer_G", "peer_grpo_tokens",
+                                                                         "peer_grpo_images", "peer_grpo_pixels",
+                                                                         "peer_grpo_shared")]
     r = subprocess.run(args, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"peers: memory child {kind}:{who} failed:\n{r.stderr[-3000:]}")
@@ -895,7 +909,13 @@ def bench_peers_grpo(cfg, d, row, notes):
                                 f"(python data/emosynth/prepare.py, or --data_dir)")
     tok = D.load_tokenizer(tok_dir)
     tok.save_pretrained(d)
-    torch.save(grpo_inputs(cfg, tok), os.path.join(d, "grpo.pt"))
+    work = grpo_inputs(cfg, tok)
+    torch.save(work, os.path.join(d, "grpo.pt"))
+    b = work["ours"]
+    n_vis = int(b["video_grid_thw"].prod(-1).sum()) // 4
+    notes.append(f"GRPO prompts: {b['input_ids'].shape[1]} tokens each (ours; {n_vis / len(b['input_ids']):.0f} of them "
+                 f"vision, {cfg['peer_grpo_images']} frame(s) per prompt), at most {cfg['peer_grpo_tokens']} completion "
+                 f"tokens; our scoring layout: {'shared prefix' if cfg['peer_grpo_shared'] else 'G rows per prompt'}")
     mean = lambda xs: f"{sum(xs) / len(xs):.1f}" if xs else "?"  # noqa: E731
     for ckpt in cfg["peer_grpo_ckpt"]:  # activation checkpointing on both sides or on neither (TRL's default: on)
         t, _, (ours, theirs) = _timed([lambda: grpo_work(cfg, "ours", d, ckpt=ckpt),
