@@ -20,7 +20,8 @@ NARRATIVE = [r"\bissue\s*#?\d+", r"\bthis session\b", r"\bshort by\b", r"\bno GP
 MAX_README_LINES = 250
 # flags of other programs that appear in our commands
 FOREIGN_FLAGS = {"standalone", "nproc_per_node", "nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id",
-                 "help", "key", "flag"}  # torchrun's; --help; and the placeholders `--key=value`, `--flag`
+                 "help", "key", "flag", "signal", "durations"}  # torchrun's; --help; the placeholders `--key=value`,
+# `--flag`; Slurm's sbatch --signal; pytest's --durations
 
 
 def doc_files():
