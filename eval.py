@@ -214,7 +214,7 @@ def run_eval(cfg, judge):
         try:
             html_report.write(report, result, rows, records, video_root or None, video_kwargs,
                               metrics_path=html_report.find_metrics(ckpt) if ckpt else None,
-                              compare=compare or None, title=os.path.basename(path))
+                              compare=compare or None, title=ckpt or predictions or os.path.basename(path))
         except ValueError as e:  # an unreadable compare / metrics file, named in the message
             raise common.InputError(common.first_line(e)) from None
         print(f"wrote {report}")

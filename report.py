@@ -291,6 +291,13 @@ def _gallery(rows, records, video_root, video_kwargs, per_task):
     return out
 
 
+def _short(path):
+    """The last two parts of a path (out/sft_emosynth/eval.json -> sft_emosynth/eval.json): which run, not just
+    which file name."""
+    parts = os.path.normpath(str(path)).split(os.sep)
+    return os.path.join(*parts[-2:])
+
+
 def write(path, result, rows=(), records=None, video_root=None, video_kwargs=None, metrics_path=None, compare=None,
           per_task=PER_TASK, title=""):
     """Write the report to `path`. result: evaluate's dict (an eval.json); rows: the prediction rows it was computed
@@ -300,7 +307,7 @@ def write(path, result, rows=(), records=None, video_root=None, video_kwargs=Non
     other = load_result(compare) if isinstance(compare, (str, os.PathLike)) else compare
     body = [f"<h1>VidEmo evaluation{': ' + _e(title) if title else ''}</h1>",
             f'<p class="meta">{result.get("n", 0)} records, {len(result.get("tasks", {}))} tasks'
-            + (f"; compared with {_e(os.path.basename(str(compare)))}" if isinstance(compare, (str, os.PathLike))
+            + (f"; compared with {_e(_short(compare))}" if isinstance(compare, (str, os.PathLike))
                else "") + "</p>"]
     body += _tables(result, other)
     body += _svg_bars(result, other)
