@@ -7,10 +7,10 @@ attributes (hair, glasses, hat, beard, age, gender, head pose, head/eye/mouth ac
 action units with onset/apex/offset, micro-expressions) and emotions (7 basic emotions, intensity, sentiment,
 transitions, blends). Also trains a small byte-level BPE tokenizer with the Qwen special tokens and chat template.
 
-Everything is deterministic from --seed, down to the bytes: two builds with the same arguments are identical file
-by file on any machine and with any worker count (done.json records a digest of them). Every cue is drawn big and
-dark enough to be seen in a 14-pixel patch (thin features and random colours kept a tiny model at chance;
-docs/design.md, "EmoSynth").
+Everything is deterministic from --seed, down to the bytes: two builds with the same arguments are identical file by
+file whatever the worker count, and on any machine by construction (done.json records a digest of them). Every cue is
+drawn big and dark enough to be seen in a 14-pixel patch (thin features and random colours kept a tiny model at
+chance; docs/design.md, "EmoSynth").
 
     python data/emosynth/prepare.py [--out_dir=data/emosynth/build] [--num_train=3000] [--num_val=150]
                                     [--num_test=400] [--seed=0] [--size=112] [--frames=8] [--fps=4]
@@ -768,7 +768,7 @@ def rgb_to_yuv420p(frame):
 
 def write_mp4(path, frames, fps, codec=None):
     """frames uint8 [T, H, W, 3] -> H.264 (libx264 when PyAV's ffmpeg has it, else MPEG-4 part 2), yuv420p.
-    Byte-identical on any machine and worker count: our own integer RGB->YUV, one encoder thread, x264's
+    Byte-identical for any machine and worker count: our own integer RGB->YUV, one encoder thread, x264's
     cpu-independent mode (no CPU-specific algorithm choices) and bit-exact muxing."""
     import av
     codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
