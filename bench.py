@@ -764,9 +764,9 @@ def grpo_work(cfg, who, d, memory=False, ckpt=False):
                 marks.append(rss("VmHWM"))
 
     from PIL import Image
-    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}] * len(imgs) + [{"type": "text", "text": text}]}],
-             "images": [Image.fromarray(torch.as_tensor(im).numpy()) for im in imgs]} for imgs, text in zip(work["images"],
-                                                                                          work["texts"])]
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}] * len(imgs) + [{"type": "text", "text": t}]}],
+             "images": [Image.fromarray(torch.as_tensor(im).numpy()) for im in imgs]}
+            for imgs, t in zip(work["images"], work["texts"])]
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=P * G, num_generations=G,
                       max_completion_length=T, temperature=temperature, beta=beta, learning_rate=1e-5,
                       loss_type="grpo", max_steps=2 if memory else 1, logging_strategy="no", report_to=[],
@@ -814,6 +814,10 @@ def grpo_inputs(cfg, tok):
         rendered = rendered.replace("<|image_pad|>", "<|video_pad|>" * (int(grid.prod()) // 4))
         return tok(rendered, add_special_tokens=False)["input_ids"]
     k, budgets = cfg["peer_grpo_images"], cfg["peer_grpo_pixels"]
+    if k < 1:
+        raise common.ConfigError(f"config key 'peer_grpo_images': must be >= 1, got {k}")
+    if not budgets or min(budgets) < 28 * 28:
+        raise common.ConfigError(f"config key 'peer_grpo_pixels': give pixel budgets >= 784, got {budgets}")
     n_frames = max(2, k + k % 2)
     for _ in range(cfg["peer_grpo_prompts"]):
         frames, _ = D.load_video(os.path.join(root, CLIPS[pick(len(CLIPS))]), fps=2.0, max_frames=n_frames,

@@ -219,6 +219,9 @@ def test_other_geometry_cli_and_safety(tmp_path):
     assert back.shape == clip.shape and np.abs(back.astype(int) - clip).mean() < 8
     with pytest.raises(ValueError, match="frames"):
         ep.prepare(tmp_path / "bad", verbose=False, frames=7)
+    with pytest.raises(ValueError, match="size=113: need an even number >= 28"):  # before any file is written
+        ep.prepare(tmp_path / "odd", verbose=False, size=113)
+    assert not (tmp_path / "odd").exists()
     with pytest.raises(TypeError, match="num_trian"):
         ep.prepare(tmp_path / "bad", verbose=False, num_trian=3)
     (tmp_path / "foreign" / "videos").mkdir(parents=True)  # someone else's data is never deleted

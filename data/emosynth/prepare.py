@@ -864,8 +864,8 @@ def prepare(out_dir=DEFAULT_OUT, force=False, verbose=True, **kwargs):
     T, size, fps = int(args["frames"]), int(args["size"]), float(args["fps"])
     if T < 4 or T % 2:
         raise ValueError(f"frames={T}: need an even number >= 4 (Qwen temporal patches are 2 frames)")
-    if size < 28:
-        raise ValueError(f"size={size}: need >= 28")
+    if size < 28 or size % 2:
+        raise ValueError(f"size={size}: need an even number >= 28 (the videos are YUV 4:2:0)")
     out_dir = Path(out_dir)
     done = out_dir / "done.json"
     want = dict(args, version=VERSION)
