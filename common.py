@@ -299,6 +299,9 @@ def save_checkpoint(path, model_state_fn, tokenizer=None, trainer_state=None):
         tokenizer.save_pretrained(tmp)
     if trainer_state is not None:
         torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+        if isinstance(trainer_state.get("config"), dict):  # readable without torch: eval.py / train_rl.py read it
+            with open(os.path.join(tmp, "train_config.json"), "w") as f:
+                json.dump(trainer_state["config"], f, indent=1, default=repr)
     with open(os.path.join(tmp, "COMPLETE"), "w") as f:
         f.write(time.strftime("%Y-%m-%d %H:%M:%S"))
     _fsync_dir(tmp)
@@ -307,6 +310,32 @@ def save_checkpoint(path, model_state_fn, tokenizer=None, trainer_state=None):
         os.rename(path, old)
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def trained_config(ckpt_dir):
+    """The training config one of our checkpoints was written with (train_config.json, else its trainer_state.pt,
+    memory-mapped so a large optimizer state is not read); {} for a checkpoint from elsewhere or an unreadable one."""
+    try:
+        with open(os.path.join(ckpt_dir, "train_config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        try:
+            cfg = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location="cpu", weights_only=True,
+                             mmap=True).get("config")
+        except Exception:  # missing, foreign or damaged: treated as "not ours"
+            cfg = None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def answer_format_of(ckpt_dir, answer_format, reasoning_tasks, default_tasks):
+    """(answer_format, reasoning_tasks) with "auto" / () resolved as `ckpt_dir` was trained; a checkpoint from
+    elsewhere answers "direct"."""
+    cfg = trained_config(ckpt_dir) if answer_format == "auto" or not reasoning_tasks else {}
+    if answer_format == "auto":
+        answer_format = cfg.get("answer_format", "direct")
+    if not reasoning_tasks:
+        reasoning_tasks = tuple(cfg.get("reasoning_tasks") or default_tasks)
+    return answer_format, tuple(reasoning_tasks)
 
 
 def find_checkpoint(path):

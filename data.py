@@ -627,10 +627,13 @@ def load_records(path, skipped=None):
 # answer formats: "direct" (the record's answer as written) | "reasoning" (<think>affective tree</think><answer>...)
 
 ANSWER_FORMATS = ("direct", "reasoning")
-# the emotion tasks answered through the affective tree under answer_format="reasoning" (fine_grained_caption's
-# answer is a tree already; attribute tasks and AU / caption answers stay direct)
-REASONING_TASKS = ("emotion_single", "emotion_multi", "emotion_fine", "sentiment_single", "sentiment_fine",
-                   "micro_expression", "emotion_transition")
+# the emotion QA tasks whose clips have an affective tree to answer through (fine_grained_caption's answer is a tree
+# already; attribute tasks and AU / caption answers stay direct)
+TREE_TASKS = ("emotion_single", "emotion_multi", "emotion_fine", "sentiment_single", "sentiment_fine",
+              "micro_expression", "emotion_transition")
+# the ones answered through the tree under answer_format="reasoning" by default, chosen on val (docs/method.md):
+# blends, micro-expressions and transitions answer directly (through the tree their answers copy its emotion line)
+REASONING_TASKS = ("emotion_single", "emotion_fine", "sentiment_single", "sentiment_fine")
 # EmoSynth's FACS names (data/emosynth/prepare.py writes the same strings into its records)
 _AU_NAMES = {1: "inner brow raiser", 2: "outer brow raiser", 4: "brow lowerer", 5: "upper lid raiser",
              6: "cheek raiser", 9: "nose wrinkler", 12: "lip corner puller", 15: "lip corner depressor",

@@ -36,6 +36,7 @@ import sys
 import torch
 
 import common
+import data as D
 import evaluation
 import inference
 import report as html_report
@@ -57,10 +58,11 @@ fps = 4.0
 max_frames = 8
 min_pixels = 56 * 56
 max_pixels = 112 * 112
-answer_format = "direct"  # direct | reasoning: the reasoning tasks' references carry the clip's affective tree
-# (data.apply_answer_format, trees from the meta.jsonl beside test_file), so their <think> part is scored too
-reasoning_tasks = ("emotion_single", "emotion_multi", "emotion_fine", "sentiment_single", "sentiment_fine",
-                   "micro_expression", "emotion_transition")
+# direct | reasoning: the reasoning tasks' references carry the clip's affective tree (data.apply_answer_format, trees
+# from the meta.jsonl beside test_file), so their <think> part is scored too. auto / (): as the checkpoint was trained
+# (its train_config.json); direct for a checkpoint from elsewhere
+answer_format = "auto"
+reasoning_tasks = ()
 reasoning = "plain"  # plain | tree (affective-tree reasoning, see inference.py)
 samples = 4  # K candidates per tree level
 scorer = "logprob"  # logprob | consistency | verify (inference.SCORERS; a function of your own via evaluation.evaluate)
@@ -118,7 +120,7 @@ def main():
     cfg = common.configure(globals())
     common.check([
         ("reasoning", reasoning, reasoning in ("plain", "tree"), "plain or tree"),
-        ("answer_format", answer_format, answer_format in ("direct", "reasoning"), "direct or reasoning"),
+        ("answer_format", answer_format, answer_format in ("auto", "direct", "reasoning"), "auto, direct or reasoning"),
         ("scorer", scorer, scorer in ("logprob", "consistency", "verify"), "logprob, consistency or verify"),
         ("level_samples", level_samples, len(level_samples) in (0, 3) and all(k >= 1 for k in level_samples),
          "() or three counts >= 1 (attribute, expression, emotion)"),
@@ -173,8 +175,10 @@ def run_eval(cfg, judge):
             raise common.InputError(str(e)) from None
     else:
         dev = inference.resolve_device(device)
+        fmt, fmt_tasks = common.answer_format_of(common.resolve_checkpoint(init_from), answer_format, reasoning_tasks,
+                                                 D.REASONING_TASKS)
         try:
-            records = evaluation.load_eval_records(test_file, task, answer_format, reasoning_tasks)
+            records = evaluation.load_eval_records(test_file, task, fmt, fmt_tasks)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise common.InputError(str(e)) from None
         if only_tasks:

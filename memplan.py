@@ -238,9 +238,14 @@ def activations(model, w, cuda=True, ckpt=False, vision_grad=True, lora=None, re
     D, hd = ts["hidden_size"], ts["hidden_size"] // ts["num_attention_heads"]
     act = 2 if cuda else 4  # bytes of an activation element (bf16 / fp32)
     layer = _decoder_layer(ts, N, rows, L, masked, cuda, packed)
-    if w.stage == "rl" and w.shared_prefix:  # each group's completions attend under a [S, P + S] mask (SharedPrefix)
-        S = w.G * w.completion
-        layer += (2 if cuda else 4) * rows * S * L  # SDPA's additive copy of the bool mask, per layer
+    if w.stage == "rl" and w.shared_prefix:  # SharedPrefix: each group's completions attend under a [S, P + S]
+        # mask (dense) or as G rows [C] against [prompt K/V; own K/V] (batched), whichever has fewer scores
+        S, C = w.G * w.completion, w.completion
+        P = L - S
+        if w.G * C * (P + C) < S * (P + S):  # batched: the [G, 1, C, P + C] mask, the gathered q and the cat K/V
+            layer += rows * ((2 if cuda else 4) * w.G * C * (P + C) + act * w.G * (C + 2 * (P + C)) * D)
+        else:
+            layer += (2 if cuda else 4) * rows * S * (P + S)  # SDPA's additive copy of the bool mask, per layer
     nl = ts["num_hidden_layers"]
     # around the layers: ids (int64) for the embedding backward, masked_scatter's mask, M-RoPE cos/sin fp32
     # [rows, 1, L, hd] (shared by all layers), the final norm (x, x_hat, rstd: fp32), the scorer's inputs: the

@@ -437,32 +437,62 @@ class SharedPrefix:
     """GRPO groups laid end to end in one row: each group is its prompt once, then its G completions, each right
     after the one before. A prompt attends causally to itself; a completion attends to its whole prompt and causally
     to itself, never to a sibling, so every token sees what it sees in its own [prompt; completion] row while the
-    prompt's tokens are computed once per group. prompt_lens [B], comp_lens [B*G] (tokens fed per completion)."""
+    prompt's tokens are computed once per group. prompt_lens [B], comp_lens [B*G] (tokens fed per completion).
+
+    A group's completions attend in one of two ways, whichever computes fewer scores: "dense", all S = sum(comp_lens)
+    completion tokens against [prompt; all completions] under a [S, P + S] mask (few, short completions), or
+    "batched", the G completions as a batch of G rows [C_max] against [prompt K/V; own K/V] (G * C_max * (P + C_max)
+    scores: no sibling blocks computed when G * C >> P). `mode` forces one ("auto" chooses per group)."""
+
+    mode = "auto"  # auto | dense | batched
 
     def __init__(self, prompt_lens, comp_lens, G, device):
-        self.groups = []  # (start, prompt length, completion tokens, mask [S, P + S] or None)
+        self.groups = []  # (start, prompt length, completion tokens, plan) per group
         start = 0
         for b, P in enumerate(prompt_lens.tolist()):
             cs = comp_lens[b * G:(b + 1) * G].to(device)
-            S = int(cs.sum())
-            mask = None
+            S, C = int(cs.sum()), int(cs.max()) if G else 0
+            plan = None
             if S:
-                seg = torch.repeat_interleave(torch.arange(G, device=device), cs)  # [S] completion of each token
-                idx = torch.arange(S, device=device)
-                own = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # causal inside its completion
-                mask = torch.cat([torch.ones(S, P, dtype=torch.bool, device=device), own], 1)  # [S, P + S]
-            self.groups.append((start, P, S, mask))
+                batched = self.mode == "batched" or (self.mode == "auto" and G * C * (P + C) < S * (P + S))
+                plan = self._batched(P, cs, C, device) if batched else self._dense(P, cs, S, device)
+            self.groups.append((start, P, S, plan))
             start += P + S
+
+    @staticmethod
+    def _dense(P, cs, S, device):
+        seg = torch.repeat_interleave(torch.arange(len(cs), device=device), cs)  # [S] completion of each token
+        idx = torch.arange(S, device=device)
+        own = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # causal inside its completion
+        return "dense", torch.cat([torch.ones(S, P, dtype=torch.bool, device=device), own], 1)  # [S, P + S]
+
+    @staticmethod
+    def _batched(P, cs, C, device):
+        t = torch.arange(C, device=device)
+        real = t[None] < cs[:, None]  # [G, C] token t of completion g exists
+        at = (F.pad(cs.cumsum(0), (1, 0))[:-1, None] + t[None]).where(real, 0)  # [G, C] its offset among the S
+        own = (t[None, :] <= t[:, None])[None] & real[:, None, :]  # [G, C, C] causal over its real tokens
+        mask = torch.cat([torch.ones(len(cs), C, P, dtype=torch.bool, device=device), own], 2)  # [G, C, P + C]
+        return "batched", (at, real, mask[:, None])
 
     def attend(self, q, k, v):  # q [H, N, hd], k/v [H, N, hd] (kv heads repeated) -> [N, H, hd]
         outs = []
-        for s, P, S, mask in self.groups:
+        for s, P, S, plan in self.groups:
             outs.append(F.scaled_dot_product_attention(q[None, :, s:s + P], k[None, :, s:s + P], v[None, :, s:s + P],
                                                        is_causal=True)[0])  # [H, P, hd] the prompt, once
-            if S:  # the group's completions against [its prompt; themselves]: the prompt's K/V read in place
-                e = s + P + S
+            if not S:
+                continue
+            e = s + P + S
+            if plan[0] == "dense":  # the group's completions against [its prompt; themselves], K/V read in place
                 outs.append(F.scaled_dot_product_attention(q[None, :, s + P:e], k[None, :, s:e], v[None, :, s:e],
-                                                           attn_mask=mask)[0])  # [H, S, hd]
+                                                           attn_mask=plan[1])[0])  # [H, S, hd]
+                continue
+            at, real, mask = plan[1]  # one row per completion: [prompt K/V; its own K/V]
+            G = at.shape[0]
+            qc, kc, vc = (x[:, s + P:e][:, at].transpose(0, 1) for x in (q, k, v))  # [G, H, C, hd]
+            kp, vp = (x[None, :, s:s + P].expand(G, -1, -1, -1) for x in (k, v))  # [G, H, P, hd]
+            y = F.scaled_dot_product_attention(qc, torch.cat([kp, kc], 2), torch.cat([vp, vc], 2), attn_mask=mask)
+            outs.append(y.transpose(0, 1)[:, real])  # [H, S, hd] real rows, in token order
         return torch.cat(outs, 1).transpose(0, 1)
 
 

@@ -44,9 +44,10 @@ tokenizer_dir = ""  # default: init_from
 # emotion so the answer accuracy is held while the tree improves
 tasks = ("fine_grained_caption", "emotion_single")
 # direct | reasoning: records of reasoning_tasks answer as <think>affective tree</think><answer>...</answer> (train,
-# val and test; data.apply_answer_format) and their reward is the answer's metric + w_tree * tree + w_format * format
-answer_format = "direct"
-reasoning_tasks = D.REASONING_TASKS
+# val and test; data.apply_answer_format) and their reward is the answer's metric + w_tree * tree + w_format * format.
+# auto / (): as init_from was trained (its train_config.json); direct for a checkpoint from elsewhere
+answer_format = "auto"
+reasoning_tasks = ()
 fps = 4.0
 max_frames = 8
 min_pixels = 56 * 56
@@ -158,7 +159,7 @@ def check_config(world, dev):
         ("fsdp", fsdp, not (fsdp and lora_rank), "False with lora_rank > 0 (LoRA's trainable state is small: DDP)"),
         ("logprobs_backend", logprobs_backend, logprobs_backend in ("auto", "triton", "torch", "naive"),
          "auto, triton, torch or naive"),
-        ("answer_format", answer_format, answer_format in D.ANSWER_FORMATS, "direct or reasoning"),
+        ("answer_format", answer_format, answer_format in ("auto",) + D.ANSWER_FORMATS, "auto, direct or reasoning"),
         ("prompts_per_step", prompts_per_step, grad_accum < 1 or prompts_per_step % (world * grad_accum) == 0,
          f"divisible by world size x grad_accum = {world} x {grad_accum} (each rank owns whole groups)")])
     unknown = [t for t in tasks if t not in R.TASK_METRIC]
@@ -191,6 +192,17 @@ def resolve_init():
     except common.InputError as e:
         raise common.InputError(f"{e}. Run `python train_sft.py` first (it writes out/sft_emosynth/ckpt), or pass "
                                 f"--init_from=DIR with a checkpoint / HF Qwen2.5-VL directory") from None
+
+
+def resolve_answer_format(init_dir, config):
+    """answer_format="auto" and reasoning_tasks=() become what init_from was trained with (config updated too, so a
+    resume compares and the checkpoint records the resolved values)."""
+    global answer_format, reasoning_tasks
+    answer_format, reasoning_tasks = common.answer_format_of(init_dir, answer_format, reasoning_tasks,
+                                                             D.REASONING_TASKS)
+    config.update(answer_format=answer_format, reasoning_tasks=reasoning_tasks)
+    common.print0(f"answer_format={answer_format}" + (f", reasoning_tasks={list(reasoning_tasks)}"
+                                                       if answer_format == "reasoning" else ""))
 
 
 def load_val_records(path):
@@ -536,6 +548,7 @@ def main():
 
     # ---- data: records of the chosen tasks, one endless shuffled stream per rank
     init_dir = resolve_init()
+    resolve_answer_format(init_dir, config)
     trainer.claim_out_dir(out_dir, master)
     if not os.path.exists(train_path):
         raise common.InputError(f"train_file {train_path} not found (build EmoSynth with `python train_sft.py` or "

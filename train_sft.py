@@ -48,8 +48,8 @@ max_pixels = 112 * 112
 max_seq_len = 512
 # direct: every task answered as its record writes it | reasoning: the records of reasoning_tasks are answered as
 # "<think>affective tree</think><answer>answer</answer>" (data.apply_answer_format; EmoSynth's trees come from the
-# meta.jsonl beside each records file), train, val and test alike
-answer_format = "direct"
+# meta.jsonl beside each records file), train, val and test alike; reasoning_tasks chosen on val (docs/method.md)
+answer_format = "reasoning"
 reasoning_tasks = REASONING_TASKS
 num_workers = 2
 video_cache_mb = 1024  # per process (each DataLoader worker): decoded clips kept in RAM, reused when a clip comes round

@@ -9,6 +9,7 @@ tasks = ("fine_grained_caption", "emotion_single")
 fps = 4.0
 max_frames = 8
 max_pixels = 112 * 112
+answer_format = "auto"  # as init_from was trained (reasoning for the default stage 1)
 # GRPO as VidEmo's recipe most likely ran it (the ms-swift / TRL-0.16 defaults of its time):
 # G = 8, beta = 0.04, eps = 0.2, per-sequence mean ("grpo"), one update per rollout; plus DAPO's dynamic sampling
 num_generations = 8

@@ -7,6 +7,10 @@ data_dir = "data/emosynth/build"
 fps = 4.0
 max_frames = 8
 max_pixels = 112 * 112
+# the paper's method: emotion answers through the affective tree (<think>tree</think><answer>...</answer>) for the
+# val-chosen tasks; --answer_format=direct is the ablation
+answer_format = "reasoning"
+reasoning_tasks = ("emotion_single", "emotion_fine", "sentiment_single", "sentiment_fine")
 curriculum = True
 stage_epochs = (2.6, 1.5, 1.4)
 replay = 0.6

@@ -74,6 +74,28 @@ def test_checkpoint_atomic_swap(tmp_path):
     assert not os.path.exists(path + ".tmp") and not os.path.exists(path + ".old")
 
 
+def test_trained_config_and_answer_format_of(tmp_path):
+    """A checkpoint records its training config as JSON; "auto" / () resolve to it, to the trainer state when the JSON
+    is gone, and to direct for a directory that is not ours; explicit values pass through."""
+    import random
+    rng = random.Random()
+    fmt = rng.choice(["direct", "reasoning"])
+    tasks = tuple(rng.sample(["emotion_single", "emotion_fine", "sentiment_single", "emotion_multi"], 2))
+    path = str(tmp_path / "ckpt")
+    common.save_checkpoint(path, write_files(1), trainer_state={"step": 3, "config": {"answer_format": fmt,
+                                                                                       "reasoning_tasks": tasks}})
+    assert common.trained_config(path) == {"answer_format": fmt, "reasoning_tasks": list(tasks)}
+    assert common.answer_format_of(path, "auto", (), ("x",)) == (fmt, tasks)
+    assert common.answer_format_of(path, "direct", ("y",), ("x",)) == ("direct", ("y",))
+    os.remove(os.path.join(path, "train_config.json"))  # an older checkpoint: read from trainer_state.pt
+    assert common.answer_format_of(path, "auto", (), ("x",)) == (fmt, tasks)
+    foreign = tmp_path / "hf"
+    foreign.mkdir()
+    (foreign / "trainer_state.pt").write_bytes(b"not a torch file")
+    assert common.trained_config(str(foreign)) == {}
+    assert common.answer_format_of(str(foreign), "auto", (), ("x",)) == ("direct", ("x",))
+
+
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     """A process killed in the middle of writing a checkpoint leaves the previous one complete and loadable."""
     path = str(tmp_path / "ckpt")

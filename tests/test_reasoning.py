@@ -43,7 +43,7 @@ def test_clip_trees_match_the_dataset(tiny_data):
         assert trees[r["videos"][0]] == D.think_block(r["tree"])
     kinds = set()
     for r in recs:
-        if r["task"] not in D.REASONING_TASKS:
+        if r["task"] not in D.TREE_TASKS:
             continue
         think = trees[r["videos"][0]]
         kinds.add(meta[r["videos"][0]]["kind"])
@@ -209,9 +209,11 @@ def test_tiny_sft_on_the_reasoning_format(tiny_data, tmp_path):
                        text=True, env=env, cwd=str(ROOT), timeout=600)
     assert r.returncode != 0 and "answer_format" in (r.stdout + r.stderr)
 
-    # GRPO from it on emotion_single alone: under the reasoning format its reward carries the tree term and the format
-    # term (answer + tree + format), under the direct format neither
-    for fmt in ("reasoning", "direct"):
+    assert json.load(open(os.path.join(out, "ckpt", "train_config.json")))["answer_format"] == "reasoning"
+
+    # GRPO from it on emotion_single alone: under the reasoning format (the default "auto" reads it from the SFT
+    # checkpoint) its reward carries the tree term and the format term (answer + tree + format), under direct neither
+    for fmt in ("auto", "direct"):
         rl = str(tmp_path / f"rl_{fmt}")
         r = subprocess.run([sys.executable, str(ROOT / "train_rl.py"), f"--init_from={out}/ckpt",
                             f"--data_dir={tiny_data}", f"--out_dir={rl}", f"--answer_format={fmt}",
@@ -222,4 +224,7 @@ def test_tiny_sft_on_the_reasoning_format(tiny_data, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         row = [json.loads(line) for line in open(os.path.join(rl, "metrics.jsonl"))][0]
         assert "reward/accuracy/mean" in row
-        assert ("reward/tree/mean" in row) == ("reward/format/mean" in row) == (fmt == "reasoning"), row
+        assert ("reward/tree/mean" in row) == ("reward/format/mean" in row) == (fmt == "auto"), row
+        saved = json.load(open(os.path.join(rl, "ckpt", "train_config.json")))
+        assert saved["answer_format"] == ("reasoning" if fmt == "auto" else "direct")
+        assert tuple(saved["reasoning_tasks"]) == D.REASONING_TASKS

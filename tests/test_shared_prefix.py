@@ -54,10 +54,14 @@ def _assert_same(a, b):
         assert float((a[2][n] - b[2][n]).abs().max() / scale) < 1e-5, n
 
 
-@pytest.mark.parametrize("case", ["plain", "pruned", "ckpt", "frozen_vision", "lora", "torch_backend", "naive"])
-def test_shared_prefix_equals_per_row(case):
-    """Log-probs, entropies and all gradients: shared layout == per-row layout (relative 1e-5)."""
+@pytest.mark.parametrize("case", ["plain", "pruned", "ckpt", "frozen_vision", "lora", "torch_backend", "naive",
+                                  "batched"])
+def test_shared_prefix_equals_per_row(case, monkeypatch):
+    """Log-probs, entropies and all gradients: shared layout == per-row layout (relative 1e-5). "batched": each
+    completion attends as its own row against [prompt K/V; own K/V] (SharedPrefix's other mode)."""
+    from model import SharedPrefix
     from tiny import tiny_config
+    monkeypatch.setattr(SharedPrefix, "mode", "batched" if case == "batched" else "dense")
     torch.manual_seed(hash(case) % 1000)
     model = VidEmo(tiny_config(window=case == "plain")).train()
     reencode, backend = True, "auto"
@@ -123,16 +127,22 @@ def test_shared_prefix_loss_and_gradients_on_a_kept_subset(loss_type):
         assert float((out[True][2][n] - gw).abs().max() / scale) < 1e-5, n
 
 
-def test_shared_layout_attends_as_the_rules_say():
+@pytest.mark.parametrize("mode", ["dense", "batched", "auto"])
+def test_shared_layout_attends_as_the_rules_say(mode, monkeypatch):
     """model.SharedPrefix: a prompt token sees earlier prompt tokens; a completion token sees its whole prompt and
     the earlier tokens of its own completion, never a sibling's or the next group's (checked against dense
-    attention with the rule written out)."""
+    attention with the rule written out), in either way of computing the completions' attention."""
     from model import SharedPrefix
-    g = torch.Generator().manual_seed(0)
-    plens, clens = torch.tensor([3, 5]), torch.tensor([2, 0, 4, 1, 3, 2])  # two groups, G = 3, an empty completion
+    monkeypatch.setattr(SharedPrefix, "mode", mode)
+    g = torch.Generator()
+    # two groups, G = 3, an empty completion; the second group's long completions make "auto" batch them
+    plens, clens = torch.tensor([3, 5]), torch.tensor([2, 0, 4, 9, 11, 12])
     N = int(plens.sum() + clens.sum())
-    q, k, v = (torch.randn(2, N, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    got = SharedPrefix(plens, clens, 3, torch.device("cpu")).attend(q, k, v)  # [N, H, hd]
+    q, k, v = (torch.randn(2, N, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    layout = SharedPrefix(plens, clens, 3, torch.device("cpu"))
+    if mode == "auto":
+        assert [p[0] for *_, p in layout.groups] == ["dense", "batched"]
+    got = layout.attend(q, k, v)  # [N, H, hd]
     group, seg, role = [], [], []  # per token: its group, its completion (-1: prompt)
     for b in range(2):
         group += [b] * int(plens[b])
@@ -148,3 +158,7 @@ def test_shared_layout_attends_as_the_rules_say():
             allowed[i, t] = same and t <= i and (seg[t] == -1 or seg[t] == seg[i])
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed).transpose(0, 1)
     torch.testing.assert_close(got, want)
+    w = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    grads = [torch.autograd.grad((x * w).sum(), (q, k, v)) for x in (got, want)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
