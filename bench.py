@@ -1088,17 +1088,18 @@ def bench_memory(cfg):
 def bench_shared_prefix(cfg):
     """GRPO's reference pass (no grad) + policy update (forward + backward) on one micro-batch of sp_prompts prompts x
     G completions, shared_prefix vs per-row, over prompt length (frames x frame side) and G: the tokens each layout
-    computes, the time ratio beside the token ratio G(P+C) / (P+G*C), and the peak RSS the update adds (CPU)."""
+    computes, the time ratio beside the token ratio G(P+C) / (P+G*C); the shared layout timed with its completions'
+    attention chosen per group (model.SharedPrefix "auto") and forced to the dense [S, P + S] mask."""
     import grpo
-    from model import vision_token_counts
+    from model import SharedPrefix, vision_token_counts
     torch.manual_seed(0)
     model = VidEmo(peer_config(cfg["peer_shapes"][0], cfg["peer_depth"])).float().train()
     C, B = cfg["sp_completion"], cfg["sp_prompts"]
     print(f"\nshared_prefix: {cfg['peer_shapes'][0]} model, {B} prompts x G, completions {C} tokens, "
           f"{torch.get_num_threads()} threads; seconds = min of {cfg['repeats']} (ref + update)")
-    print("| frames x side | P | G | tokens per-row | tokens shared | token ratio | per-row s | shared s | time ratio "
-          "| time / token ratio | peak MiB per-row | peak MiB shared |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| frames x side | P | G | tokens per-row | tokens shared | token ratio | per-row s | shared, dense mask s "
+          "| shared s | completions attend | time ratio | time / token ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for size in cfg["sp_sizes"]:
         for frames in cfg["sp_frames"]:
             side = size // 14 // 2 * 2  # patches per side, even (2 x 2 merge)
@@ -1116,21 +1117,24 @@ def bench_shared_prefix(cfg):
                 seqs = torch.randint(10, 1000, (B * G, C))
                 mb = grpo.group_batch(prompt, torch.ones_like(prompt), seqs, emb, grid, torch.ones(B), None, G,
                                       [n_vid] * B, 2, 0, (PEER_IDS["<|video_pad|>"],), pixels=pixels)
-                secs, peaks = {}, {}
-                for shared in (False, True):
+                secs = {}
+                for key, shared, mode in (("rows", False, "auto"), ("dense", True, "dense"), ("auto", True, "auto")):
                     def step():
                         with torch.no_grad():
                             grpo.completion_logps(model, mb, 1.0, reencode=True, shared_prefix=shared)
                         model.zero_grad(set_to_none=True)
                         lp, _ = grpo.completion_logps(model, mb, 1.0, reencode=True, shared_prefix=shared)
                         lp.sum().backward()
-                    secs[shared] = timed(step, cfg["repeats"], cfg["clock"])
-                    peaks[shared] = peak_rss_during(step) / 2 ** 20
+                    SharedPrefix.mode = mode
+                    try:
+                        secs[key] = timed(step, cfg["repeats"], cfg["clock"])
+                    finally:
+                        SharedPrefix.mode = "auto"
+                chosen = "batched" if G * C * (P + C) < G * C * (P + G * C) else "dense"  # SharedPrefix's rule
                 rows, shared_tok = B * G * (P + C), B * (P + G * C)
-                tr, sr = rows / shared_tok, secs[False] / secs[True]
-                print(f"| {frames} x {size}² | {P} | {G} | {rows} | {shared_tok} | {tr:.2f} | {secs[False]:.3f} | "
-                      f"{secs[True]:.3f} | {sr:.2f} | {sr / tr:.2f} | {peaks[False]:.0f} | {peaks[True]:.0f} |",
-                      flush=True)
+                tr, sr = rows / shared_tok, secs["rows"] / secs["auto"]
+                print(f"| {frames} x {size}² | {P} | {G} | {rows} | {shared_tok} | {tr:.2f} | {secs['rows']:.3f} | "
+                      f"{secs['dense']:.3f} | {secs['auto']:.3f} | {chosen} | {sr:.2f} | {sr / tr:.2f} |", flush=True)
 
 
 SECTIONS = {"generate": bench_generate, "data": bench_data, "kernels": bench_kernels, "sft": bench_sft,
