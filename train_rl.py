@@ -40,9 +40,10 @@ test_file = ""  # default: data_dir/test.jsonl ("none" skips the final evaluatio
 val_file = ""  # default: data_dir/val.jsonl ("none": no held-out curve); its records of `tasks` are scored every eval_every
 video_root = ""  # default: the folder of each record's data file
 tokenizer_dir = ""  # default: init_from
-# train on records of these tasks (empty = all that reward.py can score): the affective tree, plus single-label
-# emotion so the answer accuracy is held while the tree improves
-tasks = ("fine_grained_caption", "emotion_single")
+# train on records of these tasks (empty = all that reward.py can score): the affective tree and every emotion QA
+# task, so the answers of the tasks answered directly are rewarded too and not unlearnt (chosen on val, docs/method.md)
+tasks = ("fine_grained_caption", "emotion_single", "emotion_multi", "emotion_fine", "sentiment_single", "sentiment_fine",
+         "micro_expression", "emotion_transition")
 # direct | reasoning: records of reasoning_tasks answer as <think>affective tree</think><answer>...</answer> (train,
 # val and test; data.apply_answer_format) and their reward is the answer's metric + w_tree * tree + w_format * format.
 # auto / (): as init_from was trained (its train_config.json); direct for a checkpoint from elsewhere

@@ -4,8 +4,9 @@
 out_dir = "out/rl_emosynth"
 init_from = "out/sft_emosynth/ckpt"  # policy init and frozen reference
 data_dir = "data/emosynth/build"
-# the reasoning task (affective tree, TED reward) plus single-label emotion QA, so the answer accuracy is held
-tasks = ("fine_grained_caption", "emotion_single")
+# the affective tree (TED reward) and every emotion QA task (answer + tree + format under the reasoning format)
+tasks = ("fine_grained_caption", "emotion_single", "emotion_multi", "emotion_fine", "sentiment_single", "sentiment_fine",
+         "micro_expression", "emotion_transition")
 fps = 4.0
 max_frames = 8
 max_pixels = 112 * 112
