@@ -36,7 +36,8 @@ def rl(setup):
     g = vars(RL)
     saved = {k: g[k] for k in common._config_keys(g)}
     common.configure(g, [f"--data_dir={build}", "--num_generations=4", "--prompts_per_step=2", "--grad_accum=2",
-                         "--max_completion_length=10", "--beta=0.0", "--tasks=('emotion_single',)", "--dynamic_sampling=False"])
+                         "--max_completion_length=10", "--beta=0.0", "--tasks=('emotion_single',)", "--dynamic_sampling=False",
+                         "--answer_format=direct"])  # main resolves "auto" from init_from; no checkpoint here
     yield RL
     g.update(saved)
 
