@@ -1130,7 +1130,7 @@ def bench_shared_prefix(cfg):
                         secs[key] = timed(step, cfg["repeats"], cfg["clock"])
                     finally:
                         SharedPrefix.mode = "auto"
-                chosen = "batched" if G * C * (P + C) < G * C * (P + G * C) else "dense"  # SharedPrefix's rule
+                chosen = SharedPrefix(torch.tensor([P]), torch.full((G,), C), G, torch.device("cpu")).groups[0][3][0]
                 rows, shared_tok = B * G * (P + C), B * (P + G * C)
                 tr, sr = rows / shared_tok, secs["rows"] / secs["auto"]
                 print(f"| {frames} x {size}² | {P} | {G} | {rows} | {shared_tok} | {tr:.2f} | {secs['rows']:.3f} | "

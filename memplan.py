@@ -242,7 +242,8 @@ def activations(model, w, cuda=True, ckpt=False, vision_grad=True, lora=None, re
         # mask (dense) or as G rows [C] against [prompt K/V; own K/V] (batched), whichever has fewer scores
         S, C = w.G * w.completion, w.completion
         P = L - S
-        if w.G * C * (P + C) < S * (P + S):  # batched: the [G, 1, C, P + C] mask, the gathered q and the cat K/V
+        if w.G >= M.SharedPrefix.batch_from_G and w.G * C * (P + C) < S * (P + S):  # batched: the [G, 1, C, P + C]
+            # mask, the gathered q and the cat K/V
             layer += rows * ((2 if cuda else 4) * w.G * C * (P + C) + act * w.G * (C + 2 * (P + C)) * D)
         else:
             layer += (2 if cuda else 4) * rows * S * (P + S)  # SDPA's additive copy of the bool mask, per layer

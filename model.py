@@ -442,9 +442,12 @@ class SharedPrefix:
     A group's completions attend in one of two ways, whichever computes fewer scores: "dense", all S = sum(comp_lens)
     completion tokens against [prompt; all completions] under a [S, P + S] mask (few, short completions), or
     "batched", the G completions as a batch of G rows [C_max] against [prompt K/V; own K/V] (G * C_max * (P + C_max)
-    scores: no sibling blocks computed when G * C >> P). `mode` forces one ("auto" chooses per group)."""
+    scores: no sibling blocks computed when G * C >> P, but a copy of the prompt's K/V per completion). "auto" batches
+    from batch_from_G completions per group on (measured on CPU, bench.py --section=shared_prefix: at G = 4 the
+    copies cost more than the sibling blocks they save, from G = 8 batching wins); `mode` forces one."""
 
     mode = "auto"  # auto | dense | batched
+    batch_from_G = 8
 
     def __init__(self, prompt_lens, comp_lens, G, device):
         self.groups = []  # (start, prompt length, completion tokens, plan) per group
@@ -454,7 +457,8 @@ class SharedPrefix:
             S, C = int(cs.sum()), int(cs.max()) if G else 0
             plan = None
             if S:
-                batched = self.mode == "batched" or (self.mode == "auto" and G * C * (P + C) < S * (P + S))
+                batched = self.mode == "batched" or (self.mode == "auto" and G >= self.batch_from_G
+                                                     and G * C * (P + C) < S * (P + S))
                 plan = self._batched(P, cs, C, device) if batched else self._dense(P, cs, S, device)
             self.groups.append((start, P, S, plan))
             start += P + S

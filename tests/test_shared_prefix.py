@@ -139,6 +139,9 @@ def test_shared_layout_attends_as_the_rules_say(mode, monkeypatch):
     plens, clens = torch.tensor([3, 5]), torch.tensor([2, 0, 4, 9, 11, 12])
     N = int(plens.sum() + clens.sum())
     q, k, v = (torch.randn(2, N, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    if mode == "auto":  # G = 3 groups stay dense at the default threshold; from G = 3 on, the long ones batch
+        assert [p[0] for *_, p in SharedPrefix(plens, clens, 3, torch.device("cpu")).groups] == ["dense", "dense"]
+        monkeypatch.setattr(SharedPrefix, "batch_from_G", 3)
     layout = SharedPrefix(plens, clens, 3, torch.device("cpu"))
     if mode == "auto":
         assert [p[0] for *_, p in layout.groups] == ["dense", "batched"]
