@@ -28,7 +28,7 @@ from model import VidEmo, scratch_config
 
 # ----------------------------------------------------------------------------------------------------------------------
 # defaults (override with --key=value or a config file, as in every VidEmo script; --help lists them)
-section = "all"  # generate | data | kernels | sft | prune | rl | shared_prefix | memory | peers | all
+section = "all"  # generate | data | kernels | sft | prune | rl | shared_prefix | kv_cache | memory | peers | all
 threads = 2  # torch CPU threads
 repeats = 3  # timed runs per measurement (the fastest is reported: least disturbed by other load)
 clock = "wall"  # wall | cpu (process CPU time: steadier on a shared machine; use with threads=1)
@@ -52,7 +52,8 @@ sft_batch = 16  # clips per step
 init_from = "out/sft_emosynth/ckpt"  # the SFT checkpoint they start from
 data_dir = "data/emosynth/build"  # its EmoSynth build
 rl_overrides = ""  # extra train_rl.py flags for the rl section, space separated (e.g. "--num_generations=4")
-# shared_prefix section: GRPO's reference + update passes, each group's prompt once vs G times (peer_shapes' model)
+# shared_prefix section: GRPO's reference + update passes, each group's prompt once vs G times (peer_shapes' model);
+# kv_cache section: the rollout's KV cache, each group's prompt keys/values once vs G times (same shapes)
 sp_sizes = (112, 224)  # frame sides
 sp_frames = (2, 4, 8)
 sp_G = (4, 8, 16)
@@ -88,7 +89,7 @@ peer_grpo_tokens = 96
 peer_grpo_images = 1  # frames per GRPO prompt: TRL gets them as that many images, ours as one video of that many
 # temporal patches (each frame doubled, so the patches are the same pixels); > 1 with large frames: a video-shaped set
 peer_grpo_pixels = (56 * 84, 84 * 112, 112 * 168)  # each prompt's pixel budget per frame, drawn from these
-peer_grpo_shared = True  # our scoring passes: each group's prompt once (train_rl's shared_prefix) or G rows
+peer_grpo_shared = True  # scoring passes, rollout cache: each prompt once per group (train_rl shared_prefix) or G rows
 peer_grpo_ckpt = (False, True)  # GRPO rows: without / with activation checkpointing on both sides
 peer_interleave = True  # time ours and the peer in turn (False: one at a time, for memory: the 3b shape)
 peer_child = ""  # internal: kind:who = run one memory measurement in this process (a child of the section)
@@ -705,7 +706,8 @@ def grpo_work(cfg, who, d, memory=False, ckpt=False):
             seqs, _ = policy.generate(b["input_ids"], b["attention_mask"], video_embeds=emb,
                                       video_grid_thw=b["video_grid_thw"], second_per_grid_ts=b["second_per_grid_ts"],
                                       max_new_tokens=T, temperature=temperature, eos_token_id=[2, 6, 7],
-                                      pad_token_id=0, num_return_sequences=G, return_logprobs=True, generator=gen)
+                                      pad_token_id=0, num_return_sequences=G, return_logprobs=True, generator=gen,
+                                      share_prompt_kv=cfg["peer_grpo_shared"])
             mb = grpo.group_batch(b["input_ids"], b["attention_mask"], seqs, emb, b["video_grid_thw"],
                                   b["second_per_grid_ts"], None, G, policy.vision_token_counts(b["video_grid_thw"]),
                                   2, 0, (6, 7), pixels=b["pixel_values_videos"])
@@ -1024,7 +1026,7 @@ RECIPES = [
     ("7B SFT, 1 x 24 GB, LoRA r 16", "sft_qwen25vl_7b_lora_24gb.py", "qwen2.5-vl-7b", ("lora", "ddp", 1, 16),
      dict(stage="sft", frames=8, batch=1, completion=512)),
     ("7B RL, 1 x 24 GB, LoRA r 16", "rl_qwen25vl_7b_lora_24gb.py", "qwen2.5-vl-7b", ("lora", "ddp", 1, 16),
-     dict(stage="rl", frames=8, prompts=1, G=4, completion=512)),
+     dict(stage="rl", frames=8, prompts=1, G=8, completion=512)),
 ]
 
 
@@ -1085,13 +1087,30 @@ def bench_memory(cfg):
                 print(f"  {part:30s} plan {p / 2**20:9.2f} MiB  measured {m / 2**20:9.2f} MiB  plan/measured {p / m:.3f}")
 
 
+def _sp_prompts(model, size, frames, B):
+    """B prompts of 12 random text tokens around a random video of `frames` frames at size² -> (ids [B, P], grid
+    [B, 3], video embeddings [B * n_vid, D], pixels)."""
+    from model import vision_token_counts
+    side = size // 14 // 2 * 2  # patches per side, even (2 x 2 merge)
+    grid = torch.tensor([[frames // 2, side, side]] * B)
+    n_vid = int(vision_token_counts(grid, 2)[0])
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
+    text = torch.randint(10, 1000, (B, 12))
+    prompt = torch.cat([text[:, :6], torch.full((B, 1), PEER_IDS["<|vision_start|>"]),
+                        torch.full((B, n_vid), PEER_IDS["<|video_pad|>"]),
+                        torch.full((B, 1), PEER_IDS["<|vision_end|>"]), text[:, 6:]], 1)
+    with torch.no_grad():
+        emb = model.encode_video(pixels, grid)
+    return prompt, grid, emb, pixels
+
+
 def bench_shared_prefix(cfg):
     """GRPO's reference pass (no grad) + policy update (forward + backward) on one micro-batch of sp_prompts prompts x
     G completions, shared_prefix vs per-row, over prompt length (frames x frame side) and G: the tokens each layout
     computes, the time ratio beside the token ratio G(P+C) / (P+G*C); the shared layout timed with its completions'
     attention chosen per group (model.SharedPrefix "auto") and forced to the dense [S, P + S] mask."""
     import grpo
-    from model import SharedPrefix, vision_token_counts
+    from model import SharedPrefix
     torch.manual_seed(0)
     model = VidEmo(peer_config(cfg["peer_shapes"][0], cfg["peer_depth"])).float().train()
     C, B = cfg["sp_completion"], cfg["sp_prompts"]
@@ -1102,17 +1121,8 @@ def bench_shared_prefix(cfg):
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for size in cfg["sp_sizes"]:
         for frames in cfg["sp_frames"]:
-            side = size // 14 // 2 * 2  # patches per side, even (2 x 2 merge)
-            grid = torch.tensor([[frames // 2, side, side]] * B)
-            n_vid = int(vision_token_counts(grid, 2)[0])
-            pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
-            text = torch.randint(10, 1000, (B, 12))
-            prompt = torch.cat([text[:, :6], torch.full((B, 1), PEER_IDS["<|vision_start|>"]),
-                                torch.full((B, n_vid), PEER_IDS["<|video_pad|>"]),
-                                torch.full((B, 1), PEER_IDS["<|vision_end|>"]), text[:, 6:]], 1)
-            P = prompt.shape[1]
-            with torch.no_grad():
-                emb = model.encode_video(pixels, grid)
+            prompt, grid, emb, pixels = _sp_prompts(model, size, frames, B)
+            P, n_vid = prompt.shape[1], emb.shape[0] // B
             for G in cfg["sp_G"]:
                 seqs = torch.randint(10, 1000, (B * G, C))
                 mb = grpo.group_batch(prompt, torch.ones_like(prompt), seqs, emb, grid, torch.ones(B), None, G,
@@ -1137,8 +1147,57 @@ def bench_shared_prefix(cfg):
                       f"{secs['dense']:.3f} | {secs['auto']:.3f} | {chosen} | {sr:.2f} | {sr / tr:.2f} |", flush=True)
 
 
+def bench_kv_cache(cfg):
+    """GRPO's rollout: sp_prompts prompts x G greedy completions of sp_completion tokens (no EOS), the prompts' keys
+    and values held once per group (model.GroupKVCache, the default) vs copied to every completion: KV-cache bytes,
+    generate time and decode time per step (the extra time of a sp_completion-token generate over a 1-token one)."""
+    import model as M
+    torch.manual_seed(0)
+    model = VidEmo(peer_config(cfg["peer_shapes"][0], cfg["peer_depth"])).float().eval()
+    C, B = cfg["sp_completion"], cfg["sp_prompts"]
+    made, inits = [], {cls: cls.__init__ for cls in (M.KVCache, M.GroupKVCache)}  # the caches generate builds
+
+    def record(init):
+        def wrapped(self, *a, **k):
+            init(self, *a, **k)
+            made.append(self)
+        return wrapped
+    for cls, init in inits.items():
+        cls.__init__ = record(init)
+    print(f"\nkv_cache: {cfg['peer_shapes'][0]} model, {B} prompts x G greedy completions of {C} tokens, "
+          f"{torch.get_num_threads()} threads; seconds = min of {cfg['repeats']}")
+    print("| frames x side | P | G | KV MiB copied | KV MiB once per group | KV ratio | generate s copied | "
+          "generate s once per group | decode ms/step copied | decode ms/step once per group | decode time ratio | "
+          "same tokens |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    try:
+        for size in cfg["sp_sizes"]:
+            for frames in cfg["sp_frames"]:
+                prompt, grid, emb, _ = _sp_prompts(model, size, frames, B)
+                for G in cfg["sp_G"]:
+                    res = {}
+                    for share in (False, True):
+                        kw = dict(video_embeds=emb, video_grid_thw=grid, second_per_grid_ts=torch.ones(B),
+                                  temperature=0.0, pad_token_id=0, num_return_sequences=G, share_prompt_kv=share)
+                        first = timed(lambda: model.generate(prompt, max_new_tokens=1, **kw), cfg["repeats"],
+                                      cfg["clock"])
+                        whole = timed(lambda: model.generate(prompt, max_new_tokens=C, **kw), cfg["repeats"],
+                                      cfg["clock"])
+                        made.clear()
+                        tokens = model.generate(prompt, max_new_tokens=C, **kw)[0]
+                        res[share] = (made[-1].nbytes() / 2 ** 20, whole, (whole - first) / max(C - 1, 1), tokens)
+                    (mc, tc, dc, kc), (mg, tg, dg, kg) = res[False], res[True]
+                    print(f"| {frames} x {size}² | {prompt.shape[1]} | {G} | {mc:.1f} | {mg:.1f} | {mc / mg:.2f} | "
+                          f"{tc:.3f} | {tg:.3f} | {dc * 1e3:.2f} | {dg * 1e3:.2f} | {dc / dg:.2f} | "
+                          f"{'yes' if torch.equal(kc, kg) else 'NO'} |", flush=True)
+    finally:
+        for cls, init in inits.items():
+            cls.__init__ = init
+
+
 SECTIONS = {"generate": bench_generate, "data": bench_data, "kernels": bench_kernels, "sft": bench_sft,
-            "prune": bench_prune, "rl": bench_rl, "shared_prefix": bench_shared_prefix, "memory": bench_memory, "peers": bench_peers}
+            "prune": bench_prune, "rl": bench_rl, "shared_prefix": bench_shared_prefix, "kv_cache": bench_kv_cache,
+            "memory": bench_memory, "peers": bench_peers}
 
 
 def main():

@@ -323,6 +323,34 @@ def check_shared_prefix(cfg, dev):
         res["time_ratio"] = (times[False][0] + times[False][1]) / (times[True][0] + times[True][1])
     tol = 2e-2 if dev.type == "cuda" else 1e-4  # bf16 sums in another order vs fp32
     res["ok"] = res["logp_abs_err_mean"] <= tol and res["grad_cosine_min"] >= (0.99 if dev.type == "cuda" else 0.9999)
+    # the rollout of the same group: G greedy completions of C tokens (no stop), the prompt's keys/values once per
+    # group (GroupKVCache) vs copied to every completion: KV bytes, decode time per step, agreement
+    model.eval()
+    ts = model.ts
+    kv_row = 2 * ts["num_hidden_layers"] * ts["num_key_value_heads"] * (ts["hidden_size"] // ts["num_attention_heads"])
+    kv_row *= 2 if dev.type == "cuda" else 4  # bytes per cached position (bf16 under autocast)
+    gen, first = {}, {}
+    for share in (False, True):
+        def run(n, share=share):
+            with autocast:
+                return model.generate(inp["input_ids"], inp["attention_mask"], video_embeds=emb, video_grid_thw=grid,
+                                       second_per_grid_ts=inp["second_per_grid_ts"], max_new_tokens=n,
+                                       num_return_sequences=G, pad_token_id=0, return_logprobs=True,
+                                       share_prompt_kv=share)
+        gen[share] = run(C)
+        if dev.type == "cuda":
+            first[share] = (common.cuda_ms(lambda: run(1), 3), common.cuda_ms(lambda: run(C), 3))
+    agree = (gen[True][0] == gen[False][0]).float().mean().item()
+    res.update(rollout_kv_mib_copied=G * (P + C) * kv_row / 2 ** 20, rollout_kv_mib_once=(P + G * C) * kv_row / 2 ** 20,
+               rollout_token_agreement=agree,
+               rollout_first_logp_abs_err=(gen[True][1][:, 0] - gen[False][1][:, 0]).abs().max().item())
+    if dev.type == "cuda":
+        for share, key in ((False, "copied"), (True, "once")):
+            res[f"rollout_decode_ms_step_{key}"] = (first[share][1] - first[share][0]) / (C - 1)
+        res["rollout_decode_time_ratio"] = res["rollout_decode_ms_step_copied"] / res["rollout_decode_ms_step_once"]
+    else:  # fp32: the same tokens
+        res["ok"] = res["ok"] and agree == 1.0
+    model.train()
     return res
 
 

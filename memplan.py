@@ -21,7 +21,6 @@ Conventions (the trainers' semantics; on CUDA compute is bf16 under autocast, on
 Meta-device models give exact parameter counts without reading any weights.
 """
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -277,8 +276,9 @@ def activations(model, w, cuda=True, ckpt=False, vision_grad=True, lora=None, re
 
 
 def kv_cache_bytes(ts, rows, max_len, elem):
-    """model.KVCache: per layer k and v [rows, kv_heads, max_len, hd], allocated in full for all rows (the prompt part
-    is copied per completion, not shared): 2 x layers x rows x kv_heads x max_len x head_dim x bytes."""
+    """The rollout's cache, per layer k and v, allocated in full: 2 x layers x rows x kv_heads x max_len x head_dim x
+    bytes. model.KVCache (the prompt copied to each completion): rows = prompts x G, max_len = prompt + completion;
+    model.GroupKVCache (each prompt once per group, eager decode): rows = prompts, max_len = prompt + G x completion."""
     hd = ts["hidden_size"] // ts["num_attention_heads"]
     return 2 * ts["num_hidden_layers"] * rows * ts["num_key_value_heads"] * max_len * hd * elem
 
@@ -350,8 +350,8 @@ def plan(config, recipe, w, cuda=True, model=None):
         # model.generate allocates the cache in the autocast dtype on CUDA (bf16 whatever the master weights); 4 B on
         # CPU (fp32)
         elem = 2 if cuda else 4
-        _, row_len, _, _, _ = _seq(config, dataclasses.replace(w, shared_prefix=False))  # [prompt; completion]
-        kv = kv_cache_bytes(ts, w.prompts * w.G, row_len, elem)
+        rows_kv, row_len, _, _, _ = _seq(config, w)  # the cache follows the layout (shared_prefix: GroupKVCache)
+        kv = kv_cache_bytes(ts, rows_kv, row_len, elem)
     persistent = params + grads + optim + ref + buckets + cache
     update = (act_ckpt if w.ckpt else act) + scorer + units
     rollout = kv + rollout_copy
@@ -469,23 +469,25 @@ def measure_states(model, inputs):
     return out
 
 
-def measure_kv(model, rows_prompts, G, prompt_len, new_tokens):
-    """Bytes a real generate() allocates in its KVCache (model.KVCache patched to record the instance)."""
-    made = []
+def measure_kv(model, rows_prompts, G, prompt_len, new_tokens, share=False):
+    """Bytes a real generate() allocates in its cache (model.KVCache, or model.GroupKVCache under share, patched to
+    record the instance)."""
+    made, name = [], "GroupKVCache" if share else "KVCache"
 
-    class Recorder(M.KVCache):
+    class Recorder(getattr(M, name)):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             made.append(self)
     ids = torch.randint(0, 100, (rows_prompts, prompt_len))
-    orig, M.KVCache = M.KVCache, Recorder
+    orig = getattr(M, name)
+    setattr(M, name, Recorder)
     try:
         model.eval()
-        model.generate(ids, max_new_tokens=new_tokens, num_return_sequences=G, temperature=1.0, eos_token_id=None)
+        model.generate(ids, max_new_tokens=new_tokens, num_return_sequences=G, temperature=1.0, eos_token_id=None,
+                       share_prompt_kv=share)
     finally:
-        M.KVCache = orig
-    c = made[0]
-    return sum(t.numel() * t.element_size() for t in c.k + c.v)
+        setattr(M, name, orig)
+    return made[0].nbytes()
 
 
 def measure_scorer(N, V, D, need_w=True, entropy=False, seed=0):
@@ -521,8 +523,9 @@ def check(config, w, seed=0):
     plan_ckpt = activations(model, w, cuda=False, ckpt=True, recompute=False)
     out.append(("act ckpt (held after fwd)", plan_ckpt, held_ckpt))
     G, new = 2, 8
-    kv = measure_kv(model, rows, G, L, new)
-    out.append(("kv cache", kv_cache_bytes(ts, rows * G, L + new, 4), kv))
+    out.append(("kv cache", kv_cache_bytes(ts, rows * G, L + new, 4), measure_kv(model, rows, G, L, new)))
+    out.append(("kv cache, prompt once per group", kv_cache_bytes(ts, rows, L + G * new, 4),
+                measure_kv(model, rows, G, L, new, share=True)))
     V, D = ts["vocab_size"], ts["hidden_size"]
     out.append(("scorer", scorer_bytes(scored, V, D, cuda=False, need_w=True), measure_scorer(scored, V, D)))
     out.append(("scorer (entropy, frozen head)", scorer_bytes(scored, V, D, cuda=False, need_w=False, entropy=True),

@@ -389,6 +389,9 @@ class KVCache:
             return m
         return None if self.bias is None else self.bias[..., :self.len + 1]
 
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
     def keep(self, index):
         """Only rows `index` [b'] of the batch stay, in that order."""
         if self.static:  # in place, into the front of the same buffers: captured graphs keep their addresses
@@ -399,6 +402,76 @@ class KVCache:
             self.k = [k[index] for k in self.k]
             self.v = [v[index] for v in self.v]
             self.bias = None if self.bias is None else self.bias[index]
+
+
+class GroupKVCache(KVCache):
+    """The rollout's cache for n completions per prompt (eager decode): each prompt's keys/values once per group
+    [B, kv_heads, L, hd], and each completion's own generated keys/values [B*n, kv_heads, max_new, hd]. A decode
+    query attends to its prompt's keys and to its own under one softmax; the prompt part runs as one matmul per
+    group (its n*g queries against the one copy), so the prompt's keys are read once per group, not n times, and
+    never copied n times at prefill. Rows that finish leave the batch (keep) as in KVCache; the prompt part keeps
+    computing the full [B, n] grid (a finished row's queries are zero)."""
+
+    def __init__(self, n_layer, B, n, n_kv, L, max_new, hd, dtype, device):
+        self.pk = [torch.zeros(B, n_kv, L, hd, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.pv = [torch.zeros(B, n_kv, L, hd, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.k = [torch.zeros(B * n, n_kv, max_new, hd, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(B * n, n_kv, max_new, hd, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.B, self.n, self.L, self.len, self.static, self.b = B, n, L, 0, False, B * n
+        rows = torch.arange(B * n, device=device)
+        self.group, self.slot = rows // n, rows % n  # [b] each live row's prompt and its place in the group
+        self.slots = None  # packed prefill: (prompt row [N], position [N]) of each real prompt token
+        self.bias = None  # [B, 1, 1, L] additive prompt-key mask (left padding), or None
+
+    def update(self, i, k, v):  # prefill only (decode goes through attend): k, v [B, n_kv, L, hd]
+        self.pk[i][:, :, :k.shape[2]] = k
+        self.pv[i][:, :, :k.shape[2]] = v
+        return k, v
+
+    def write_packed(self, i, k, v):  # k, v [Hkv, N, hd] of the prompts' real tokens
+        rows, cols = self.slots
+        self.pk[i][rows, :, cols] = k.transpose(0, 1)
+        self.pv[i][rows, :, cols] = v.transpose(0, 1)
+
+    def step_mask(self):
+        return None  # attend applies the prompt mask itself
+
+    def keep(self, index):
+        self.k, self.v = [k[index] for k in self.k], [v[index] for v in self.v]
+        self.group, self.slot = self.group[index], self.slot[index]
+        self.b = index.numel()
+
+    def _grid(self, x):  # [b, Hkv, g, m] per live row -> [B, Hkv, n*g, m] per group (finished rows: zeros)
+        b, Hkv, g, m = x.shape
+        if b < self.B * self.n:  # rows have left: scatter the live ones into their slots
+            out = x.new_zeros(self.B, self.n, Hkv, g, m)
+            out[self.group, self.slot] = x
+            x = out
+        return x.view(self.B, self.n, Hkv, g, m).transpose(1, 2).reshape(self.B, Hkv, self.n * g, m)
+
+    def _rows(self, x, g):  # [B, Hkv, n*g, m] -> [b, Hkv, g, m]
+        B, Hkv, _, m = x.shape
+        x = x.view(B, Hkv, self.n, g, m).transpose(1, 2)  # [B, n, Hkv, g, m]
+        return x.reshape(B * self.n, Hkv, g, m) if self.b == B * self.n else x[self.group, self.slot]
+
+    def attend(self, i, q, k, v):  # q [b, H, 1, hd], k/v [b, Hkv, 1, hd] of this step -> [b, H * hd]
+        b, H, _, hd = q.shape
+        Hkv = k.shape[1]
+        g, t = H // Hkv, self.len - self.L  # t: generated tokens already cached
+        self.k[i][:, :, t] = k[:, :, 0]
+        self.v[i][:, :, t] = v[:, :, 0]
+        q = q.reshape(b, Hkv, g, hd) * hd ** -0.5  # head h = kv * g + j, as in the copied cache's decode
+        s_prompt = self._grid(q) @ self.pk[i].transpose(-1, -2)  # [B, Hkv, n*g, L]
+        if self.bias is not None:
+            s_prompt = s_prompt + self.bias
+        s_own = q @ self.k[i][:, :, :t + 1].transpose(-1, -2)  # [b, Hkv, g, t+1]
+        p = torch.cat([self._rows(s_prompt, g), s_own], -1).float().softmax(-1).to(q.dtype)
+        out = self._rows(self._grid(p[..., :self.L]) @ self.pv[i], g)  # [b, Hkv, g, hd]
+        out = out + p[..., self.L:] @ self.v[i][:, :, :t + 1]
+        return out.reshape(b, H * hd)
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.pk + self.pv + self.k + self.v)
 
 
 class DecodeGraphs:
@@ -525,6 +598,8 @@ class Attention(nn.Module):
             k, v = (t[0].repeat_interleave(self.n_head // self.n_kv, 0) for t in (k, v))
             return self.o_proj(mask.attend(q[0], k, v).reshape(1, T, -1))
         if cache is not None:
+            if T == 1 and isinstance(cache, GroupKVCache):  # rollout decode: the prompt's keys once per group
+                return self.o_proj(cache.attend(layer, q, k, v)[:, None])
             k, v = cache.update(layer, k, v)
             if T == 1:  # one query per row: the heads of a kv group become that group's queries, no kv repeat
                 g = self.n_head // self.n_kv
@@ -1047,7 +1122,7 @@ class VidEmo(nn.Module):
                  second_per_grid_ts=None, pixel_values=None, image_grid_thw=None, video_embeds=None,
                  video_keep_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, eos_token_id=None,
                  pad_token_id=None, num_return_sequences=1, return_logprobs=False, generator=None, compact_every=8,
-                 decode="eager"):
+                 decode="eager", share_prompt_kv=True):
         """Batched generation with a static KV cache. Prompts may be left or right padded (they are compacted to
         left padding). The vision tower and the prefill run once per prompt; their keys/values are copied to the
         num_return_sequences completions (rows b*n .. b*n+n-1 belong to prompt b). Decode positions continue from
@@ -1062,7 +1137,10 @@ class VidEmo(nn.Module):
         decode: "eager" (keys sliced to the length so far), "static" (every step the same shapes and addresses:
         the whole cache attended under a key mask; compaction to power-of-two batch sizes, in place) or "graphs"
         (static, each step replayed from a CUDA graph: no launch overhead; CUDA only). All three give the same
-        greedy tokens."""
+        greedy tokens.
+        share_prompt_kv (eager decode, n > 1): the cache holds each prompt's keys/values once per group
+        (GroupKVCache; KV memory B*L + B*n*T rows instead of B*n*(L+T)); False copies them to every completion's row
+        (the layout static and graphs decode always use). Both give the same tokens up to float rounding."""
         if decode not in ("eager", "static", "graphs"):
             raise ValueError(f"decode must be eager, static or graphs, got {decode!r}")
         if decode == "graphs" and input_ids.device.type != "cuda":
@@ -1072,7 +1150,7 @@ class VidEmo(nn.Module):
                                            second_per_grid_ts, pixel_values, image_grid_thw, video_embeds,
                                            video_keep_mask, max_new_tokens, temperature, top_p, top_k,
                                            eos_token_id, pad_token_id, num_return_sequences, return_logprobs,
-                                           generator, compact_every, decode)
+                                           generator, compact_every, decode, share_prompt_kv)
         return tokens.clone(), (logps.clone() if logps is not None else None)
 
     def _decode_step(self, cache, tcos, tsin, tok, r):
@@ -1092,7 +1170,7 @@ class VidEmo(nn.Module):
     def _generate(self, input_ids, attention_mask, pixel_values_videos, video_grid_thw, second_per_grid_ts,
                   pixel_values, image_grid_thw, video_embeds, video_keep_mask, max_new_tokens, temperature, top_p,
                   top_k, eos_token_id, pad_token_id, num_return_sequences, return_logprobs, generator, compact_every,
-                  decode):
+                  decode, share_prompt_kv=False):
         n, static = num_return_sequences, decode != "eager"
         eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
                               device=input_ids.device).flatten()
@@ -1105,21 +1183,32 @@ class VidEmo(nn.Module):
         S = L + max_new_tokens
         dev = x.device.type  # under autocast the keys / values are bf16 whatever the (fp32 master) embedding gives
         cache_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        cache = KVCache(len(self.layers), B * n, self.ts["num_key_value_heads"], S, self.layers[0].self_attn.hd,
-                        cache_dtype, x.device, expand=n, static=static, zero=real is not None)
+        kv_args = (self.ts["num_key_value_heads"], S, self.layers[0].self_attn.hd, cache_dtype, x.device)
+        grouped = share_prompt_kv and n > 1 and not static
+        if grouped:
+            cache = GroupKVCache(len(self.layers), B, n, kv_args[0], L, max_new_tokens, *kv_args[2:])
+        else:
+            cache = KVCache(len(self.layers), B * n, *kv_args, expand=n, static=static, zero=real is not None)
         if real is None:
             h = self._layers(x, *self.mrope(pos, x.dtype), None, cache)[:, -1]  # [B, D]
         else:  # packed prefill: only the prompts' real tokens pass the layers; their keys land in their padded slots
             flat = real.flatten().nonzero()[:, 0]  # [N] positions in the left-padded [B, L] grid
             packed = Packed(real.sum(1))
-            cache.slots = ((flat // L)[:, None] * n + torch.arange(n, device=x.device)).flatten(), \
-                (flat % L).repeat_interleave(n)
+            if grouped:  # (prompt row, position) of each real token
+                cache.slots = flat // L, flat % L
+            else:  # (completion row, position): each token once per completion
+                cache.slots = ((flat // L)[:, None] * n + torch.arange(n, device=x.device)).flatten(), \
+                    (flat % L).repeat_interleave(n)
             h = self._layers(x.flatten(0, 1)[flat][None], *self.mrope(pos.flatten(1, 2)[:, flat][:, None], x.dtype),
                              packed, cache)[0]  # [N, D]
             h = h[packed.cu_seqlens[1:].long() - 1]  # [B, D]: each prompt's last token
             cache.len = L
         logits = self.lm_head(self.norm(h)).repeat_interleave(n, 0)  # [B*n, V]
-        if real is not None or static:  # decode attends over the prompt's real tokens + everything generated; an
+        if grouped:
+            if real is not None:
+                cache.bias = torch.zeros(B, 1, 1, L, dtype=x.dtype, device=x.device).masked_fill_(
+                    ~real[:, None, None], float("-inf"))
+        elif real is not None or static:  # decode attends over the prompt's real tokens + everything generated; an
             # additive float mask built once (SDPA would convert a bool mask in every layer of every step)
             cache.bias = torch.zeros(B * n, 1, 1, S, dtype=x.dtype, device=x.device)
             if real is not None:

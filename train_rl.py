@@ -67,7 +67,8 @@ video_prune_rate = 0.0  # > 0: EVS keep-mask per prompt (kernels.token_compress)
 # the tree reward reaches perception (gender, glasses, neutral faces); False = encode once per rollout, vision frozen
 train_vision = True
 # the policy, reference and old log-prob passes compute each group's prompt once and its G completions attend to it
-# (model.group_logprobs); False = G rows [prompt; completion] per group, the prompt computed G times
+# (model.group_logprobs), and the rollout's cache holds each prompt's keys/values once per group (eager decode);
+# False = G rows [prompt; completion] per group, the prompt computed (and its keys cached) G times
 shared_prefix = True
 # GRPO
 prompts_per_step = 8  # prompts per optimizer step over all ranks (x G completions); each rank owns whole groups
@@ -323,7 +324,8 @@ def rollout(policy, prompts, gen, tokenizer, dev, autocast, reencode):
             ids, attention_mask=attn, video_embeds=video_embeds, video_grid_thw=grid, second_per_grid_ts=sec,
             video_keep_mask=keep, max_new_tokens=max_completion_length, temperature=temperature, top_p=top_p,
             top_k=top_k, eos_token_id=[eos_id, *placeholders], pad_token_id=pad_id, num_return_sequences=num_generations,
-            return_logprobs=True, generator=gen, decode=decode)  # [B*G, Tc]: sample j of prompt b is row b*G + j
+            return_logprobs=True, generator=gen, decode=decode,  # [B*G, Tc]: sample j of prompt b is row b*G + j
+            share_prompt_kv=shared_prefix)  # eager decode: each prompt's keys/values once per group
     t_gen = time.time() - t0
     mb = grpo.group_batch(ids, attn, seqs, video_embeds, grid, sec, keep, num_generations,
                           policy.vision_token_counts(grid), eos_id, pad_id, placeholders, mask_truncated_completions,

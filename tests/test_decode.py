@@ -109,3 +109,23 @@ def test_decode_graphs_needs_cuda():
     inp = fake_video_inputs([(2, 4, 4)], side="left", seed=1)
     with pytest.raises(ValueError, match="CUDA"):
         model.generate(inp.pop("input_ids"), max_new_tokens=2, decode="graphs", **inp)
+
+
+@pytest.mark.parametrize("grids,every,temperature", [([(2, 8, 8), (2, 6, 6), (2, 4, 8)], 3, 0.0),
+                                                      ([(2, 8, 8), (2, 6, 6), (2, 4, 8)], 1, 0.9),
+                                                      ([(2, 6, 6)], 0, 0.9), ([(2, 8, 8), (2, 8, 8)], 8, 0.0)])
+def test_prompt_kv_once_per_group_equals_copies(grids, every, temperature):
+    """The rollout's cache with each prompt's keys/values once per group (GroupKVCache: the prompt part of a decode
+    query attends as one matmul per group) against the cache that copies them to every completion: same tokens, same
+    log-probs, whether the prompts are padded (packed prefill) or not, greedy or sampled, rows leaving the batch."""
+    model = _model(2)
+    inp = fake_video_inputs(grids, side="left", seed=4)
+    ids = inp.pop("input_ids")
+    G = int(torch.randint(2, 6, ()))
+    kw = dict(max_new_tokens=20, temperature=temperature, eos_token_id=EOS[::4], pad_token_id=PAD, num_return_sequences=G,
+              return_logprobs=True, compact_every=every, **inp)
+    want, lp_want = model.generate(ids, share_prompt_kv=False, generator=torch.Generator().manual_seed(5), **kw)
+    got, lp_got = model.generate(ids, share_prompt_kv=True, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(lp_got, lp_want, rtol=1e-5, atol=1e-5)
+    assert (lp_want != 0).sum() > 5 * len(grids) * G  # rows ran for several steps

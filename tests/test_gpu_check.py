@@ -36,6 +36,9 @@ def test_dry_run_writes_the_figures(tmp_path, interpret):
     f = rep["checks"]["bf16_forward"]
     assert 0 < f["logits_rel_err_max"] <= 5e-2 and 0.9 <= f["top1_agreement"] <= 1.0
     assert rep["checks"]["flash_attn"]["skipped"]
+    sp = rep["checks"]["shared_prefix"]  # shared vs per-row passes, and the rollout with the prompt's keys once
+    assert sp["ok"] and sp["grad_cosine_min"] >= 0.9999 and sp["rollout_token_agreement"] == 1.0
+    assert sp["rollout_kv_mib_once"] < sp["rollout_kv_mib_copied"]
     d = rep["checks"]["decode"]  # eager vs static decode (graphs need CUDA) vs transformers, the same greedy tokens
     assert d["static_same_tokens_as_eager"] and d["eager_same_tokens_as_transformers"] and "graphs_decode_tok_s" not in d
     assert "5/5 checks ok" in r.stdout

@@ -175,8 +175,10 @@ def test_every_bench_section_runs_at_toy_sizes(tmp_path):
     out = r.stdout
     for needle in ("greedy outputs identical: True", "clips/s", "peak RSS added", "| tiny (EmoSynth default) |",
                    "| 0.5 |", "| whole step |", "rollout:", "| SFT step vs transformers |",
-                   "greedy tokens identical: True", "loss transformers| = ", "| time / token ratio |"):
+                   "greedy tokens identical: True", "loss transformers| = ", "| time / token ratio |",
+                   "| decode time ratio | same tokens |"):
         assert needle in out, (needle, out[-3000:])
+    assert re.search(r"\| 2 x 56² \| \d+ \| 2 \|.*\| yes \|", out), out[-3000:]  # kv_cache: grouped = copied tokens
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--section=gpu_only"], capture_output=True, text=True,
                        cwd=ROOT, env=env)
     assert r.returncode == 2 and "section" in r.stderr and "Traceback" not in r.stderr
