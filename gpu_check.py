@@ -314,6 +314,7 @@ def check_shared_prefix(cfg, dev):
               for n, gr in out[False][1].items() if gr.abs().max() > 0)
     P = int(inp["input_ids"].shape[1])
     res = {"prompt_tokens": P, "G": G, "completion": C, "token_ratio": G * (P + C) / (P + G * C),
+           "attention": "flash-attn varlen" if M.flash_ok(emb.new_zeros(1, dtype=torch.bfloat16)) else "sdpa",
            "logp_abs_err_mean": (out[True][0] - out[False][0]).abs().mean().item(),
            "logp_abs_err_max": (out[True][0] - out[False][0]).abs().max().item(), "grad_cosine_min": cos,
            "ref_ms_rows": times[False][0], "ref_ms_shared": times[True][0], "update_ms_rows": times[False][1],

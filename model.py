@@ -33,6 +33,13 @@ try:  # optional: packed variable-length attention for the vision tower on GPU
 except ImportError:
     flash_attn_varlen_func = None
 
+
+
+def flash_ok(x):
+    """flash-attn's varlen kernel applies: installed, CUDA, half precision."""
+    return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
 ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 
 # -----------------------------------------------------------------------------
@@ -235,7 +242,7 @@ class VisionAttention(nn.Module):
         c, s = cos[:, None], sin[:, None]
         q = apply_rope(q.float(), c, s).to(x.dtype)
         k = apply_rope(k.float(), c, s).to(x.dtype)
-        if flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        if flash_ok(x):
             max_len = max(n for n, _ in plan[0])  # the longest segment
             y = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)  # [N, H, hd]
         else:
@@ -524,8 +531,10 @@ class SharedPrefix:
 
     def __init__(self, prompt_lens, comp_lens, G, device):
         self.groups = []  # (start, prompt length, completion tokens, plan) per group
+        self.prompt_lens, self.comp_lens, self.G = prompt_lens.tolist(), comp_lens.tolist(), G
+        self._flash = None  # flash-attn's varlen plan, built on first use
         start = 0
-        for b, P in enumerate(prompt_lens.tolist()):
+        for b, P in enumerate(self.prompt_lens):
             cs = comp_lens[b * G:(b + 1) * G].to(device)
             S, C = int(cs.sum()), int(cs.max()) if G else 0
             plan = None
@@ -535,6 +544,40 @@ class SharedPrefix:
                 plan = self._batched(P, cs, C, device) if batched else self._dense(P, cs, S, device)
             self.groups.append((start, P, S, plan))
             start += P + S
+
+    def flash_plan(self, device):
+        """Two varlen calls for every group at once: the prompts (causal), and each completion as queries [C_j]
+        against keys [its prompt; itself] (causal aligned to the bottom right: query t sees the prompt and its own
+        tokens up to t). -> (prompt token index [Np], cu [B+1], max P, completion token index [Nc], key index [Nk],
+        cu_q [n+1], cu_k [n+1], max C, max P + C)."""
+        if self._flash is None:
+            p_idx, c_idx, k_idx, lq, lk = [], [], [], [], []
+            for b, (s, P, S, _) in enumerate(self.groups):
+                prompt = torch.arange(s, s + P)
+                p_idx.append(prompt)
+                at = s + P
+                for c in self.comp_lens[b * self.G:(b + 1) * self.G]:
+                    if c:
+                        own = torch.arange(at, at + c)
+                        c_idx.append(own)
+                        k_idx += [prompt, own]
+                        lq.append(c)
+                        lk.append(P + c)
+                        at += c
+            cu = lambda n: F.pad(torch.tensor(n).cumsum(0), (1, 0)).to(device, torch.int32)  # noqa: E731
+            cat = lambda xs: torch.cat(xs).to(device) if xs else torch.zeros(0, dtype=torch.long, device=device)  # noqa: E731
+            self._flash = (cat(p_idx), cu(self.prompt_lens), max(self.prompt_lens), cat(c_idx), cat(k_idx), cu(lq),
+                           cu(lk), max(lq, default=0), max(lk, default=0))
+        return self._flash
+
+    def attend_flash(self, q, k, v):  # q [H, N, hd], k/v [Hkv, N, hd] -> [N, H, hd] (flash-attn takes GQA as is)
+        p_idx, cu_p, max_p, c_idx, k_idx, cu_q, cu_k, max_q, max_k = self.flash_plan(q.device)
+        q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # [N, heads, hd]
+        out = q.new_empty(q.shape)
+        out[p_idx] = flash_attn_varlen_func(q[p_idx], k[p_idx], v[p_idx], cu_p, cu_p, max_p, max_p, causal=True)
+        if c_idx.numel():  # each completion against [prompt K/V; own K/V] (the prompt's K/V gathered per completion)
+            out[c_idx] = flash_attn_varlen_func(q[c_idx], k[k_idx], v[k_idx], cu_q, cu_k, max_q, max_k, causal=True)
+        return out
 
     @staticmethod
     def _dense(P, cs, S, device):
@@ -552,7 +595,10 @@ class SharedPrefix:
         mask = torch.cat([torch.ones(len(cs), C, P, dtype=torch.bool, device=device), own], 2)  # [G, C, P + C]
         return "batched", (at, real, mask[:, None])
 
-    def attend(self, q, k, v):  # q [H, N, hd], k/v [H, N, hd] (kv heads repeated) -> [N, H, hd]
+    def attend(self, q, k, v):  # q [H, N, hd], k/v [Hkv, N, hd] -> [N, H, hd]
+        if flash_ok(q):
+            return self.attend_flash(q, k, v)
+        k, v = (t.repeat_interleave(q.shape[0] // k.shape[0], 0) for t in (k, v))  # SDPA: kv heads repeated
         outs = []
         for s, P, S, plan in self.groups:
             outs.append(F.scaled_dot_product_attention(q[None, :, s:s + P], k[None, :, s:s + P], v[None, :, s:s + P],
@@ -595,8 +641,7 @@ class Attention(nn.Module):
                 cache.write_packed(layer, k[0], v[0])
             return self.o_proj(self._packed(q[0], k[0], v[0], mask).reshape(1, T, -1))
         if isinstance(mask, SharedPrefix):  # B = 1: GRPO groups, each prompt once
-            k, v = (t[0].repeat_interleave(self.n_head // self.n_kv, 0) for t in (k, v))
-            return self.o_proj(mask.attend(q[0], k, v).reshape(1, T, -1))
+            return self.o_proj(mask.attend(q[0], k[0], v[0]).reshape(1, T, -1))
         if cache is not None:
             if T == 1 and isinstance(cache, GroupKVCache):  # rollout decode: the prompt's keys once per group
                 return self.o_proj(cache.attend(layer, q, k, v)[:, None])
@@ -615,7 +660,7 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _packed(self, q, k, v, packed):  # q [H, N, hd], k/v [Hkv, N, hd] -> [N, H, hd]
-        if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if flash_ok(q):
             cu, n = packed.cu_seqlens, packed.max_len
             return flash_attn_varlen_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu, cu, n, n,
                                           causal=True)

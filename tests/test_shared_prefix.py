@@ -54,14 +54,39 @@ def _assert_same(a, b):
         assert float((a[2][n] - b[2][n]).abs().max() / scale) < 1e-5, n
 
 
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, calls=None):
+    """flash_attn_varlen_func's contract in plain torch: sequence i is q[cu_q[i]:cu_q[i+1]] against
+    k/v[cu_k[i]:cu_k[i+1]] (kv heads shared by groups of query heads); causal aligns the mask to the bottom right
+    (query t of lq sees keys up to t + lk - lq), as flash-attn >= 2.1 does."""
+    assert cu_q.dtype == cu_k.dtype == torch.int32 and max_q == int((cu_q[1:] - cu_q[:-1]).max())
+    assert max_k == int((cu_k[1:] - cu_k[:-1]).max())
+    outs = []
+    for i in range(len(cu_q) - 1):
+        qs = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)  # [H, lq, hd]
+        ks, vs = (x[cu_k[i]:cu_k[i + 1]].transpose(0, 1).repeat_interleave(q.shape[1] // k.shape[1], 0) for x in (k, v))
+        lq, lk = qs.shape[1], ks.shape[1]
+        mask = torch.arange(lk)[None] <= torch.arange(lq)[:, None] + (lk - lq) if causal else None
+        outs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1))
+    if calls is not None:
+        calls.append(causal)
+    return torch.cat(outs)
+
+
 @pytest.mark.parametrize("case", ["plain", "pruned", "ckpt", "frozen_vision", "lora", "torch_backend", "naive",
-                                  "batched"])
+                                  "batched", "flash"])
 def test_shared_prefix_equals_per_row(case, monkeypatch):
     """Log-probs, entropies and all gradients: shared layout == per-row layout (relative 1e-5). "batched": each
-    completion attends as its own row against [prompt K/V; own K/V] (SharedPrefix's other mode)."""
+    completion attends as its own row against [prompt K/V; own K/V] (SharedPrefix's other mode). "flash": the
+    shared layout through flash-attn's varlen path (SharedPrefix.attend_flash: prompts causal, each completion
+    against [its prompt; itself]), here with a plain-torch stand-in for the CUDA kernel; the per-row side on SDPA."""
+    import model as M
     from model import SharedPrefix
     from tiny import tiny_config
     monkeypatch.setattr(SharedPrefix, "mode", "batched" if case == "batched" else "dense")
+    calls = []
+    if case == "flash":
+        monkeypatch.setattr(M, "flash_attn_varlen_func", lambda *a, **k: varlen_reference(*a, **k, calls=calls))
+        monkeypatch.setattr(SharedPrefix, "attend", SharedPrefix.attend_flash)
     torch.manual_seed(hash(case) % 1000)
     model = VidEmo(tiny_config(window=case == "plain")).train()
     reencode, backend = True, "auto"
@@ -83,6 +108,8 @@ def test_shared_prefix_equals_per_row(case, monkeypatch):
     want = _run(model, mb, False, reencode, backend)
     got = _run(model, mb, True, reencode, backend)
     _assert_same(got, want)
+    if case == "flash":  # two causal calls per layer in the shared forward: the prompts, the completions
+        assert all(calls) and len(calls) == 2 * len(model.layers)
     if case == "frozen_vision":
         assert not any(n.startswith("visual.") for n in got[2])
     else:
