@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -561,7 +562,9 @@ def main():
             else:
                 res = check_bench(cfg)
         except Exception as e:  # one check's crash is its figure; the others still run
-            res = {"ok": False, "error": f"{type(e).__name__}: {common.first_line(e)}"}
+            res = {"ok": False, "error": f"{type(e).__name__}: {common.first_line(e)}",
+                   "traceback": traceback.format_exc()[-4000:]}  # the whole story: a GPU run is rarely repeated
+            print(res["traceback"], file=sys.stderr, flush=True)
         res["seconds"] = round(time.time() - t0, 1)
         gc.collect()  # the check's model and optimizer: freed before the next check (or a subprocess) runs
         if dev.type == "cuda":
