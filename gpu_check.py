@@ -44,7 +44,7 @@ from model import VidEmo, scratch_config
 out = "out/gpu_check.json"
 checks = ("kernels", "bf16_forward", "flash_attn", "shared_prefix", "fsdp_rl", "memory", "decode", "bench")
 dry_run = False  # CPU, tiny shapes, Triton through TRITON_INTERPRET=1: kernels, bf16_forward, flash_attn only
-depth = 4  # decoder layers (and vision blocks) of the 3B-shaped model: the widths are real, the depth is cut
+depth = 4  # decoder layers (vision blocks: as many, at most its 32) of the 3B-shaped model; 36 = the whole model
 batch = 2  # videos per batch in bf16_forward / memory
 frames = 8  # frames per video (2 per temporal patch)
 size = 224  # frame side in pixels (multiple of 28)
@@ -75,8 +75,9 @@ def model_config(cfg):
         return scratch_config(512, {"<|vision_start|>": 500, "<|vision_end|>": 501, "<|image_pad|>": 502,
                                     "<|video_pad|>": 503, "<|im_end|>": 504, "<|endoftext|>": 505})
     c = json.loads(json.dumps(QWEN25VL_3B))
-    c["num_hidden_layers"] = c["vision_config"]["depth"] = cfg["depth"]
-    c["vision_config"]["fullatt_block_indexes"] = [cfg["depth"] - 1]
+    c["num_hidden_layers"] = cfg["depth"]  # depth 36: the whole 3B model (its vision tower has 32 blocks)
+    c["vision_config"]["depth"] = min(cfg["depth"], c["vision_config"]["depth"])
+    c["vision_config"]["fullatt_block_indexes"] = [c["vision_config"]["depth"] - 1]
     return c
 
 
@@ -101,6 +102,31 @@ def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
+# two bf16 paths may part at a near-tie: their logits differ from fp32's by up to ~2^-6 of the largest logit at this
+# depth (bf16_forward's logits_rel_err_max), so from each other by up to twice that
+NEAR_TIE = 2 ** -5
+
+
+def partings(model, inputs, a, b, autocast=None):
+    """Greedy outputs a, b [B, T] of the same prompts (inputs: forward's prompt inputs) by two decode paths. Where a
+    row parts, a teacher-forced forward over [prompt; a] scores its first differing step: the gap between the two
+    chosen tokens' logits over the row's largest |logit|. -> (fraction of rows equal, the largest gap; 0.0 when no
+    row parts). Greedy decoding that only parts at near-ties (gap <= NEAR_TIE) agrees as far as bf16 can tell."""
+    differ = a != b
+    rows = differ.any(1).nonzero()[:, 0]
+    if rows.numel() == 0:
+        return 1.0, 0.0
+    j = differ[rows].float().argmax(1)  # [r] each parting row's first differing step
+    ids = inputs["input_ids"]
+    fwd = dict(inputs, input_ids=torch.cat([ids, a], 1), attention_mask=torch.cat(
+        [inputs.get("attention_mask", torch.ones_like(ids)), torch.ones_like(a)], 1))
+    with torch.no_grad(), (autocast or torch.autocast(ids.device.type, enabled=False)):
+        h = model(**fwd, return_hidden=True)  # [B, L + T, D]
+        logits = model.lm_head(h[rows, ids.shape[1] - 1 + j]).float()  # [r, V]: the step that parted
+    gap = (logits.gather(1, a[rows, j][:, None]) - logits.gather(1, b[rows, j][:, None])).abs()[:, 0]
+    return 1 - rows.numel() / a.shape[0], (gap / logits.abs().amax(1)).max().item()
+
+
 def run_sub(cmd, timeout, env=None):
     """A subprocess from the repository root: (return code, seconds, output tail)."""
     t0 = time.time()
@@ -123,7 +149,7 @@ def check_kernels(cfg, dev):
     tau = 0.7
     res, ok = {"shape": {"N": n, "D": d, "V": v}, "temperature": tau}, True
     g = torch.Generator(device=dev).manual_seed(cfg["seed"])
-    for dtype, val_tol, grad_tol in [(torch.bfloat16, 1e-4 if not dry else 5e-5, 2e-2), (torch.float32, 1e-4, 1e-3)]:
+    for dtype, grad_tol in [(torch.bfloat16, 2e-2), (torch.float32, 1e-3)]:
         name = str(dtype).removeprefix("torch.")
         h0 = torch.randn(n, d, device=dev, generator=g).to(dtype)
         w0 = (0.1 * torch.randn(v, d, device=dev, generator=g)).to(dtype)
@@ -132,6 +158,10 @@ def check_kernels(cfg, dev):
         g_lp, g_ent = torch.randn(n, device=dev, generator=g), torch.randn(n, device=dev, generator=g)
         h64, w64 = h0.double().requires_grad_(), w0.double().requires_grad_()
         logits64 = h64 @ w64.T
+        # log-probs and entropies: fp32 sums of d products in any order (a tiled kernel's, a tensor core's) part
+        # from fp64 by ~sqrt(d) roundings of the logits' scale; 4x that bound, and never under 5e-5
+        val_tol = max(5e-5, 4 * math.sqrt(d) * 2 ** -24 * (logits64.detach().abs().max().item() / tau))
+        res[f"value_tol_{name}"] = val_tol
         r_lp, r_ent = naive_logits_logprobs(logits64, t, tau, return_entropy=True)  # fp64 in, fp64 out
         (r_lp * g_lp + r_ent * g_ent).sum().backward()
         row = {}
@@ -277,7 +307,8 @@ def check_shared_prefix(cfg, dev):
     import grpo
     config = model_config(cfg)
     torch.manual_seed(cfg["seed"])
-    model = VidEmo(config).to(dev).train()
+    with dev:  # built in place: at full depth a CPU init would take longer than the check
+        model = VidEmo(config).train()
     frames_, size_, G, C = (4, 56, 3, 8) if cfg["dry_run"] else (cfg["sp_frames"], cfg["sp_size"], cfg["sp_G"],
                                                                    cfg["sp_completion"])
     inp = video_batch(config, 1, frames_, size_, 16, dev, cfg["seed"])
@@ -342,16 +373,19 @@ def check_shared_prefix(cfg, dev):
         gen[share] = run(C)
         if dev.type == "cuda":
             first[share] = (common.cuda_ms(lambda: run(1), 3), common.cuda_ms(lambda: run(C), 3))
-    agree = (gen[True][0] == gen[False][0]).float().mean().item()
+    rows = {"input_ids": inp["input_ids"].repeat(G, 1), "video_embeds": emb.repeat(G, 1),
+            "video_grid_thw": grid.repeat(G, 1), "second_per_grid_ts": inp["second_per_grid_ts"].repeat(G)}
+    same, gap = partings(model, rows, gen[False][0], gen[True][0], autocast)
     res.update(rollout_kv_mib_copied=G * (P + C) * kv_row / 2 ** 20, rollout_kv_mib_once=(P + G * C) * kv_row / 2 ** 20,
-               rollout_token_agreement=agree,
+               rollout_token_agreement=(gen[True][0] == gen[False][0]).float().mean().item(),
+               rollout_rows_same=same, rollout_parting_gap_max=gap,
                rollout_first_logp_abs_err=(gen[True][1][:, 0] - gen[False][1][:, 0]).abs().max().item())
     if dev.type == "cuda":
         for share, key in ((False, "copied"), (True, "once")):
             res[f"rollout_decode_ms_step_{key}"] = (first[share][1] - first[share][0]) / (C - 1)
         res["rollout_decode_time_ratio"] = res["rollout_decode_ms_step_copied"] / res["rollout_decode_ms_step_once"]
-    else:  # fp32: the same tokens
-        res["ok"] = res["ok"] and agree == 1.0
+    # fp32: the same tokens; bf16: rows part only at near-ties
+    res["ok"] = res["ok"] and (gap <= NEAR_TIE if dev.type == "cuda" else same == 1.0)
     model.train()
     return res
 
@@ -480,15 +514,17 @@ def check_decode(cfg, dev):
             tn, outs[name] = timed(fn, T)
             res[f"{name}_decode_tok_s"] = round(B * (T - 1) / (tn - t1), 1)
             res[f"{name}_total_s"] = round(tn, 4)
+    ok = True
     for name in runs:
-        if name != "eager":
-            res[f"{name}_same_tokens_as_eager"] = bool(torch.equal(outs[name], outs["eager"]))
+        if name != "eager":  # fp32: the same tokens; bf16: rows part only at near-ties (the kernels' sums differ)
+            same, gap = partings(ours, inputs, outs["eager"], outs[name])
+            res[f"{name}_rows_same_as_eager"], res[f"{name}_parting_gap_max"] = same, gap
             res[f"{name}_vs_eager"] = round(res[f"{name}_decode_tok_s"] / res["eager_decode_tok_s"], 3)
+            if name != "transformers":
+                ok &= same == 1.0 if dtype == torch.float32 else gap <= NEAR_TIE
     best = max((n for n in runs if n != "transformers"), key=lambda n: res[f"{n}_decode_tok_s"])
     res["best_vs_transformers"] = round(res[f"{best}_decode_tok_s"] / res["transformers_decode_tok_s"], 3)
-    # ours must agree with itself; bf16 greedy may part from transformers' after a near-tie, so that is a figure
-    res["ok"] = res["static_same_tokens_as_eager"] and res.get("graphs_same_tokens_as_eager", True)
-    res["eager_same_tokens_as_transformers"] = bool(torch.equal(outs["eager"], outs["transformers"]))
+    res["ok"] = ok  # ours against itself; transformers' partings are a figure
     return res
 
 

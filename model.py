@@ -412,23 +412,24 @@ class KVCache:
 
 
 class GroupKVCache(KVCache):
-    """The rollout's cache for n completions per prompt (eager decode): each prompt's keys/values once per group
-    [B, kv_heads, L, hd], and each completion's own generated keys/values [B*n, kv_heads, max_new, hd]. A decode
-    query attends to its prompt's keys and to its own under one softmax; the prompt part runs as one matmul per
-    group (its n*g queries against the one copy), so the prompt's keys are read once per group, not n times, and
-    never copied n times at prefill. Rows that finish leave the batch (keep) as in KVCache; the prompt part keeps
-    computing the full [B, n] grid (a finished row's queries are zero)."""
+    """The rollout's cache for n completions per prompt (eager decode): one buffer per group [B, kv_heads, L + n *
+    max_new, hd] holding the prompt's keys/values once, then the completions' generated ones time-major (step t of
+    slot r at column L + t * n + r), so everything written so far is the prefix [:L + (t+1) * n]. A decode step is
+    one SDPA call per layer: the n * g queries of a group (g heads per kv head) against that prefix, a fixed mask
+    keeping each query to the prompt and its own slot's columns. The prompt's keys are read once per group, not n
+    times, and never copied at prefill; rows that finish leave the batch (keep) with nothing moved in the cache (the
+    group's grid computes zeros for them)."""
 
     def __init__(self, n_layer, B, n, n_kv, L, max_new, hd, dtype, device):
-        self.pk = [torch.zeros(B, n_kv, L, hd, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.pv = [torch.zeros(B, n_kv, L, hd, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.k = [torch.zeros(B * n, n_kv, max_new, hd, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(B * n, n_kv, max_new, hd, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.W = -(-(L + n * max_new) // 16) * 16  # columns, padded so mask rows stay 16-aligned for fused SDPA
+        self.pk = [torch.zeros(B, n_kv, self.W, hd, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.pv = [torch.zeros(B, n_kv, self.W, hd, dtype=dtype, device=device) for _ in range(n_layer)]
         self.B, self.n, self.L, self.len, self.static, self.b = B, n, L, 0, False, B * n
         rows = torch.arange(B * n, device=device)
         self.group, self.slot = rows // n, rows % n  # [b] each live row's prompt and its place in the group
         self.slots = None  # packed prefill: (prompt row [N], position [N]) of each real prompt token
         self.bias = None  # [B, 1, 1, L] additive prompt-key mask (left padding), or None
+        self.mask = None  # [B or 1, 1, n*g, W] additive, built at the first decode step (g known then)
 
     def update(self, i, k, v):  # prefill only (decode goes through attend): k, v [B, n_kv, L, hd]
         self.pk[i][:, :, :k.shape[2]] = k
@@ -441,44 +442,50 @@ class GroupKVCache(KVCache):
         self.pv[i][rows, :, cols] = v.transpose(0, 1)
 
     def step_mask(self):
-        return None  # attend applies the prompt mask itself
+        return None  # attend applies its own mask
 
     def keep(self, index):
-        self.k, self.v = [k[index] for k in self.k], [v[index] for v in self.v]
         self.group, self.slot = self.group[index], self.slot[index]
         self.b = index.numel()
 
-    def _grid(self, x):  # [b, Hkv, g, m] per live row -> [B, Hkv, n*g, m] per group (finished rows: zeros)
-        b, Hkv, g, m = x.shape
-        if b < self.B * self.n:  # rows have left: scatter the live ones into their slots
-            out = x.new_zeros(self.B, self.n, Hkv, g, m)
-            out[self.group, self.slot] = x
-            x = out
-        return x.view(self.B, self.n, Hkv, g, m).transpose(1, 2).reshape(self.B, Hkv, self.n * g, m)
-
-    def _rows(self, x, g):  # [B, Hkv, n*g, m] -> [b, Hkv, g, m]
-        B, Hkv, _, m = x.shape
-        x = x.view(B, Hkv, self.n, g, m).transpose(1, 2)  # [B, n, Hkv, g, m]
-        return x.reshape(B * self.n, Hkv, g, m) if self.b == B * self.n else x[self.group, self.slot]
+    def _mask(self, g, dtype):  # query r*g + j (slot r) sees the prompt and columns L + s*n + r
+        q_slot = torch.arange(self.n * g, device=self.group.device) // g  # [n*g]
+        c = torch.arange(self.W, device=q_slot.device) - self.L
+        own = (c[None] >= 0) & (c[None] % self.n == q_slot[:, None])  # [n*g, W]
+        m = torch.zeros(1, 1, self.n * g, self.W, dtype=dtype, device=q_slot.device)
+        m.masked_fill_(~(own | (c < 0)[None]), float("-inf"))
+        if self.bias is not None:  # left padding of each prompt
+            m = m + F.pad(self.bias.to(dtype), (0, self.W - self.L))  # [B, 1, n*g, W]
+        return m
 
     def attend(self, i, q, k, v):  # q [b, H, 1, hd], k/v [b, Hkv, 1, hd] of this step -> [b, H * hd]
         b, H, _, hd = q.shape
         Hkv = k.shape[1]
-        g, t = H // Hkv, self.len - self.L  # t: generated tokens already cached
-        self.k[i][:, :, t] = k[:, :, 0]
-        self.v[i][:, :, t] = v[:, :, 0]
-        q = q.reshape(b, Hkv, g, hd) * hd ** -0.5  # head h = kv * g + j, as in the copied cache's decode
-        s_prompt = self._grid(q) @ self.pk[i].transpose(-1, -2)  # [B, Hkv, n*g, L]
-        if self.bias is not None:
-            s_prompt = s_prompt + self.bias
-        s_own = q @ self.k[i][:, :, :t + 1].transpose(-1, -2)  # [b, Hkv, g, t+1]
-        p = torch.cat([self._rows(s_prompt, g), s_own], -1).float().softmax(-1).to(q.dtype)
-        out = self._rows(self._grid(p[..., :self.L]) @ self.pv[i], g)  # [b, Hkv, g, hd]
-        out = out + p[..., self.L:] @ self.v[i][:, :, :t + 1]
-        return out.reshape(b, H * hd)
+        g, t, full = H // Hkv, self.len - self.L, b == self.B * self.n  # t: generated tokens already cached
+        cols = slice(self.L + t * self.n, self.L + (t + 1) * self.n)
+        for buf, x in ((self.pk[i], k), (self.pv[i], v)):
+            if full:  # [B*n, Hkv, hd] -> the group's n slots of step t
+                buf[:, :, cols] = x[:, :, 0].view(self.B, self.n, Hkv, hd).transpose(1, 2)
+            else:
+                buf[self.group, :, self.L + t * self.n + self.slot] = x[:, :, 0]
+        if self.mask is None:
+            self.mask = self._mask(g, q.dtype)
+        q = q.reshape(b, Hkv, g, hd)  # head h = kv * g + j, as in the copied cache's decode
+        if full:
+            qg = q.view(self.B, self.n, Hkv, g, hd)
+        else:  # rows have left: the live ones in their slots, zeros elsewhere
+            qg = q.new_zeros(self.B, self.n, Hkv, g, hd)
+            qg[self.group, self.slot] = q
+        qg = qg.transpose(1, 2).reshape(self.B, Hkv, self.n * g, hd)
+        end = cols.stop
+        o = F.scaled_dot_product_attention(qg, self.pk[i][:, :, :end], self.pv[i][:, :, :end],
+                                           attn_mask=self.mask[..., :end].to(qg.dtype))  # [B, Hkv, n*g, hd]
+        o = o.view(self.B, Hkv, self.n, g, hd).transpose(1, 2)  # [B, n, Hkv, g, hd]
+        o = o.reshape(self.B * self.n, Hkv, g, hd) if full else o[self.group, self.slot]
+        return o.reshape(b, H * hd)
 
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.pk + self.pv + self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.pk + self.pv)
 
 
 class DecodeGraphs:
