@@ -2,6 +2,7 @@
 
     python gpu_check.py --out=out/gpu_check.json                    # all checks; exit 1 if any check fails
     python gpu_check.py --checks=kernels,bf16_forward                 # a subset (rerun what failed)
+    python gpu_check.py --checks=shared_prefix --depth=36             # the whole 3B model (per-row peak ~92 GiB)
     python gpu_check.py --dry_run=True --out=/tmp/gpu_check.json     # CPU, tiny shapes: kernels (Triton interpreted),
                                                                      # bf16_forward, flash_attn, decode
 
@@ -13,10 +14,14 @@ Checks (each writes its figures under checks.<name> with "ok", and the file is r
   flash_attn    the vision tower with flash_attn_varlen_func vs the SDPA path (skipped when flash_attn is missing)
   fsdp_rl       a tiny EmoSynth build, a 20-step scratch SFT, then `torchrun --nproc_per_node=1 train_rl.py
                 --fsdp=True` (NCCL, FSDP2 world 1): finished, and its step times
+  shared_prefix one GRPO group (~1,024 video tokens, G = 8, 256-token completions): the shared-prefix passes vs
+                per-row (bf16 log-probs, every gradient's cosine, reference + update ms, peak), and the rollout with
+                the prompt's keys once per group vs copied (KV MiB, decode ms per step, partings)
   memory        torch.cuda.max_memory_allocated of one SFT step (bf16 autocast, AdamW) on the 3B-shaped model vs the
                 memory plan (memplan, when that module exists)
   decode        greedy decode tokens/s of the 3B-shaped model at batch `decode_batch` (bf16): generate's eager,
-                static-shape and CUDA-graph decode steps (the same tokens) and transformers' generate
+                static-shape and CUDA-graph decode steps and transformers' generate; rows may part only at near-ties
+                (partings: fp32 gives the same tokens, bf16 paths sum in different orders)
   bench         `python bench.py --section=kernels` and `--section=generate`, their output included
 Without CUDA (and without --dry_run=True) it stops at once: one line, exit code 2.
 """
@@ -477,7 +482,8 @@ def check_memory(cfg, dev):
 
 def check_decode(cfg, dev):
     """Prefill + decode_tokens greedy tokens for decode_batch prompts (a video each); decode tokens/s from the extra
-    time over a 1-token generate, for each of generate's decode modes ("graphs" only on CUDA) and transformers."""
+    time over a 1-token generate (fastest of 3 each), for each of generate's decode modes ("graphs" only on CUDA)
+    and transformers."""
     from transformers import Qwen2_5_VLForConditionalGeneration  # a check-only peer
     config = model_config(cfg)
     B, T = (4, 8) if cfg["dry_run"] else (cfg["decode_batch"], cfg["decode_tokens"])
@@ -495,13 +501,16 @@ def check_decode(cfg, dev):
     L = inputs["input_ids"].shape[1]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
-    def timed(fn, n):
-        fn(n)  # warm-up (and, for graphs, the capture)
-        sync()
-        t0 = time.perf_counter()
-        out = fn(n)
-        sync()
-        return time.perf_counter() - t0, out
+    def timed(fn, n, repeats=3):  # the fastest of `repeats` runs after a warm-up (and, for graphs, the capture)
+        fn(n)
+        best = math.inf
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(n)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        return best, out
 
     runs = {m: (lambda n, m=m: ours.generate(**inputs, max_new_tokens=n, decode=m)[0])
             for m in (("eager", "static", "graphs") if dev.type == "cuda" else ("eager", "static"))}
