@@ -1108,7 +1108,8 @@ def bench_shared_prefix(cfg):
     """GRPO's reference pass (no grad) + policy update (forward + backward) on one micro-batch of sp_prompts prompts x
     G completions, shared_prefix vs per-row, over prompt length (frames x frame side) and G: the tokens each layout
     computes, the time ratio beside the token ratio G(P+C) / (P+G*C); the shared layout timed with its completions'
-    attention chosen per group (model.SharedPrefix "auto") and forced to the dense [S, P + S] mask."""
+    attention chosen per group (model.SharedPrefix "auto") and forced to the dense [S, P + S] mask; and the video
+    re-encode's time (the same in both layouts) with the ratio of what is left."""
     import grpo
     from model import SharedPrefix
     torch.manual_seed(0)
@@ -1117,12 +1118,20 @@ def bench_shared_prefix(cfg):
     print(f"\nshared_prefix: {cfg['peer_shapes'][0]} model, {B} prompts x G, completions {C} tokens, "
           f"{torch.get_num_threads()} threads; seconds = min of {cfg['repeats']} (ref + update)")
     print("| frames x side | P | G | tokens per-row | tokens shared | token ratio | per-row s | shared, dense mask s "
-          "| shared s | completions attend | time ratio | time / token ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+          "| shared s | completions attend | time ratio | time / token ratio | vision s | without vision: time / token "
+          "ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     for size in cfg["sp_sizes"]:
         for frames in cfg["sp_frames"]:
             prompt, grid, emb, pixels = _sp_prompts(model, size, frames, B)
             P, n_vid = prompt.shape[1], emb.shape[0] // B
+
+            def vision():  # the video re-encode both layouts pay alike: no grad (reference) + fwd + bwd (update)
+                with torch.no_grad():
+                    model.encode_video(pixels, grid)
+                model.zero_grad(set_to_none=True)
+                model.encode_video(pixels, grid).sum().backward()
+            vis = timed(vision, cfg["repeats"], cfg["clock"])
             for G in cfg["sp_G"]:
                 seqs = torch.randint(10, 1000, (B * G, C))
                 mb = grpo.group_batch(prompt, torch.ones_like(prompt), seqs, emb, grid, torch.ones(B), None, G,
@@ -1143,8 +1152,10 @@ def bench_shared_prefix(cfg):
                 chosen = SharedPrefix(torch.tensor([P]), torch.full((G,), C), G, torch.device("cpu")).groups[0][3][0]
                 rows, shared_tok = B * G * (P + C), B * (P + G * C)
                 tr, sr = rows / shared_tok, secs["rows"] / secs["auto"]
+                dr = (secs["rows"] - vis) / (secs["auto"] - vis)
                 print(f"| {frames} x {size}² | {P} | {G} | {rows} | {shared_tok} | {tr:.2f} | {secs['rows']:.3f} | "
-                      f"{secs['dense']:.3f} | {secs['auto']:.3f} | {chosen} | {sr:.2f} | {sr / tr:.2f} |", flush=True)
+                      f"{secs['dense']:.3f} | {secs['auto']:.3f} | {chosen} | {sr:.2f} | {sr / tr:.2f} | {vis:.3f} | "
+                      f"{dr / tr:.2f} |", flush=True)
 
 
 def bench_kv_cache(cfg):
