@@ -22,7 +22,7 @@ Checks (each writes its figures under checks.<name> with "ok", and the file is r
   decode        greedy decode tokens/s of the 3B-shaped model at batch `decode_batch` (bf16): generate's eager,
                 static-shape and CUDA-graph decode steps and transformers' generate; rows may part only at near-ties
                 (partings: fp32 gives the same tokens, bf16 paths sum in different orders)
-  bench         `python bench.py --section=kernels` and `--section=generate`, their output included
+  bench         `python bench.py --section=kernels` and `--section=sft` (the whole 3B model's MFU), their output
 Without CUDA (and without --dry_run=True) it stops at once: one line, exit code 2.
 """
 import gc
@@ -543,7 +543,7 @@ def check_decode(cfg, dev):
 
 def check_bench(cfg):
     res = {}
-    for section in ("kernels", "generate"):
+    for section in ("kernels", "sft"):  # the sections with CUDA rows (generate's figures are CPU-only)
         rc, sec, tail = run_sub([sys.executable, "bench.py", f"--section={section}"], cfg["subprocess_timeout"])
         print(f"--- bench.py --section={section} (exit {rc}, {sec:.0f} s)\n{tail}")
         res[section] = {"returncode": rc, "seconds": round(sec, 1), "output": tail}
