@@ -278,7 +278,8 @@ def activations(model, w, cuda=True, ckpt=False, vision_grad=True, lora=None, re
 def kv_cache_bytes(ts, rows, max_len, elem):
     """The rollout's cache, per layer k and v, allocated in full: 2 x layers x rows x kv_heads x max_len x head_dim x
     bytes. model.KVCache (the prompt copied to each completion): rows = prompts x G, max_len = prompt + completion;
-    model.GroupKVCache (each prompt once per group, eager decode): rows = prompts, max_len = prompt + G x completion."""
+    model.GroupKVCache (each prompt once per group, eager decode): rows = prompts, max_len = prompt + G x completion
+    (the cache rounds it up to a multiple of 16)."""
     hd = ts["hidden_size"] // ts["num_attention_heads"]
     return 2 * ts["num_hidden_layers"] * rows * ts["num_key_value_heads"] * max_len * hd * elem
 

@@ -115,8 +115,8 @@ def test_decode_graphs_needs_cuda():
                                                       ([(2, 8, 8), (2, 6, 6), (2, 4, 8)], 1, 0.9),
                                                       ([(2, 6, 6)], 0, 0.9), ([(2, 8, 8), (2, 8, 8)], 8, 0.0)])
 def test_prompt_kv_once_per_group_equals_copies(grids, every, temperature):
-    """The rollout's cache with each prompt's keys/values once per group (GroupKVCache: the prompt part of a decode
-    query attends as one matmul per group) against the cache that copies them to every completion: same tokens, same
+    """The rollout's cache with each prompt's keys/values once per group (GroupKVCache: a group's decode queries
+    attend in one masked SDPA call) against the cache that copies them to every completion: same tokens, same
     log-probs, whether the prompts are padded (packed prefill) or not, greedy or sampled, rows leaving the batch."""
     model = _model(2)
     inp = fake_video_inputs(grids, side="left", seed=4)
