@@ -79,7 +79,8 @@ memory_recipes = False  # instead: the plan of every config/ recipe for Qwen2.5-
 # peers section: ours vs transformers and TRL on the same weights and inputs (variable-length real clips)
 peer_shapes = ("12.8m",)  # 12.8m | 3b (Qwen2.5-VL-3B widths, depth peer_depth) | toy
 peer_depth = 2
-peer_works = ("sft", "generate", "grpo")  # which comparisons the peers section runs
+peer_works = ("sft", "generate", "grpo")  # which comparisons the peers section runs (+ "trl_padding": TRL's
+# log-probs with unequal prompts against each row alone)
 peer_sft_batch = 16  # clips per SFT step
 peer_gen_batch = 32  # prompts per generate
 peer_gen_tokens = 64
@@ -799,7 +800,7 @@ def grpo_work(cfg, who, d, memory=False, ckpt=False):
     return step
 
 
-def grpo_inputs(cfg, tok):
+def grpo_inputs(cfg, tok, equal=True):
     """peer_grpo_prompts prompts, each peer_grpo_images frames of a real clip at its own pixel budget and a question
     of its own length: PIL-ready images and texts for TRL, and for ours the same pixels as one video whose temporal
     patches are the frames doubled (one frame doubled is what Qwen2.5-VL's image path computes) in the prompt the
@@ -829,14 +830,15 @@ def grpo_inputs(cfg, tok):
         images.append(frames)
         texts.append(" ".join(words[pick(len(words))] for _ in range(3 + pick(20))))
         items.append({"pv": pv, "grid": grid})
-    # TRL 1.16 left-pads a multimodal prompt batch but not its mm_token_type_ids (transformers' M-RoPE index then
-    # fails), so every prompt is made the same length: a smaller image gets a longer question (" face" = 1 token)
+    # TRL 1.16 left-pads a multimodal prompt batch but places its mm_token_type_ids as if unpadded, so a shorter
+    # prompt gets a wrong M-RoPE index (peer work "trl_padding" measures it): every prompt is made the same length, a
+    # smaller image getting a longer question (" face" = 1 token)
     L = max(len(render(t, it["grid"])) for t, it in zip(texts, items))
     for i, it in enumerate(items):
-        while len(render(texts[i], it["grid"])) < L:
+        while equal and len(render(texts[i], it["grid"])) < L:
             texts[i] += " face"
         it["input_ids"] = torch.tensor(render(texts[i], it["grid"]))
-        if len(it["input_ids"]) != L:
+        if equal and len(it["input_ids"]) != L:
             raise RuntimeError(f"peers: could not bring GRPO prompt {i} to {L} tokens")
     ids = torch.zeros(len(items), L, dtype=torch.long)
     mask = torch.zeros(len(items), L, dtype=torch.long)
@@ -845,6 +847,57 @@ def grpo_inputs(cfg, tok):
     ours = {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": torch.cat([it["pv"] for it in items]),
             "video_grid_thw": torch.cat([it["grid"] for it in items]), "second_per_grid_ts": torch.ones(len(items))}
     return {"images": images, "texts": texts, "ours": ours}
+
+
+def bench_peers_trl_padding(cfg, d, notes):
+    """TRL's scoring of unequal-length prompts: one GRPOTrainer step on 4 prompts of different lengths (left padded),
+    G = 2, 16 tokens; the log-probs of its first scoring pass against each row alone, unpadded, through the same
+    transformers model with mm_token_type_ids marking that row's image tokens."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    try:
+        from trl import GRPOTrainer  # a bench-only peer: pip install trl==1.16.0
+    except ImportError:
+        notes.append("TRL with unequal prompts: skipped, trl is not installed (pip install trl==1.16.0)")
+        return
+    tok = D.load_tokenizer(os.path.join(cfg["data_dir"], "tokenizer"))
+    tok.save_pretrained(d)
+    small = dict(cfg, peer_grpo_prompts=4, peer_G=2, peer_grpo_tokens=16)
+    work = grpo_inputs(small, tok, equal=False)
+    torch.save(work, os.path.join(d, "grpo.pt"))
+    seen, score = [], GRPOTrainer._get_per_token_logps_and_entropies
+
+    def spy(self, model, ids, mask, keep, *a, **k):  # the first call: TRL's scoring of the generated batch
+        out = score(self, model, ids, mask, keep, *a, **k)
+        if not seen:
+            seen.append((ids, mask, keep, k, out[0].detach(), self.temperature))
+        return out
+    GRPOTrainer._get_per_token_logps_and_entropies = spy
+    try:
+        grpo_work(small, "peer", d)()
+    finally:
+        GRPOTrainer._get_per_token_logps_and_entropies = score
+    ids, mask, keep, k, logps, tau = seen[0]
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, attn_implementation="sdpa").eval()
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    start = torch.cat([torch.zeros(1, dtype=torch.long), k["image_grid_thw"].prod(-1).cumsum(0)])
+    err, misplaced, lens = [], 0, mask.sum(1).tolist()
+    for i in range(ids.shape[0]):  # one image per prompt
+        real = mask[i].bool()
+        x = ids[i][real][None]  # [1, L_i]
+        types = (x == image_pad).long()
+        misplaced += int(not torch.equal(types, k["mm_token_type_ids"][i][real][None]))
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(input_ids=x, attention_mask=torch.ones_like(x), mm_token_type_ids=types,
+                                      pixel_values=k["pixel_values"][start[i]:start[i + 1]],
+                                      image_grid_thw=k["image_grid_thw"][i:i + 1]).logits[0].float() / tau, -1)
+        cols = torch.arange(ids.shape[1] - keep, ids.shape[1])[mask[i, -keep:].bool()]  # scored completion tokens
+        at = real.cumsum(0)[cols] - 1  # their positions in the unpadded row
+        alone = lp[at - 1].gather(1, x[0, at][:, None])[:, 0]
+        err.append((alone - logps[i][mask[i, -keep:].bool()]).abs().max().item())
+    full = [e for e, n in zip(err, lens) if n == max(lens)]
+    notes.append(f"TRL with unequal prompts (real lengths {lens}, left padded): mm_token_type_ids misplaced in "
+                 f"{misplaced} of {len(lens)} rows; its log-probs vs each row alone: max |diff| {max(err):.2e} "
+                 f"(rows without padding: {max(full):.2e})")
 
 
 def peer_memory_child(cfg):
@@ -944,6 +997,9 @@ def bench_peers(cfg):
     generate with and without EOS) and vs TRL's GRPOTrainer (one GRPO step), same weights and inputs, on clips of
     different sizes and durations with captions of different lengths. Time: fastest of `repeats` runs (interleaved by
     default); memory: peak RSS one step adds (CPU; each measurement in its own child process, after the timing)."""
+    works = ("sft", "generate", "grpo", "trl_padding")
+    if not set(cfg["peer_works"]) <= set(works):
+        raise common.ConfigError(f"config key 'peer_works': a tuple of {', '.join(works)}, got {cfg['peer_works']}")
     results = {}
     for shape in cfg["peer_shapes"]:
         config = peer_config(shape, cfg["peer_depth"])
@@ -1000,6 +1056,8 @@ def bench_peers(cfg):
                 row(label, "generate", t)
             if "grpo" in cfg["peer_works"]:
                 bench_peers_grpo(cfg, d, row, notes)
+            if "trl_padding" in cfg["peer_works"]:
+                bench_peers_trl_padding(cfg, d, notes)
             print("\n".join(notes))
     return results
 
