@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import random
 import re
 import struct
 import sys
@@ -49,6 +50,7 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 IM_END = "<|im_end|>"
+THINK_END = "</think>"
 
 
 class VideoError(ValueError):
@@ -766,6 +768,40 @@ def apply_answer_format(records, answer_format="direct", tasks=REASONING_TASKS, 
     return out, n_conv, n_missing
 
 
+def swap_trees(records, rate, seed=0, text_only=False, tasks=None):
+    """Counterfactual reasoning records for training (an ablation; docs/method.md): in each task of `tasks` (None =
+    all), a `rate` fraction of the reasoning-format records (chosen by `seed`) answer with the tree and answer of
+    another record of the same task whose answer differs, and carry think_unscored=True (encode_record trains their
+    answer only, never the borrowed tree): behind a tree that contradicts the video, only reading the tree predicts
+    the answer. text_only: such a record also loses its video (the question alone). Returns a new list, same order."""
+    if not 0 <= rate < 1:
+        raise ValueError(f"rate must be in [0, 1), got {rate!r}")
+    rng = random.Random(seed)
+    by_task = collections.defaultdict(list)
+    for i, r in enumerate(records):
+        if isinstance(r, dict) and r.get("answer_format") == "reasoning" and isinstance(r.get("tree"), str) and (
+                tasks is None or r.get("task") in tasks):
+            by_task[r.get("task")].append(i)
+    out = list(records)
+    for task in sorted(by_task, key=str):
+        idx = by_task[task]
+        answer = {j: split_reasoning(records[j]["tree"])[1] for j in idx}  # `tree`: the whole reasoning target
+        for i in sorted(rng.sample(idx, int(round(rate * len(idx))))):
+            others = [j for j in idx if answer[j] != answer[i]]
+            if not others:
+                continue
+            r, p = records[i], records[rng.choice(others)]
+            msgs = list(r["messages"])
+            last = max(k for k, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant")
+            msgs[last] = dict(msgs[last], content=p["tree"])
+            new = dict(r, messages=msgs, tree=p["tree"], labels=p.get("labels"), think_unscored=True)
+            if text_only:
+                new.update(videos=[], messages=[dict(m, content=m["content"].replace("<video>", ""))
+                                                if m.get("role") == "user" else m for m in msgs])
+            out[i] = new
+    return out
+
+
 def load_records_as(path, answer_format="direct", tasks=REASONING_TASKS, skipped=None):
     """load_records + apply_answer_format with the trees of the meta.jsonl beside `path` (EmoSynth); prints how many
     records were converted and how many had no tree."""
@@ -860,6 +896,19 @@ def _resolve(path, record, video_root):
     return os.path.join(root, path)
 
 
+def _think_len(tokenizer, text, ids):
+    """How many of `ids` (the tokens of `text`) lie inside its leading <think>...</think> block: the longest prefix of
+    ids that the block's own tokens share (a merge across the block's end stays a target)."""
+    end = text.find(THINK_END)
+    if end < 0:
+        return 0
+    head = tokenizer.encode(text[:end + len(THINK_END)], add_special_tokens=False)
+    n = 0
+    while n < min(len(head), len(ids)) and head[n] == ids[n]:
+        n += 1
+    return n
+
+
 def _encode(record, tokenizer, video_root, max_seq_len, video_kwargs, cache, prompt_only):
     messages, videos, images = _messages(record)
     answer = None
@@ -900,10 +949,14 @@ def _encode(record, tokenizer, video_root, max_seq_len, video_kwargs, cache, pro
         out["image_grid_thw"] = torch.cat([g for _, g in ims])
     # text: tokenize piecewise (targets separately, so prompt ids equal generation's), then expand vision pads
     ids, labels = [], []
-    for text, target in _pieces(tokenizer, messages, add_generation_prompt=prompt_only):
+    pieces = _pieces(tokenizer, messages, add_generation_prompt=prompt_only)
+    last_target = max((k for k, (_, target) in enumerate(pieces) if target), default=None)
+    for k, (text, target) in enumerate(pieces):
         t = tokenizer.encode(text, add_special_tokens=False)
         ids += t
-        labels += t if target else [IGNORE_INDEX] * len(t)
+        n_off = len(t) if not target else _think_len(tokenizer, text, t) if (
+            k == last_target and record.get("think_unscored")) else 0  # swap_trees: the borrowed tree is not a target
+        labels += [IGNORE_INDEX] * n_off + t[n_off:]
     ids = torch.tensor(ids, dtype=torch.long)
     labels = torch.tensor(labels, dtype=torch.long)
     video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")

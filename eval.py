@@ -6,6 +6,7 @@ optional LLM judge for captions.
     python eval.py --init_from=out/rl_emosynth/ckpt --out=out/eval/rl.json
     python eval.py --init_from=/models/VidEmo-7B --test_file=/data/Emo-CFG/jsons/test --video_root=/data/Emo-CFG \\
                    --fps=2.0 --max_frames=16 --max_pixels=401408 --batch_size=8
+    python eval.py --reasoning=given                                # the answer behind the reference tree
     python eval.py --predictions=infer_result.jsonl                 # score an ms-swift / VidEmo inference output
     python eval.py --report=out/eval/report.html --compare=out/eval/other.json   # + a self-contained HTML report
     python eval.py --export_official=out/official                   # + the official evaluation's files
@@ -63,7 +64,8 @@ max_pixels = 112 * 112
 # (its train_config.json); direct for a checkpoint from elsewhere
 answer_format = "auto"
 reasoning_tasks = ()
-reasoning = "plain"  # plain | tree (affective-tree reasoning, see inference.py)
+reasoning = "plain"  # plain | tree (affective-tree reasoning, see inference.py) | given (the reference tree is
+# written for the model, which answers behind it: does the answer read the tree? docs/method.md)
 samples = 4  # K candidates per tree level
 scorer = "logprob"  # logprob | consistency | verify (inference.SCORERS; a function of your own via evaluation.evaluate)
 level_samples = ()  # () = `samples` at every level, or (attribute, expression, emotion) candidate counts
@@ -119,7 +121,7 @@ _running = {}  # what a stop signal should report
 def main():
     cfg = common.configure(globals())
     common.check([
-        ("reasoning", reasoning, reasoning in ("plain", "tree"), "plain or tree"),
+        ("reasoning", reasoning, reasoning in ("plain", "tree", "given"), "plain, tree or given"),
         ("answer_format", answer_format, answer_format in ("auto", "direct", "reasoning"), "auto, direct or reasoning"),
         ("scorer", scorer, scorer in ("logprob", "consistency", "verify"), "logprob, consistency or verify"),
         ("level_samples", level_samples, len(level_samples) in (0, 3) and all(k >= 1 for k in level_samples),

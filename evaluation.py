@@ -388,14 +388,24 @@ def weights_fingerprint(model):
     return h.hexdigest()[:12]
 
 
+def given_head(record):
+    """What reasoning="given" writes for the model before it answers: a reasoning-format reference's think block and
+    "<answer>"; "" for every other record (it answers as in plain decoding). The answer behind the reference tree,
+    against the answer behind the model's own (plain), shows how far the answer reads the tree at all."""
+    if record.get("answer_format") != "reasoning":
+        return ""
+    think = D.think_block(record.get("tree"))
+    return f"{think}\n<answer>" if think else ""
+
+
 def run_tag(model, reasoning="plain", samples=4, scorer="logprob", video_prune_rate=0.0, tag="", level_samples=(),
             level_temperatures=()):
     """What a prediction row must match to be reused: the weights, the reasoning mode, pruning, the caller's tag."""
     name = scorer if isinstance(scorer, str) else getattr(scorer, "__name__", "custom")
-    mode = reasoning if reasoning == "plain" else f"tree-K{samples}-{name}"
-    if reasoning != "plain" and level_samples:
+    mode = reasoning if reasoning in ("plain", "given") else f"tree-K{samples}-{name}"
+    if reasoning == "tree" and level_samples:
         mode += "-k" + ",".join(str(k) for k in level_samples)
-    if reasoning != "plain" and level_temperatures:
+    if reasoning == "tree" and level_temperatures:
         mode += "-t" + ",".join(f"{t:g}" for t in level_temperatures)
     if video_prune_rate > 0:
         mode += f"-prune{video_prune_rate:g}"
@@ -418,8 +428,8 @@ def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16,
     raw = getattr(model, "module", model)  # DDP-wrapped models generate through the bare module
     if device is not None and next(raw.parameters()).device != torch.device(device):
         raw.to(device)
-    if reasoning not in ("plain", "tree"):
-        raise ValueError(f"reasoning must be 'plain' or 'tree', got {reasoning!r}")
+    if reasoning not in ("plain", "tree", "given"):
+        raise ValueError(f"reasoning must be 'plain', 'tree' or 'given', got {reasoning!r}")
     tag = run_tag(raw, reasoning, samples, scorer, video_prune_rate, tag, level_samples, level_temperatures)
     keys = [record_key(i, r) for i, r in enumerate(records)]
     wanted = set(keys)
@@ -452,10 +462,14 @@ def evaluate(model, tokenizer, records, video_root, video_kwargs, batch_size=16,
                     rows.append({"key": keys[i], "index": i, "tag": tag, "skip": skip_reason(e),
                                  "detail": str(e)[:500]})
             if items:
-                if reasoning == "plain":
+                if reasoning in ("plain", "given"):
+                    # given: the reference's own tree is written for the model, which writes the answer behind it
+                    heads = [given_head(records[i]) if reasoning == "given" else "" for i, _, _ in items]
                     c = inference.new_cost()
-                    texts = inference.generate_plain(raw, tokenizer, [it for _, _, it in items], max_new_tokens,
-                                                     video_prune_rate, cost=c)
+                    texts = inference.generate_plain(
+                        raw, tokenizer, [inference.with_head(it, tokenizer, h) for (_, _, it), h in zip(items, heads)],
+                        max_new_tokens, video_prune_rate, cost=c)
+                    texts = [h + t for h, t in zip(heads, texts)]
                     costs = [{"tokens": n, "seconds": c["seconds"] / len(items)} for n in c["per_row"]]
                 else:
                     # one seed per record: a resumed run samples exactly what the uninterrupted one would have

@@ -92,6 +92,17 @@ def generate_inputs(model, batch, video_prune_rate=0.0, encode_videos=False):
     return out
 
 
+def with_head(item, tokenizer, text):
+    """An encode_prompt item whose prompt goes on with `text` (the start of the answer, written for the model)."""
+    if not text:
+        return item
+    extra = torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
+    out = dict(item, input_ids=torch.cat([item["input_ids"], extra]))
+    if item.get("mm_token_type_ids") is not None:
+        out["mm_token_type_ids"] = torch.cat([item["mm_token_type_ids"], torch.zeros_like(extra)])
+    return out
+
+
 @torch.no_grad()
 def generate_plain(model, tokenizer, items, max_new_tokens=128, video_prune_rate=0.0, cost=None):
     """Batched greedy responses for a list of data.encode_prompt items (left padded by data.collate_prompts).

@@ -25,7 +25,7 @@ import evaluation
 import lora
 import trainer
 from data import (REASONING_TASKS, CurriculumSampler, EmoDataset, collate, curriculum_level, load_records_as,
-                  load_tokenizer, special_ids)
+                  load_tokenizer, special_ids, swap_trees)
 from model import VidEmo, scratch_config
 from reward import LEVELS
 
@@ -51,6 +51,12 @@ max_seq_len = 512
 # meta.jsonl beside each records file), train, val and test alike; reasoning_tasks chosen on val (docs/method.md)
 answer_format = "reasoning"
 reasoning_tasks = REASONING_TASKS
+# counterfactual trees (data.swap_trees), an ablation, off by default: this fraction of the records of tree_swap_tasks
+# (() = every reasoning task) answers behind another record's tree, the borrowed tree not trained, so that only
+# reading the tree predicts the answer; measured worse on val (docs/method.md, "Does the answer read the tree?")
+tree_swap = 0.0
+tree_swap_tasks = ()
+tree_swap_video = True  # False: a swapped record asks its question without its video
 num_workers = 2
 video_cache_mb = 1024  # per process (each DataLoader worker): decoded clips kept in RAM, reused when a clip comes round
 # curriculum
@@ -203,14 +209,16 @@ def validate(net, model, loader, dev, autocast, rank, world):
 
 # settings a resumed run must share with its checkpoint (model shape, data, batch layout, what is trained)
 RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokenizer_dir", "fps", "max_frames",
-                   "min_pixels", "max_pixels", "max_seq_len", "answer_format", "reasoning_tasks", "curriculum",
+                   "min_pixels", "max_pixels", "max_seq_len", "answer_format", "reasoning_tasks", "tree_swap",
+                   "tree_swap_tasks", "tree_swap_video", "curriculum",
                    "stage_epochs", "replay", "mix_first", "n_layer",
                    "n_embd", "n_head", "n_kv_head", "n_inner", "vision_depth", "vision_embd", "vision_heads",
                    "vision_inner", "tie_embeddings", "batch_size", "grad_accum", "freeze_vision", "freeze_merger",
                    "freeze_llm", "fsdp", "seed", "lora_rank", "lora_alpha", "lora_targets")
 
 # what a key meant before it existed, for checkpoints written by older versions (their config lacks it)
-BEFORE = {"lr_schedule": "run", "mix_first": 0.0, "answer_format": "direct"}
+BEFORE = {"lr_schedule": "run", "mix_first": 0.0, "answer_format": "direct", "tree_swap": 0.0, "tree_swap_tasks": (),
+          "tree_swap_video": True}
 
 
 def check_config():
@@ -225,6 +233,7 @@ def check_config():
          "three epoch counts >= 0 (attribute, expression, emotion)"),
         ("fps", fps, fps > 0, "> 0"), ("max_frames", max_frames, max_frames >= 2, ">= 2"),
         ("answer_format", answer_format, answer_format in ("direct", "reasoning"), "direct or reasoning"),
+        ("tree_swap", tree_swap, 0 <= tree_swap < 1, "in [0, 1)"),
         ("min_pixels", min_pixels, min_pixels > 0, "> 0"),
         ("max_pixels", max_pixels, max_pixels >= max(min_pixels, 28 * 28), ">= min_pixels and >= 784 (28 x 28)"),
         ("max_seq_len", max_seq_len, max_seq_len >= 0, ">= 0 (0 = no limit)"),
@@ -259,6 +268,8 @@ def load_data(train_path, val_path, tokenizer, pad_id, rank, world):
         train_records = load_records_as(train_path, answer_format, reasoning_tasks)
     except OSError as e:
         raise common.InputError(f"config key 'train_file': {e}") from None
+    train_records = swap_trees(train_records, tree_swap, seed, text_only=not tree_swap_video,
+                               tasks=tree_swap_tasks or None)  # changes reasoning records only
     levels = [curriculum_level(r) for r in train_records]
     excluded = collections.Counter(repr(r.get("level")) for r, lv in zip(train_records, levels) if lv is None)
     if excluded:

@@ -182,15 +182,57 @@ def test_reasoning_targets_are_supervised(tiny_data):
         assert D.encode_prompt(r, tok)["input_ids"].tolist() == D.encode_prompt(d, tok)["input_ids"].tolist()
 
 
+def test_swapped_trees_train_the_answer_behind_them(tiny_data):
+    """swap_trees: in each chosen reasoning task, round(rate x n) records (a random seed's choice) keep their question
+    (and video, unless text_only) but answer with the tree + answer of another record of the task whose answer
+    differs, marked think_unscored; the rest, the other tasks and every direct record are untouched; the same seed gives the same list. encode_record
+    supervises exactly what follows the borrowed tree ("\\n<answer>...</answer><|im_end|>") on the same input ids;
+    a mutation that trains the borrowed tree, or swaps across tasks or to an equal answer, fails it."""
+    path = os.path.join(tiny_data, "train.jsonl")
+    recs = D.load_records_as(path, "reasoning")
+    rate, seed, text_only = random.choice([0.25, 0.5, 0.75]), random.randrange(10 ** 6), random.random() < 0.5
+    tasks = set(random.sample(D.REASONING_TASKS, random.randint(1, len(D.REASONING_TASKS))))
+    out = D.swap_trees(recs, rate, seed, text_only, tasks)
+    assert [json.dumps(r, sort_keys=True) for r in D.swap_trees(recs, rate, seed, text_only, tasks)] == \
+        [json.dumps(r, sort_keys=True) for r in out]
+    assert D.swap_trees(recs, 0.0, seed) == recs
+    answer = lambda r: D.split_reasoning(r["tree"])[1]  # noqa: E731
+    for task in D.REASONING_TASKS:
+        mine = [(a, b) for a, b in zip(recs, out) if a["task"] == task and a.get("answer_format") == "reasoning"]
+        swapped = [(a, b) for a, b in mine if b is not a]
+        if task not in tasks:
+            assert not swapped, task
+        elif len({answer(a) for a, _ in mine}) > 1:
+            assert len(swapped) == round(rate * len(mine)), task
+        trees = {a["tree"] for a, _ in mine}
+        for a, b in swapped:
+            question = a["messages"][0]["content"].replace("<video>", "") if text_only else a["messages"][0]["content"]
+            assert b["think_unscored"] and b["videos"] == ([] if text_only else a["videos"])
+            assert b["messages"][0]["content"] == question
+            assert b["tree"] in trees and b["messages"][-1]["content"] == b["tree"] and answer(b) != answer(a)
+    for a, b in zip(recs, out):
+        if a.get("answer_format") != "reasoning":
+            assert b is a
+    tok = D.load_tokenizer(os.path.join(tiny_data, "tokenizer"))
+    for b in random.Random(seed).sample([b for b in out if b.get("think_unscored")], 3):
+        item, whole = D.encode_record(b, tok), D.encode_record(dict(b, think_unscored=False), tok)
+        assert item["input_ids"].tolist() == whole["input_ids"].tolist()
+        sup = item["labels"][item["labels"] != D.IGNORE_INDEX].tolist()
+        full = whole["labels"][whole["labels"] != D.IGNORE_INDEX].tolist()
+        assert full[len(full) - len(sup):] == sup and len(sup) < len(full)
+        assert tok.decode(sup) == b["tree"][b["tree"].index("</think>") + len("</think>"):] + "<|im_end|>"
+
+
 def test_tiny_sft_on_the_reasoning_format(tiny_data, tmp_path):
-    """train_sft.py --answer_format=reasoning trains (loss falls), records the format in its checkpoint config, and
-    its final evaluation scores the reasoning tasks' trees beside their answers."""
+    """train_sft.py --answer_format=reasoning trains (loss falls; half the reasoning records behind a swapped tree,
+    without their video, in the same batches as the rest), records the format in its checkpoint config, and its final
+    evaluation scores the reasoning tasks' trees beside their answers."""
     out = str(tmp_path / "sft")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(ROOT / "train_sft.py"), f"--data_dir={tiny_data}", f"--out_dir={out}",
            "--answer_format=reasoning", "--max_steps=6", "--batch_size=4", "--log_every=1", "--eval_every=0",
            "--num_workers=0", "--warmup_steps=1", "--lr=1e-2", "--min_lr=1e-3", "--replay=0.5",
-           "--eval_max_new_tokens=8"] + TINY_MODEL
+           "--eval_max_new_tokens=8", "--tree_swap=0.5", "--tree_swap_video=False"] + TINY_MODEL
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]

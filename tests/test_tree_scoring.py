@@ -146,3 +146,34 @@ def test_evaluate_reports_cost_and_takes_a_scorer_function(tiny_data, tiny_model
     assert all(r["tag"].startswith("tree-K2-first-k1,2,3|") for r in rows)
     assert tree["cost"]["tokens"] > plain["cost"]["tokens"]
     assert "generation:" in evaluation.format_table(tree)
+
+
+def test_answers_behind_the_given_tree(tiny_data, tiny_model, tmp_path):
+    """reasoning="given": a reasoning record's prompt goes on with its reference think block and "<answer>" — exactly
+    the ids the training target starts with — and the response is that head plus what the model writes behind it,
+    equal to generating from the extended prompt row by row; direct records answer as in plain decoding."""
+    model, tok = tiny_model
+    recs = D.load_records_as(os.path.join(tiny_data, "test.jsonl"), "reasoning")
+    recs = [r for r in recs if r.get("answer_format") == "reasoning"][:4] + \
+        [r for r in recs if r.get("answer_format") != "reasoning"][:3]
+    kw = dict(fps=4.0, max_frames=8, min_pixels=56 * 56, max_pixels=112 * 112)
+    rows = []
+    evaluation.evaluate(model, tok, recs, None, kw, batch_size=3, max_new_tokens=6, progress=False, reasoning="given",
+                        rows_out=rows)
+    plain = []
+    evaluation.evaluate(model, tok, recs, None, kw, batch_size=3, max_new_tokens=6, progress=False, rows_out=plain)
+    assert all(r["tag"].startswith("given|") for r in rows)
+    for rec, row, p in zip(recs, rows, plain):
+        head = evaluation.given_head(rec)
+        item = D.encode_prompt(rec, tok, None, kw)
+        if rec.get("answer_format") != "reasoning":
+            assert head == "" and row["response"] == p["response"]
+            continue
+        assert head == D.think_block(rec["tree"]) + "\n<answer>" and row["response"].startswith(head)
+        forced = I.with_head(item, tok, head)
+        full = D.encode_record(rec, tok, None, None, kw)["input_ids"]
+        assert full[:len(forced["input_ids"])].tolist() == forced["input_ids"].tolist()
+        assert forced["mm_token_type_ids"].tolist() == D.encode_record(rec, tok, None, None, kw)[
+            "mm_token_type_ids"][:len(forced["input_ids"])].tolist()
+        alone = I.generate_plain(model, tok, [dict(forced, index=0)], max_new_tokens=6)[0]
+        assert row["response"] == head + alone
