@@ -234,6 +234,8 @@ def check_config():
         ("fps", fps, fps > 0, "> 0"), ("max_frames", max_frames, max_frames >= 2, ">= 2"),
         ("answer_format", answer_format, answer_format in ("direct", "reasoning"), "direct or reasoning"),
         ("tree_swap", tree_swap, 0 <= tree_swap < 1, "in [0, 1)"),
+        ("tree_swap_tasks", tree_swap_tasks, set(tree_swap_tasks) <= set(reasoning_tasks),
+         f"a subset of reasoning_tasks {tuple(reasoning_tasks)} (() = all of them)"),
         ("min_pixels", min_pixels, min_pixels > 0, "> 0"),
         ("max_pixels", max_pixels, max_pixels >= max(min_pixels, 28 * 28), ">= min_pixels and >= 784 (28 x 28)"),
         ("max_seq_len", max_seq_len, max_seq_len >= 0, ">= 0 (0 = no limit)"),

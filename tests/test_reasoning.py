@@ -223,6 +223,18 @@ def test_swapped_trees_train_the_answer_behind_them(tiny_data):
         assert tok.decode(sup) == b["tree"][b["tree"].index("</think>") + len("</think>"):] + "<|im_end|>"
 
 
+@pytest.mark.parametrize("arg,needle", [("--tree_swap=1.0", "config key 'tree_swap': must be in [0, 1)"),
+                                        ("--tree_swap_tasks=('emotion_transition',)", "config key 'tree_swap_tasks'")])
+def test_bad_tree_swap_settings_are_named(tmp_path, arg, needle):
+    """A swap rate outside [0, 1) or a swap task that is not answered through the tree: exit 2 naming the key,
+    before any data is read or output written."""
+    r = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), arg, f"--data_dir={tmp_path / 'none'}",
+                        f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, cwd=str(ROOT), timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and needle in r.stderr + r.stdout, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_tiny_sft_on_the_reasoning_format(tiny_data, tmp_path):
     """train_sft.py --answer_format=reasoning trains (loss falls; half the reasoning records behind a swapped tree,
     without their video, in the same batches as the rest), records the format in its checkpoint config, and its final
