@@ -359,6 +359,15 @@ def check_shared_prefix(cfg, dev):
            "peak_gib_shared": times[True][2] / 2 ** 30}
     if dev.type == "cuda":
         res["time_ratio"] = (times[False][0] + times[False][1]) / (times[True][0] + times[True][1])
+        # reference + update ms with the completions' attention each way of model.SharedPrefix: the dense [S, P + S]
+        # mask, batched rows under a mask, batched rows bottom-right causal without a mask (CUDA's default)
+        for name, mode, unmasked in (("dense", "dense", False), ("batched_masked", "batched", False),
+                                     ("batched_lower_right", "batched", True)):
+            M.SharedPrefix.mode, M.SharedPrefix.lower_right = mode, unmasked
+            try:
+                res[f"shared_ms_{name}"] = common.cuda_ms(ref, 3) + common.cuda_ms(update, 3)
+            finally:
+                M.SharedPrefix.mode, M.SharedPrefix.lower_right = "auto", "cuda"
     tol = 2e-2 if dev.type == "cuda" else 1e-4  # bf16 sums in another order vs fp32
     res["ok"] = res["logp_abs_err_mean"] <= tol and res["grad_cosine_min"] >= (0.99 if dev.type == "cuda" else 0.9999)
     # the rollout of the same group: G greedy completions of C tokens (no stop), the prompt's keys/values once per

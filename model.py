@@ -23,6 +23,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from kernels.logprobs import token_logprobs
@@ -531,22 +532,30 @@ class SharedPrefix:
     "batched", the G completions as a batch of G rows [C_max] against [prompt K/V; own K/V] (G * C_max * (P + C_max)
     scores: no sibling blocks computed when G * C >> P, but a copy of the prompt's K/V per completion). "auto" batches
     from batch_from_G completions per group on (measured on CPU, bench.py --section=shared_prefix: at G = 4 the
-    copies cost more than the sibling blocks they save, from G = 8 batching wins); `mode` forces one."""
+    copies cost more than the sibling blocks they save, from G = 8 batching wins); `mode` forces one.
+
+    Batched rows need no mask where `lower_right` holds (on CUDA by default): completions are right-padded, so with
+    causal attention aligned to the bottom right (query t sees keys up to P + t) a real token never reaches padding,
+    and SDPA runs its FlashAttention kernel instead of the masked memory-efficient one. On CPU SDPA would materialise
+    that mask anyway, so the CPU keeps its measured choice; on CUDA "auto" batches from G = 2 on."""
 
     mode = "auto"  # auto | dense | batched
     batch_from_G = 8
+    lower_right = "cuda"  # "cuda" | True | False: batched rows as bottom-right causal attention, no mask
 
     def __init__(self, prompt_lens, comp_lens, G, device):
         self.groups = []  # (start, prompt length, completion tokens, plan) per group
         self.prompt_lens, self.comp_lens, self.G = prompt_lens.tolist(), comp_lens.tolist(), G
         self._flash = None  # flash-attn's varlen plan, built on first use
+        self.unmasked = self.lower_right is True or (self.lower_right == "cuda" and torch.device(device).type == "cuda")
+        batch_from = 2 if self.unmasked else self.batch_from_G
         start = 0
         for b, P in enumerate(self.prompt_lens):
             cs = comp_lens[b * G:(b + 1) * G].to(device)
             S, C = int(cs.sum()), int(cs.max()) if G else 0
             plan = None
             if S:
-                batched = self.mode == "batched" or (self.mode == "auto" and G >= self.batch_from_G
+                batched = self.mode == "batched" or (self.mode == "auto" and G >= batch_from
                                                      and G * C * (P + C) < S * (P + S))
                 plan = self._batched(P, cs, C, device) if batched else self._dense(P, cs, S, device)
             self.groups.append((start, P, S, plan))
@@ -621,6 +630,8 @@ class SharedPrefix:
             G = at.shape[0]
             qc, kc, vc = (x[:, s + P:e][:, at].transpose(0, 1) for x in (q, k, v))  # [G, H, C, hd]
             kp, vp = (x[None, :, s:s + P].expand(G, -1, -1, -1) for x in (k, v))  # [G, H, P, hd]
+            if self.unmasked:  # query t sees keys up to P + t: the prompt and its own tokens, never its padding
+                mask = causal_lower_right(qc.shape[2], P + qc.shape[2])
             y = F.scaled_dot_product_attention(qc, torch.cat([kp, kc], 2), torch.cat([vp, vc], 2), attn_mask=mask)
             outs.append(y.transpose(0, 1)[:, real])  # [H, S, hd] real rows, in token order
         return torch.cat(outs, 1).transpose(0, 1)

@@ -73,16 +73,19 @@ def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, calls=None
 
 
 @pytest.mark.parametrize("case", ["plain", "pruned", "ckpt", "frozen_vision", "lora", "torch_backend", "naive",
-                                  "batched", "flash"])
+                                  "batched", "lower_right", "flash"])
 def test_shared_prefix_equals_per_row(case, monkeypatch):
     """Log-probs, entropies and all gradients: shared layout == per-row layout (relative 1e-5). "batched": each
-    completion attends as its own row against [prompt K/V; own K/V] (SharedPrefix's other mode). "flash": the
+    completion attends as its own row against [prompt K/V; own K/V] (SharedPrefix's other mode); "lower_right": the
+    same rows without a mask, causal aligned to the bottom right (CUDA's default, forced here on CPU, completions of
+    unequal length right-padded). "flash": the
     shared layout through flash-attn's varlen path (SharedPrefix.attend_flash: prompts causal, each completion
     against [its prompt; itself]), here with a plain-torch stand-in for the CUDA kernel; the per-row side on SDPA."""
     import model as M
     from model import SharedPrefix
     from tiny import tiny_config
-    monkeypatch.setattr(SharedPrefix, "mode", "batched" if case == "batched" else "dense")
+    monkeypatch.setattr(SharedPrefix, "mode", "batched" if case in ("batched", "lower_right") else "dense")
+    monkeypatch.setattr(SharedPrefix, "lower_right", case == "lower_right")
     calls = []
     if case == "flash":
         monkeypatch.setattr(M, "flash_attn_varlen_func", lambda *a, **k: varlen_reference(*a, **k, calls=calls))
@@ -154,13 +157,14 @@ def test_shared_prefix_loss_and_gradients_on_a_kept_subset(loss_type):
         assert float((out[True][2][n] - gw).abs().max() / scale) < 1e-5, n
 
 
-@pytest.mark.parametrize("mode", ["dense", "batched", "auto"])
+@pytest.mark.parametrize("mode", ["dense", "batched", "lower_right", "auto"])
 def test_shared_layout_attends_as_the_rules_say(mode, monkeypatch):
     """model.SharedPrefix: a prompt token sees earlier prompt tokens; a completion token sees its whole prompt and
     the earlier tokens of its own completion, never a sibling's or the next group's (checked against dense
     attention with the rule written out), in either way of computing the completions' attention."""
     from model import SharedPrefix
-    monkeypatch.setattr(SharedPrefix, "mode", mode)
+    monkeypatch.setattr(SharedPrefix, "mode", "batched" if mode == "lower_right" else mode)
+    monkeypatch.setattr(SharedPrefix, "lower_right", mode == "lower_right")
     g = torch.Generator()
     # two groups, G = 3, an empty completion; the second group's long completions make "auto" batch them
     plens, clens = torch.tensor([3, 5]), torch.tensor([2, 0, 4, 9, 11, 12])
