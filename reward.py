@@ -101,7 +101,7 @@ def task_from_name(path):
 # Every reward term and its default weight: score() returns the terms that apply to a record and their weighted sum
 # "total". To add a term: compute it in terms() and give it a weight here; train_rl.py then takes --w_<term> (any
 # term without a w_ key keeps this weight) and logs it as reward/<term>/mean.
-DEFAULT_WEIGHTS = {"accuracy": 1.0, "f1": 1.0, "caption": 1.0, "tree": 1.0, "format": 0.1}
+DEFAULT_WEIGHTS = {"accuracy": 1.0, "f1": 1.0, "caption": 1.0, "tree": 1.0, "format": 0.1, "agree": 1.0}
 FORMAT_METRICS = ("tree",)
 CAPTION_LABEL_WEIGHT = 0.7   # caption_reward = 0.7 * label overlap + 0.3 * clue overlap
 CAPTION_SCORER = None        # optional callable(pred_caption, ref_caption) -> float in [0, 1]; replaces the rule
@@ -813,13 +813,36 @@ def as_label_list(labels, metric):
     return [s.strip()]
 
 
-def terms(completion, record, lam=1.0):
+def emotion_key(text):
+    """The emotion line of a tree ("sadness (high intensity)"; items joined by "; "), normalised; None when the text
+    has no level lines or an empty emotion line."""
+    levels = _level_lines(text)
+    return "; ".join(levels["emotion"]) if levels and levels["emotion"] else None
+
+
+def answer_table(records):
+    """{task: {emotion line of the reference tree: answer}} over the reasoning records of accuracy tasks: the answer
+    the data gives behind each emotion line. A line the data answers two ways is left out (no answer follows from it)."""
+    seen = {}
+    for r in records:
+        if r.get("answer_format") != "reasoning" or not r.get("tree") or task_metric(r.get("task")) != "accuracy":
+            continue
+        key = emotion_key(r["tree"])
+        labels = as_label_list(r.get("labels"), "accuracy") or [extract_answer(reference_text(r))]
+        if key is not None and labels and labels[0]:
+            seen.setdefault(r["task"], {}).setdefault(key, set()).add(_norm_text(labels[0]))
+    return {t: {k: next(iter(v)) for k, v in d.items() if len(v) == 1} for t, d in seen.items()}
+
+
+def terms(completion, record, lam=1.0, table=None):
     """The reward terms that apply to one completion of an Emo-CFG record, {name: value in [0, 1]}: the task's metric
     (metric = task_metric(record["task"])); for FORMAT_METRICS tasks the format term; for records marked
     answer_format="reasoning" (data.apply_answer_format) the tree reward of the completion's <think> block against
     record["tree"] and the format term, so GRPO rewards answer and tree together. For accuracy / F1 tasks an
     option-letter answer ("B", "(B) sadness") becomes its option's text when the question lists options, and so do
-    letter labels; string labels are split for F1; without labels the reference answer is the last assistant turn."""
+    letter labels; string labels are split for F1; without labels the reference answer is the last assistant turn.
+    table (answer_table's): reasoning records of its tasks also get "agree", 1 when the answer is the one the data
+    gives behind the completion's own emotion line (right or wrong): a reward for answer and tree agreeing."""
     task = record.get("task")
     metric = task_metric(task)
     if metric is None:
@@ -843,10 +866,13 @@ def terms(completion, record, lam=1.0):
         out["tree"] = tree_reward(completion, record["tree"], lam=lam)
     if metric in FORMAT_METRICS or "tree" in out:
         out["format"] = format_reward(completion)
+    if table and reasoning and task in table:
+        implied = table[task].get(emotion_key(completion))
+        out["agree"] = accuracy_reward(answer, [implied]) if implied else 0.0
     return out
 
 
-def score(completion, record, weights=None, lam=1.0):
+def score(completion, record, weights=None, lam=1.0, table=None):
     """All rewards of one completion for one Emo-CFG record: terms() plus "total", their weighted sum. The one
     scoring path: GRPO's reward and eval's metric are this call. weights override DEFAULT_WEIGHTS key by key."""
     w = dict(DEFAULT_WEIGHTS)
@@ -854,6 +880,6 @@ def score(completion, record, weights=None, lam=1.0):
         if k not in w:
             raise ValueError(f"score: unknown weight key {k!r}; known: {sorted(w)}")
         w[k] = float(v)
-    out = terms(completion, record, lam)
+    out = terms(completion, record, lam, table)
     out["total"] = sum(w[k] * v for k, v in out.items())
     return out

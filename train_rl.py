@@ -87,6 +87,7 @@ w_f1 = 1.0
 w_caption = 1.0
 w_tree = 1.0
 w_format = 0.1  # enters the total only for the tree (fine-grained caption) task, as in reward.py
+w_agree = 0.0  # > 0: reasoning answers also earn "agree" for being what the data answers behind their own emotion line
 tree_lambda = 1.0  # R_tree = exp(-lambda * TED / |T_ref|)
 # optimisation
 max_steps = 800
@@ -304,7 +305,7 @@ def next_prompts(n, stream, records, tokenizer, root, video_kwargs, cache, skipp
 
 
 @torch.no_grad()
-def rollout(policy, prompts, gen, tokenizer, dev, autocast, reencode):
+def rollout(policy, prompts, gen, tokenizer, dev, autocast, reencode, table=None):
     """1. B prompts -> one Rollout of B*G completions with everything the loss needs, scored (no grad)
     -> (rollout, seconds generating, seconds scoring)."""
     eos_id, pad_id = D.special_ids(tokenizer)
@@ -336,7 +337,7 @@ def rollout(policy, prompts, gen, tokenizer, dev, autocast, reencode):
     mb.records = [r for r, _ in prompts]
     mb.texts = tokenizer.batch_decode([s[:n].tolist() for s, n in zip(seqs.cpu(), mb.lengths.tolist())],
                                       skip_special_tokens=True)
-    mb.scores = [R.score(t, mb.records[i // num_generations], config_weights(), lam=tree_lambda)
+    mb.scores = [R.score(t, mb.records[i // num_generations], config_weights(), lam=tree_lambda, table=table)
                  for i, t in enumerate(mb.texts)]
     mb.total = torch.tensor([s["total"] for s in mb.scores], dtype=torch.float32)  # [B*G]
     mb.gen_logps = gen_logps
@@ -564,6 +565,7 @@ def main():
     records = load_task_records(train_path)
     if not records:
         raise common.InputError(f"no records of tasks {tasks} in {train_path}")
+    table = R.answer_table(records) if w_agree > 0 else None  # {task: {emotion line: answer}} for the agree term
     root = video_root or None  # None: each record's videos resolve against its own file's folder (data.py)
     video_cache, val_cache = D.VideoCache(256), D.VideoCache(256)  # decoded clips, reused when they come round again
 
@@ -613,7 +615,7 @@ def main():
             gen.manual_seed((seed * 1_000_003 + step) * 10_007 + rank * grad_accum + i)
             prompts = next_prompts(prompts_per_micro, stream, records, tokenizer, root, video_kwargs, video_cache,
                                    skipped)
-            mb, tg, ts = rollout(policy, prompts, gen, tokenizer, dev, autocast, reencode)
+            mb, tg, ts = rollout(policy, prompts, gen, tokenizer, dev, autocast, reencode, table)
             micro.append(mb)
             t_gen, t_score = t_gen + tg, t_score + ts
         # 2. advantages, over every rank's rewards

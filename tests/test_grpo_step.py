@@ -90,7 +90,7 @@ def surrogate(policy, micro, signs):
 def test_a_step_in_process_climbs_its_objective(rl, setup, monkeypatch):
     """A reward on how often "a" is written: the step's rollout has spread, its update moves the weights, and the
     policy after it scores the step's own completions higher on sum_i A_i mean_t log pi(o_it)."""
-    monkeypatch.setattr(R, "terms", lambda c, r, lam=1.0: {"accuracy": c.count("a") / 10})
+    monkeypatch.setattr(R, "terms", lambda c, r, lam=1.0, table=None: {"accuracy": c.count("a") / 10})
     policy = policy_of(setup)
     micro, row = one_step(rl, setup, policy, torch.optim.SGD(policy.parameters(), lr=0.05))
     assert row["grad_norm"] > 0 and row["frac_reward_zero_std"] < 1 and "skipped_update" not in row
@@ -102,7 +102,7 @@ def test_the_two_rewards_give_opposite_gradients(rl, setup, monkeypatch):
     """Same rollout, rewards r and -r: every parameter's gradient of the step flips sign exactly."""
     grads = {}
     for sign in (1.0, -1.0):
-        monkeypatch.setattr(R, "terms", lambda c, r, lam=1.0, s=sign: {"accuracy": s * c.count("a") / 10})
+        monkeypatch.setattr(R, "terms", lambda c, r, lam=1.0, table=None, s=sign: {"accuracy": s * c.count("a") / 10})
         policy = policy_of(setup)
         opt = torch.optim.SGD(policy.parameters(), lr=0.0)  # keep the gradients: lr 0, zero_grad replaced
         monkeypatch.setattr(opt, "zero_grad", lambda set_to_none=True: None)
@@ -117,8 +117,8 @@ def test_a_reward_term_added_in_reward_py_is_weighted_logged_and_optimised(rl, s
     total, the step logs reward/toy/*, and the update climbs it; grpo.py and train_rl.py are untouched."""
     real_terms = R.terms
 
-    def with_toy(completion, record, lam=1.0):
-        out = real_terms(completion, record, lam)
+    def with_toy(completion, record, lam=1.0, table=None):
+        out = real_terms(completion, record, lam, table)
         out["toy"] = sum(ch in "aeiou" for ch in completion) / max(1, len(completion))
         return out
 
@@ -143,8 +143,8 @@ def test_degenerate_steps_complete_and_are_counted(rl, setup, monkeypatch):
     non-finite. Every completion truncated and masked: a finite loss over no token."""
     start = policy_of(setup)
     monkeypatch.setattr(RL, "dynamic_sampling", True)
-    for reward, key in ((lambda c, r, lam=1.0: {"accuracy": 0.5}, "skipped_update"),
-                        (lambda c, r, lam=1.0: {"accuracy": float("nan")}, "reward_nonfinite")):
+    for reward, key in ((lambda c, r, lam=1.0, table=None: {"accuracy": 0.5}, "skipped_update"),
+                        (lambda c, r, lam=1.0, table=None: {"accuracy": float("nan")}, "reward_nonfinite")):
         monkeypatch.setattr(R, "terms", reward)
         policy = policy_of(setup)
         _, row = one_step(rl, setup, policy, torch.optim.SGD(policy.parameters(), lr=0.05))
@@ -153,7 +153,7 @@ def test_degenerate_steps_complete_and_are_counted(rl, setup, monkeypatch):
         for p, q in zip(policy.parameters(), start.parameters()):
             assert torch.equal(p, q)
     assert row["reward_nonfinite"] == 8
-    monkeypatch.setattr(R, "terms", lambda c, r, lam=1.0: {"accuracy": c.count("a") / 10})
+    monkeypatch.setattr(R, "terms", lambda c, r, lam=1.0, table=None: {"accuracy": c.count("a") / 10})
     monkeypatch.setattr(RL, "max_completion_length", 1)
     monkeypatch.setattr(RL, "mask_truncated_completions", True)
     monkeypatch.setattr(RL, "dynamic_sampling", False)

@@ -167,6 +167,48 @@ def test_scoring_both_forms(tiny_data):
     assert "(tree 100.0)" in evaluation.format_table(res)
 
 
+def test_agree_rewards_the_answer_its_own_tree_implies(tiny_data):
+    """reward.answer_table maps each reference emotion line to the answer the data gives behind it; with the table,
+    "agree" is 1 exactly when the answer is the one implied by the completion's own emotion line (whatever the label),
+    a line the data answers two ways implies nothing, and without a table (eval) no record gets the term."""
+    rng = random.Random()
+    recs = D.load_records_as(os.path.join(tiny_data, "train.jsonl"), "reasoning")
+    table = R.answer_table(recs)
+    reasoning = [r for r in recs if r.get("answer_format") == "reasoning"]
+    assert set(table) == {t for t in D.REASONING_TASKS if R.task_metric(t) == "accuracy"} and reasoning
+    for r in reasoning:  # EmoSynth's answers are a function of the emotion line
+        assert table[r["task"]][R.emotion_key(r["tree"])] == r["labels"][0]
+    direct = [r for r in recs if r.get("answer_format") != "reasoning" and R.task_metric(r["task"]) == "accuracy"]
+    assert "agree" not in R.score(direct[0]["messages"][-1]["content"], direct[0], table=table)
+    checked = 0
+    for _ in range(200):
+        a, b = rng.sample(reasoning, 2)
+        if a["task"] != b["task"] or a["labels"] == b["labels"]:
+            continue
+        tree_a, ans_a = D.split_reasoning(a["messages"][-1]["content"])
+        tree_b, ans_b = D.split_reasoning(b["messages"][-1]["content"])
+        own = R.score(a["messages"][-1]["content"], a, table=table)
+        assert own["agree"] == own["accuracy"] == 1.0 and own["total"] == pytest.approx(1 + 1 + 0.1 + 1)
+        assert R.score(a["messages"][-1]["content"], a, weights={"agree": 0.5}, table=table)["total"] == \
+            pytest.approx(2.6)
+        # b's tree and b's answer on a's record: a wrong answer, but the one its tree implies
+        follow = R.score(D.reasoning_answer(tree_b, ans_b), a, table=table)
+        assert follow["agree"] == 1.0 and follow["accuracy"] == 0.0
+        # a's (right) tree with b's answer: implied answer not given
+        contra = R.score(D.reasoning_answer(tree_a, ans_b), a, table=table)
+        assert contra["agree"] == 0.0 and contra["accuracy"] == 0.0 and contra["tree"] == 1.0
+        assert "agree" not in R.score(a["messages"][-1]["content"], a)  # no table: eval's scores are unchanged
+        checked += 1
+    assert checked > 10
+    # a line the data answers two ways is left out: its records get agree 0 whatever they answer
+    r = rng.choice(reasoning)
+    other = next(x for x in reasoning if x["task"] == r["task"] and x["labels"] != r["labels"])
+    clash = dict(r, labels=other["labels"])
+    table2 = R.answer_table(recs + [clash])
+    assert R.emotion_key(r["tree"]) not in table2[r["task"]]
+    assert R.score(r["messages"][-1]["content"], r, table=table2)["agree"] == 0.0
+
+
 def test_reasoning_targets_are_supervised(tiny_data):
     """encode_record on a reasoning record supervises exactly the tree + answer (+ <|im_end|>), and the prompt is the
     direct record's prompt (the model is asked the same question)."""
@@ -266,19 +308,20 @@ def test_tiny_sft_on_the_reasoning_format(tiny_data, tmp_path):
     assert json.load(open(os.path.join(out, "ckpt", "train_config.json")))["answer_format"] == "reasoning"
 
     # GRPO from it on emotion_single alone: under the reasoning format (the default "auto" reads it from the SFT
-    # checkpoint) its reward carries the tree term and the format term (answer + tree + format), under direct neither
+    # checkpoint) its reward carries the tree term, the format term and (w_agree > 0) the agree term, under direct none
     for fmt in ("auto", "direct"):
         rl = str(tmp_path / f"rl_{fmt}")
         r = subprocess.run([sys.executable, str(ROOT / "train_rl.py"), f"--init_from={out}/ckpt",
                             f"--data_dir={tiny_data}", f"--out_dir={rl}", f"--answer_format={fmt}",
                             "--tasks=('emotion_single',)", "--num_generations=4", "--prompts_per_step=2",
                             "--grad_accum=1", "--max_completion_length=8", "--max_steps=1", "--eval_every=0",
-                            "--eval_at_end=False", "--dynamic_sampling=False"],
+                            "--eval_at_end=False", "--dynamic_sampling=False", "--w_agree=1.0"],
                            capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         row = [json.loads(line) for line in open(os.path.join(rl, "metrics.jsonl"))][0]
         assert "reward/accuracy/mean" in row
-        assert ("reward/tree/mean" in row) == ("reward/format/mean" in row) == (fmt == "auto"), row
+        assert ("reward/tree/mean" in row) == ("reward/format/mean" in row) == ("reward/agree/mean" in row) == \
+            (fmt == "auto"), row
         saved = json.load(open(os.path.join(rl, "ckpt", "train_config.json")))
         assert saved["answer_format"] == ("reasoning" if fmt == "auto" else "direct")
         assert tuple(saved["reasoning_tasks"]) == D.REASONING_TASKS
