@@ -337,7 +337,8 @@ def rollout(policy, prompts, gen, tokenizer, dev, autocast, reencode, table=None
     mb.records = [r for r, _ in prompts]
     mb.texts = tokenizer.batch_decode([s[:n].tolist() for s, n in zip(seqs.cpu(), mb.lengths.tolist())],
                                       skip_special_tokens=True)
-    mb.scores = [R.score(t, mb.records[i // num_generations], config_weights(), lam=tree_lambda, table=table)
+    extra = {"table": table} if table else {}  # only with w_agree > 0: a swapped-in score(c, r, w, lam) still fits
+    mb.scores = [R.score(t, mb.records[i // num_generations], config_weights(), lam=tree_lambda, **extra)
                  for i, t in enumerate(mb.texts)]
     mb.total = torch.tensor([s["total"] for s in mb.scores], dtype=torch.float32)  # [B*G]
     mb.gen_logps = gen_logps
