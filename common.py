@@ -175,6 +175,10 @@ def rank():
 
 def cleanup_distributed():
     if dist.is_initialized():
+        if dist.get_backend() == "gloo":
+            # gloo frees a finished barrier's tensors on its own thread, which needs the GIL; DDP's reducer, freed
+            # when main() returns, joins that thread with the GIL held. Let the thread finish first, or both wait
+            time.sleep(0.2)
         dist.destroy_process_group()
 
 
