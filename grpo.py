@@ -44,11 +44,37 @@ def grpo_advantages(rewards, group_size, scale_rewards="group"):
     return centred / (std + 1e-4)
 
 
+def token_advantages(adv_think, adv_answer, boundary, T):
+    """Two advantages per sequence [N] and where its reasoning ends, boundary [N] (tokens before it belong to the
+    <think> block) -> [N, T]: each position takes its segment's advantage."""
+    pos = torch.arange(T, device=adv_think.device)[None]  # [1, T]
+    return torch.where(pos < boundary.to(adv_think.device)[:, None], adv_think[:, None], adv_answer[:, None])
+
+
+def think_boundary(tokenizer, seqs, lengths, marker="</think>"):
+    """Completions [N, Tc] (token ids) and their lengths [N] -> [N] long: how many leading tokens hold the reasoning,
+    up to and including the token that completes `marker`; a completion without it is all reasoning (its length)."""
+    out = []
+    for row, n in zip(seqs.cpu().tolist(), lengths.tolist()):
+        pieces = tokenizer.batch_decode([[t] for t in row[:n]], skip_special_tokens=True)  # one string per token
+        at = "".join(pieces).find(marker)
+        cut, end, seen = n, at + len(marker), 0
+        if at >= 0:
+            for i, p in enumerate(pieces):
+                seen += len(p)
+                if seen >= end:
+                    cut = i + 1
+                    break
+        out.append(cut)
+    return torch.tensor(out, dtype=torch.long)
+
+
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, eps_low, eps_high, loss_type,
               max_completion_length=None, return_stats=False, num_items=None):
     """The GRPO policy loss over completion tokens.
 
-    logps, old_logps, ref_logps, mask: [N, T] (N = sequences, T = completion positions); advantages [N].
+    logps, old_logps, ref_logps, mask: [N, T] (N = sequences, T = completion positions); advantages [N], or [N, T]
+    when tokens of one sequence are credited differently (token_advantages).
     ref_logps may be None when beta == 0. Aggregation (as TRL):
       grpo    per-sequence masked mean, then mean over sequences
       bnpo    sum over all tokens / number of active tokens
@@ -60,7 +86,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, eps_low, eps_
     clip_low / clip_high / clip_region (fraction of active tokens whose ratio is clipped in the direction that
     matters for the sign of A), ratio (masked mean)."""
     mask = mask.to(logps.dtype)
-    adv = advantages.to(logps.dtype)[:, None]  # [N, 1]
+    adv = advantages.to(logps.dtype)
+    adv = adv[:, None] if adv.dim() == 1 else adv  # [N, 1] or [N, T]
     ratio = torch.exp(logps - old_logps)  # [N, T]
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # [N, T]
@@ -237,7 +264,9 @@ class Rollout:
     scores: list = per("row")  # reward.score's dict of each completion
     gen_logps: torch.Tensor = per("row")  # [B*G, Tc] the sampler's log-probs
     total: torch.Tensor = per("row")  # [B*G] reward
-    adv: torch.Tensor = per("row")  # [B*G] advantages
+    parts: torch.Tensor = per("row")  # [B*G, 2] (reasoning reward, answer reward) with split_advantage, or None
+    boundary: torch.Tensor = per("row")  # [B*G] where each completion's reasoning ends (think_boundary), or None
+    adv: torch.Tensor = per("row")  # [B*G] advantages, or [B*G, Tc] per token (split_advantage)
     use: torch.Tensor = per("row")  # [B*G] bool: the rows of the groups dynamic sampling keeps, or None (all)
     ref: torch.Tensor = per("row")  # [B*G, Tc] the reference's log-probs, or None (beta = 0)
 

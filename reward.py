@@ -103,6 +103,7 @@ def task_from_name(path):
 # term without a w_ key keeps this weight) and logs it as reward/<term>/mean.
 DEFAULT_WEIGHTS = {"accuracy": 1.0, "f1": 1.0, "caption": 1.0, "tree": 1.0, "format": 0.1, "agree": 1.0}
 FORMAT_METRICS = ("tree",)
+THINK_TERMS = ("tree", "format")  # the terms a reasoning answer's <think> block earns; the others are its answer's
 CAPTION_LABEL_WEIGHT = 0.7   # caption_reward = 0.7 * label overlap + 0.3 * clue overlap
 CAPTION_SCORER = None        # optional callable(pred_caption, ref_caption) -> float in [0, 1]; replaces the rule
 
@@ -875,11 +876,27 @@ def terms(completion, record, lam=1.0, table=None):
 def score(completion, record, weights=None, lam=1.0, table=None):
     """All rewards of one completion for one Emo-CFG record: terms() plus "total", their weighted sum. The one
     scoring path: GRPO's reward and eval's metric are this call. weights override DEFAULT_WEIGHTS key by key."""
+    w = _weights(weights)
+    out = terms(completion, record, lam, table)
+    out["total"] = sum(w[k] * v for k, v in out.items())
+    return out
+
+
+def _weights(weights):
     w = dict(DEFAULT_WEIGHTS)
     for k, v in (weights or {}).items():
         if k not in w:
             raise ValueError(f"score: unknown weight key {k!r}; known: {sorted(w)}")
         w[k] = float(v)
-    out = terms(completion, record, lam, table)
-    out["total"] = sum(w[k] * v for k, v in out.items())
-    return out
+    return w
+
+
+def split_total(scores, record, weights=None):
+    """score's dict for one completion of `record` -> (reasoning, answer) rewards that sum to its total: a reasoning
+    answer (a QA record scored with a tree) splits into its THINK_TERMS and the rest; any other completion is one
+    piece, (total, total)."""
+    if "tree" not in scores or task_metric(record.get("task")) in FORMAT_METRICS:
+        return scores["total"], scores["total"]
+    w = _weights(weights)
+    think = sum(w[k] * scores[k] for k in THINK_TERMS if k in scores)
+    return think, scores["total"] - think

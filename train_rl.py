@@ -87,6 +87,9 @@ w_f1 = 1.0
 w_caption = 1.0
 w_tree = 1.0
 w_format = 0.1  # enters the total only for the tree (fine-grained caption) task, as in reward.py
+# True: a reasoning answer's <think> tokens get the group-relative advantage of its tree + format reward, its answer
+# tokens that of the rest (the task metric, agree); other completions keep one advantage for every token
+split_advantage = False
 w_agree = 0.0  # > 0: reasoning answers also earn "agree" for being what the data answers behind their own emotion line
 tree_lambda = 1.0  # R_tree = exp(-lambda * TED / |T_ref|)
 # optimisation
@@ -341,8 +344,18 @@ def rollout(policy, prompts, gen, tokenizer, dev, autocast, reencode, table=None
     mb.scores = [R.score(t, mb.records[i // num_generations], config_weights(), lam=tree_lambda, **extra)
                  for i, t in enumerate(mb.texts)]
     mb.total = torch.tensor([s["total"] for s in mb.scores], dtype=torch.float32)  # [B*G]
+    if split_advantage:  # two rewards per completion and where its reasoning ends
+        mb.parts = torch.tensor([R.split_total(s, mb.records[i // num_generations], config_weights())
+                                 for i, s in enumerate(mb.scores)], dtype=torch.float32)  # [B*G, 2]
+        mb.boundary = grpo.think_boundary(tokenizer, seqs, mb.lengths)  # [B*G]
     mb.gen_logps = gen_logps
     return mb, t_gen, time.time() - t0
+
+
+def flat_groups(rewards, G):
+    """rewards [n] -> [n / G] bool: the groups whose G rewards are all equal."""
+    std = rewards.view(-1, G).std(1)  # [groups]
+    return torch.isclose(std, torch.zeros_like(std))
 
 
 def advantages(micro, rank, world, dev):
@@ -359,18 +372,26 @@ def advantages(micro, rank, world, dev):
     if bad.any():
         total_all = torch.where(bad, torch.zeros_like(total_all), total_all)
     adv = grpo.grpo_advantages(total_all, G, scale_rewards)[mine]
-    group_std = total_all.view(-1, G).std(1)  # [groups]
-    zero_std = torch.isclose(group_std, torch.zeros_like(group_std))  # all G rewards equal: advantage ~0 (TRL)
+    zero_std = flat_groups(total_all, G)  # all G rewards equal: advantage ~0 (TRL)
+    flat = zero_std
+    if split_advantage:  # the reasoning and answer rewards, each group-relative: [n_local] twice
+        parts_all = grpo.gather_rows(torch.cat([mb.parts for mb in micro]).to(dev)).cpu()  # [world * n_local, 2]
+        parts_all = torch.where(bad[:, None], torch.zeros_like(parts_all), parts_all)
+        adv_think = grpo.grpo_advantages(parts_all[:, 0].contiguous(), G, scale_rewards)[mine]
+        adv_answer = grpo.grpo_advantages(parts_all[:, 1].contiguous(), G, scale_rewards)[mine]
+        flat = flat_groups(parts_all[:, 0], G) & flat_groups(parts_all[:, 1], G)  # a group learns if either differs
     bad_group = bad.view(-1, G).any(1)  # [groups]
     if dynamic_sampling:
-        use = (~(zero_std | bad_group)).repeat_interleave(G)[mine]
+        use = (~(flat | bad_group)).repeat_interleave(G)[mine]
     else:
         use = (~bad_group).repeat_interleave(G)[mine] if bad.any() else None
     offset = 0
     for mb in micro:
         n = mb.total.numel()
-        mb.adv = adv[offset:offset + n].to(dev)
-        mb.use = use[offset:offset + n].to(dev) if use is not None else None
+        rows = slice(offset, offset + n)
+        mb.adv = adv[rows].to(dev) if not split_advantage else \
+            grpo.token_advantages(adv_think[rows], adv_answer[rows], mb.boundary, mb.cmask.shape[1]).to(dev)
+        mb.use = use[rows].to(dev) if use is not None else None
         offset += n
     return total_all, zero_std, bad
 

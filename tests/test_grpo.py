@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import grpo
-from grpo import grpo_advantages, grpo_loss
+from grpo import grpo_advantages, grpo_loss, token_advantages
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
@@ -62,10 +62,10 @@ def ref_loss(logps, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, t_m
     kl_sum, n_low, n_high, ratio_sum = 0.0, 0, 0, 0.0
     for i in range(N):
         s, c = 0.0, 0
-        a = float(adv[i])
         for t in range(T):
             if mask[i, t] == 0:
                 continue
+            a = float(adv[i, t]) if adv.dim() == 2 else float(adv[i])  # per token, or one per sequence
             r = torch.exp(logps[i, t] - old[i, t])
             if r < 1 - eps_low:
                 r_clip = torch.tensor(1 - eps_low, dtype=torch.float64)  # constant: no gradient through the clip
@@ -184,6 +184,35 @@ def test_loss_and_grad_match_reference(loss_type, scale, beta, mu_gt_1):
         assert (grad[mask == 0] == 0).all(), "padding must get no gradient"
         if mu_gt_1:
             assert stats["clip_region"] > 0, "test inputs should exercise the clip"
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_per_token_advantages_match_reference(loss_type):
+    """split_advantage: two advantages per sequence, the reasoning's before a boundary and the answer's after it;
+    the loss, its gradient and stats against the per-token formula; all-equal columns give the per-sequence loss."""
+    for seed in range(3):
+        logps, old, ref, mask, rewards = random_batch(50 + seed, mu_gt_1=True)
+        N, T = logps.shape
+        g = torch.Generator().manual_seed(seed)
+        a_think = grpo_advantages(rewards, 4)
+        a_answer = grpo_advantages(torch.rand(N, generator=g, dtype=torch.float64), 4)
+        boundary = torch.randint(0, T + 1, (N,), generator=g)
+        adv = token_advantages(a_think, a_answer, boundary, T)  # [N, T]
+        assert adv.shape == (N, T)
+        for i in range(N):
+            for t in range(T):
+                assert adv[i, t] == (a_think[i] if t < boundary[i] else a_answer[i])
+        x, y = logps.clone().requires_grad_(True), logps.clone().requires_grad_(True)
+        loss, stats = grpo_loss(x, old, ref, adv, mask, 0.04, EPS_LOW, EPS_HIGH, loss_type, return_stats=True)
+        want, want_stats = ref_loss(y, old, ref, adv, mask, 0.04, EPS_LOW, EPS_HIGH, loss_type)
+        torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(want, y)[0],
+                                   rtol=1e-10, atol=1e-12)
+        for k, v in want_stats.items():
+            assert stats[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+        same = token_advantages(a_think, a_think, boundary, T)
+        torch.testing.assert_close(grpo_loss(logps, old, ref, same, mask, 0.04, EPS_LOW, EPS_HIGH, loss_type),
+                                   grpo_loss(logps, old, ref, a_think, mask, 0.04, EPS_LOW, EPS_HIGH, loss_type))
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

@@ -138,6 +138,45 @@ def test_a_reward_term_added_in_reward_py_is_weighted_logged_and_optimised(rl, s
         RL.check_config(1, CPU)
 
 
+def test_split_advantage_credits_reasoning_and_answer_tokens_apart(rl, setup, monkeypatch):
+    """split_advantage on reasoning records: a token before its completion's boundary carries the group-relative
+    advantage of tree + format, one after it that of the answer's terms; with every boundary at 0 the step's gradient
+    is that of the answer reward alone with one advantage per completion (the per-row path)."""
+    monkeypatch.setattr(R, "terms", lambda c, r, lam=1.0, table=None: {
+        "accuracy": c.count("a") / 10, "tree": c.count("e") / 10, "format": c.count("o") / 10})
+    common.configure(vars(RL), ["--answer_format=reasoning", "--reasoning_tasks=('emotion_single',)",
+                                "--split_advantage=True"])
+    cuts = {}
+    monkeypatch.setattr(grpo, "think_boundary", lambda tok, seqs, lengths: cuts["fn"](lengths))
+    cuts["fn"] = lambda lengths: torch.randint(0, int(lengths.max()) + 1, lengths.shape)
+    micro, row = one_step(rl, setup, policy_of(setup), torch.optim.SGD(policy_of(setup).parameters(), lr=0.0))
+    w = RL.config_weights()
+    think = torch.tensor([[w["tree"] * s["tree"] + w["format"] * s["format"] for s in mb.scores] for mb in micro])
+    answer = torch.tensor([[w["accuracy"] * s["accuracy"] for s in mb.scores] for mb in micro])
+    a_think = grpo.grpo_advantages(think.flatten(), rl.num_generations).view_as(think)
+    a_answer = grpo.grpo_advantages(answer.flatten(), rl.num_generations).view_as(answer)
+    for m, mb in enumerate(micro):
+        assert mb.adv.shape == mb.cmask.shape
+        for i in range(mb.adv.shape[0]):
+            b = int(mb.boundary[i])
+            torch.testing.assert_close(mb.adv[i, :b], a_think[m, i].expand(b))
+            torch.testing.assert_close(mb.adv[i, b:], a_answer[m, i].expand(mb.adv.shape[1] - b))
+    assert row["grad_norm"] > 0
+    grads = {}
+    for split in (True, False):
+        common.configure(vars(RL), [f"--split_advantage={split}"])
+        cuts["fn"] = lambda lengths: torch.zeros_like(lengths)
+        if not split:  # the per-row reference: the answer's terms are the whole reward
+            monkeypatch.setattr(R, "terms", lambda c, r, lam=1.0, table=None: {"accuracy": c.count("a") / 10})
+        policy = policy_of(setup)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+        monkeypatch.setattr(opt, "zero_grad", lambda set_to_none=True: None)
+        one_step(rl, setup, policy, opt)
+        grads[split] = torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+    assert grads[False].abs().sum() > 0
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-7)
+
+
 def test_degenerate_steps_complete_and_are_counted(rl, setup, monkeypatch):
     """Equal rewards everywhere: no update, skipped_update shown. Every reward NaN: counted, no update, nothing
     non-finite. Every completion truncated and masked: a finite loss over no token."""

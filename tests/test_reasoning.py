@@ -209,6 +209,40 @@ def test_agree_rewards_the_answer_its_own_tree_implies(tiny_data):
     assert R.score(r["messages"][-1]["content"], r, table=table2)["agree"] == 0.0
 
 
+@pytest.mark.parametrize("which", ["tiny", "qwen"])
+def test_split_advantage_parts_and_boundary(tiny_data, qwen_tokenizer_dir, which):
+    """split_advantage's two inputs: reward.split_total splits a reasoning answer's total into its <think> terms and
+    the rest (they sum to the total; any other completion is one piece, (total, total)), and grpo.think_boundary finds the first k
+    completion tokens whose decoding holds "</think>" (the decode of every prefix is the reference)."""
+    import torch
+    import grpo
+    rng = random.Random()
+    from transformers import AutoTokenizer
+    tok = D.load_tokenizer(os.path.join(tiny_data, "tokenizer")) if which == "tiny" else \
+        AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir))  # the real Qwen2.5 byte-level BPE
+    recs = D.load_records_as(os.path.join(tiny_data, "train.jsonl"), "reasoning")
+    w = {"tree": rng.uniform(0.5, 2), "format": rng.uniform(0, 1), "accuracy": rng.uniform(0.5, 2)}
+    seqs, lengths, wants, n_split = [], [], [], 0
+    for r in rng.sample(recs, 24):
+        text = r["messages"][-1]["content"]
+        cut = text[:rng.randint(0, len(text))] if rng.random() < 0.4 else text  # truncated completions too
+        sc = R.score(cut, r, weights=w)
+        think, answer = R.split_total(sc, r, w)
+        if r.get("answer_format") == "reasoning" and R.task_metric(r["task"]) != "tree":
+            n_split += 1
+            assert think == pytest.approx(w["tree"] * sc["tree"] + w["format"] * sc["format"])
+            assert think + answer == pytest.approx(sc["total"])
+        else:
+            assert (think, answer) == (sc["total"], sc["total"])
+        ids = tok(cut, add_special_tokens=False)["input_ids"]
+        k = next((k for k in range(1, len(ids) + 1) if "</think>" in tok.decode(ids[:k])), len(ids))
+        seqs.append(ids), lengths.append(len(ids)), wants.append(k)
+    assert n_split > 3 and any(k < n for k, n in zip(wants, lengths))
+    T = max(lengths) + 3
+    padded = torch.tensor([ids + [tok.pad_token_id or 0] * (T - len(ids)) for ids in seqs])  # [N, T]
+    assert grpo.think_boundary(tok, padded, torch.tensor(lengths)).tolist() == wants
+
+
 def test_reasoning_targets_are_supervised(tiny_data):
     """encode_record on a reasoning record supervises exactly the tree + answer (+ <|im_end|>), and the prompt is the
     direct record's prompt (the model is asked the same question)."""
