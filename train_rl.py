@@ -362,6 +362,7 @@ def advantages(micro, rank, world, dev):
     """2. Group-relative advantages over the rewards gathered from every rank (groups never straddle ranks; "batch"
     std is global): sets each micro-batch's `adv` and, with dynamic sampling, `use` (the groups whose rewards differ).
     A non-finite reward (a user's reward function) is counted, stands in as 0 and drops its group from the loss.
+    split_advantage: `adv` is [n, Tc], the reasoning and answer rewards' advantages on either side of `boundary`.
     -> (rewards [world * n_local], zero-std flag per group, non-finite rewards per row)."""
     G = num_generations
     total_local = torch.cat([mb.total for mb in micro])  # [n_local]
