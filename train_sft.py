@@ -87,6 +87,7 @@ weight_decay = 0.01
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0
+loss_norm = "token"  # token: mean over every supervised token | record: mean of each record's token mean
 freeze_vision = False  # the ViT blocks + patch embed
 freeze_merger = False
 freeze_llm = False
@@ -218,7 +219,7 @@ RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokeniz
 
 # what a key meant before it existed, for checkpoints written by older versions (their config lacks it)
 BEFORE = {"lr_schedule": "run", "mix_first": 0.0, "answer_format": "direct", "tree_swap": 0.0, "tree_swap_tasks": (),
-          "tree_swap_video": True}
+          "tree_swap_video": True, "loss_norm": "token"}
 
 
 def check_config():
@@ -229,6 +230,7 @@ def check_config():
         ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"), ("grad_clip", grad_clip, grad_clip >= 0, ">= 0"),
         ("replay", replay, 0 <= replay < 1, "in [0, 1)"), ("mix_first", mix_first, 0 <= mix_first <= 1, "in [0, 1]"),
         ("lr_schedule", lr_schedule, lr_schedule in ("run", "stage"), "run or stage"),
+        ("loss_norm", loss_norm, loss_norm in ("token", "record"), "token or record"),
         ("stage_epochs", stage_epochs, len(stage_epochs) == 3 and all(e >= 0 for e in stage_epochs),
          "three epoch counts >= 0 (attribute, expression, emotion)"),
         ("fps", fps, fps > 0, "> 0"), ("max_frames", max_frames, max_frames >= 2, ">= 2"),
@@ -350,14 +352,18 @@ def lr_for(step, sampler, total_steps):
 
 
 def forward_backward(net, model, micro, dev, autocast, world):
-    """The summed gradient of the micro-batches' NLL, normalised by the global count of supervised tokens (any world
-    size / accumulation gives the same loss) -> (step loss, tokens processed on this rank)."""
-    n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)), device=dev)
+    """The summed gradient of the micro-batches' NLL, normalised globally (any world size / accumulation gives the
+    same loss) -> (step loss, tokens processed on this rank). loss_norm "token": the NLL summed over every supervised
+    token / their count; "record": each record's mean token NLL, averaged over records (a 2-token answer weighs as
+    much as a 75-token tree)."""
+    scored = [b["labels"][:, 1:] != -100 for b in micro]  # [B, L-1] each: the tokens the forward scores, row-major
+    n_norm = sum(int(m.sum()) if loss_norm == "token" else int(m.any(1).sum()) for m in scored)
+    n_norm = torch.tensor(float(n_norm), device=dev)
     n_local = sum(int(b["attention_mask"].sum()) for b in micro)  # every token processed, for tokens/s
     if world > 1:
-        torch.distributed.all_reduce(n_tok)
+        torch.distributed.all_reduce(n_norm)
     loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
-    for i, batch in enumerate(micro):
+    for i, (batch, m) in enumerate(zip(micro, scored)):
         batch = to_device(batch, dev)
         sync = i == len(micro) - 1
         ctx = net.no_sync() if (world > 1 and not fsdp and not sync) else contextlib.nullcontext()
@@ -366,13 +372,18 @@ def forward_backward(net, model, micro, dev, autocast, world):
                 model.set_requires_gradient_sync(sync)
             with autocast:
                 logp = net(**model_inputs(batch))  # [n] log-probs of the supervised tokens
-            nll = -logp.sum()
-            loss = nll / n_tok.clamp(min=1) * world  # DDP / FSDP average gradients over ranks
+            if loss_norm == "record":
+                per = m.sum(1).to(dev)  # [B] scored tokens per record
+                w = (1.0 / per.clamp(min=1).float()).repeat_interleave(per)  # [n] 1 / its record's count
+                nll = -(logp.float() * w).sum()
+            else:
+                nll = -logp.sum()
+            loss = nll / n_norm.clamp(min=1) * world  # DDP / FSDP average gradients over ranks
             loss.backward()
         loss_sum += nll.detach().double()
     if world > 1:
         torch.distributed.all_reduce(loss_sum)
-    return (loss_sum / n_tok.clamp(min=1)).item(), n_local
+    return (loss_sum / n_norm.clamp(min=1)).item(), n_local
 
 
 def prepare_model(model, found, state, dev, use_bf16, world):

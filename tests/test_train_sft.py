@@ -193,3 +193,66 @@ def test_mix_first_and_per_stage_lr(tiny_data, tmp_path):
         for i in range(a, b):
             assert abs(rows[i]["lr"] - common.lr_at(i - a, b - a, lr, min_lr, 2)) < 1e-12, (i, names[i])
         assert rows[a]["lr"] == lr / 2  # warmup restarts at every stage
+
+
+@pytest.mark.parametrize("loss_norm", ["token", "record"])
+def test_forward_backward_loss_norm_matches_formula(loss_norm):
+    """train_sft.forward_backward over two micro-batches of random text rows (padding, random supervised spans,
+    one row with none) against the formula on the full logits: "token" = summed NLL / supervised tokens,
+    "record" = the mean over records (with a supervised token) of each record's mean NLL; loss and gradient."""
+    import contextlib
+    import torch
+    import common
+    import train_sft as TS
+    from model import VidEmo
+    from tiny import pad_batch, text_ids, tiny_config
+    seed = int(torch.randint(0, 10_000, ()))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = VidEmo(tiny_config()).float()
+    micro = []
+    for b in range(2):
+        seqs, spans = [], []
+        for r in range(3):
+            n = int(torch.randint(6, 20, (), generator=gen))
+            k = 0 if (b, r) == (1, 2) else int(torch.randint(1, n - 2, (), generator=gen))  # supervised tail
+            seqs.append(text_ids(n, gen)); spans.append(k)
+        ids, mask = pad_batch(seqs, side="right")
+        labels = torch.full_like(ids, -100)
+        for r, (s, k) in enumerate(zip(seqs, spans)):
+            if k:
+                labels[r, len(s) - k:len(s)] = ids[r, len(s) - k:len(s)]
+        micro.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    # the formula, on full logits (log_softmax over the vocabulary)
+    model.zero_grad()
+    per_rec, toks = [], []
+    for batch in micro:
+        logp = torch.log_softmax(model(batch["input_ids"], batch["attention_mask"]).float(), -1)[:, :-1]  # [B, L-1, V]
+        tgt = batch["labels"][:, 1:]
+        sel = tgt != -100
+        lp = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * sel  # [B, L-1]
+        for r in range(tgt.shape[0]):
+            if sel[r].any():
+                per_rec.append(-lp[r].sum() / sel[r].sum()); toks.append((-lp[r].sum(), int(sel[r].sum())))
+    ref = torch.stack(per_rec).mean() if loss_norm == "record" else sum(t for t, _ in toks) / sum(n for _, n in toks)
+    ref.backward()
+    ref_grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    g = vars(TS)
+    saved = {k: g[k] for k in common._config_keys(g)}
+    try:
+        common.configure(g, [f"--loss_norm={loss_norm}", "--logprobs_backend=torch"])
+        loss, _ = TS.forward_backward(model, model, micro, torch.device("cpu"), contextlib.nullcontext(), 1)
+    finally:
+        g.update(saved)
+    assert loss == pytest.approx(ref.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        if n in ref_grad:
+            torch.testing.assert_close(p.grad, ref_grad[n], rtol=1e-4, atol=1e-6, msg=f"{n} (seed {seed})")
+    assert max(float(p.grad.abs().max()) for n, p in model.named_parameters() if n in ref_grad) > 0
+
+
+def test_loss_norm_refuses_an_unknown_value(tmp_path):
+    r = subprocess.run([sys.executable, "train_sft.py", "--loss_norm=sample", f"--out_dir={tmp_path}/o"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "loss_norm" in r.stderr and "token or record" in r.stderr, r.stderr
