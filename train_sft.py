@@ -88,6 +88,7 @@ beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0
 loss_norm = "token"  # token: mean over every supervised token | record: mean of each record's token mean
+loss_floor = 0  # token only: a record with fewer supervised tokens weighs as one with loss_floor (lifts short answers)
 freeze_vision = False  # the ViT blocks + patch embed
 freeze_merger = False
 freeze_llm = False
@@ -219,7 +220,7 @@ RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokeniz
 
 # what a key meant before it existed, for checkpoints written by older versions (their config lacks it)
 BEFORE = {"lr_schedule": "run", "mix_first": 0.0, "answer_format": "direct", "tree_swap": 0.0, "tree_swap_tasks": (),
-          "tree_swap_video": True, "loss_norm": "token"}
+          "tree_swap_video": True, "loss_norm": "token", "loss_floor": 0}
 
 
 def check_config():
@@ -231,6 +232,8 @@ def check_config():
         ("replay", replay, 0 <= replay < 1, "in [0, 1)"), ("mix_first", mix_first, 0 <= mix_first <= 1, "in [0, 1]"),
         ("lr_schedule", lr_schedule, lr_schedule in ("run", "stage"), "run or stage"),
         ("loss_norm", loss_norm, loss_norm in ("token", "record"), "token or record"),
+        ("loss_floor", loss_floor, loss_floor >= 0 and (loss_floor == 0 or loss_norm == "token"),
+         ">= 0, and 0 unless loss_norm=token"),
         ("stage_epochs", stage_epochs, len(stage_epochs) == 3 and all(e >= 0 for e in stage_epochs),
          "three epoch counts >= 0 (attribute, expression, emotion)"),
         ("fps", fps, fps > 0, "> 0"), ("max_frames", max_frames, max_frames >= 2, ">= 2"),
@@ -353,17 +356,19 @@ def lr_for(step, sampler, total_steps):
 
 def forward_backward(net, model, micro, dev, autocast, world):
     """The summed gradient of the micro-batches' NLL, normalised globally (any world size / accumulation gives the
-    same loss) -> (step loss, tokens processed on this rank). loss_norm "token": the NLL summed over every supervised
-    token / their count; "record": each record's mean token NLL, averaged over records (a 2-token answer weighs as
-    much as a 75-token tree)."""
+    same loss) -> (step loss, tokens processed on this rank). Record r with n_r supervised tokens weighs W_r, each of
+    its tokens W_r / n_r, and the sum is divided by sum(W_r): loss_norm "token" W_r = max(n_r, loss_floor) (floor 0:
+    the NLL summed over every supervised token / their count); "record" W_r = 1 (each record's mean token NLL averaged
+    over records: a 2-token answer weighs as much as a 75-token tree)."""
     scored = [b["labels"][:, 1:] != -100 for b in micro]  # [B, L-1] each: the tokens the forward scores, row-major
-    n_norm = sum(int(m.sum()) if loss_norm == "token" else int(m.any(1).sum()) for m in scored)
-    n_norm = torch.tensor(float(n_norm), device=dev)
+    per = [m.sum(1) for m in scored]  # [B] each: supervised tokens per record
+    weight = [(n > 0).float() if loss_norm == "record" else n.clamp(min=loss_floor).float() * (n > 0) for n in per]
+    n_norm = torch.tensor(float(sum(float(w.sum()) for w in weight)), device=dev)
     n_local = sum(int(b["attention_mask"].sum()) for b in micro)  # every token processed, for tokens/s
     if world > 1:
         torch.distributed.all_reduce(n_norm)
     loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
-    for i, (batch, m) in enumerate(zip(micro, scored)):
+    for i, (batch, n, w) in enumerate(zip(micro, per, weight)):
         batch = to_device(batch, dev)
         sync = i == len(micro) - 1
         ctx = net.no_sync() if (world > 1 and not fsdp and not sync) else contextlib.nullcontext()
@@ -372,10 +377,9 @@ def forward_backward(net, model, micro, dev, autocast, world):
                 model.set_requires_gradient_sync(sync)
             with autocast:
                 logp = net(**model_inputs(batch))  # [n] log-probs of the supervised tokens
-            if loss_norm == "record":
-                per = m.sum(1).to(dev)  # [B] scored tokens per record
-                w = (1.0 / per.clamp(min=1).float()).repeat_interleave(per)  # [n] 1 / its record's count
-                nll = -(logp.float() * w).sum()
+            if loss_norm == "record" or loss_floor:
+                tok_w = (w / n.clamp(min=1)).repeat_interleave(n).to(dev)  # [n] W_r / n_r
+                nll = -(logp.float() * tok_w).sum()
             else:
                 nll = -logp.sum()
             loss = nll / n_norm.clamp(min=1) * world  # DDP / FSDP average gradients over ranks

@@ -195,11 +195,12 @@ def test_mix_first_and_per_stage_lr(tiny_data, tmp_path):
         assert rows[a]["lr"] == lr / 2  # warmup restarts at every stage
 
 
-@pytest.mark.parametrize("loss_norm", ["token", "record"])
-def test_forward_backward_loss_norm_matches_formula(loss_norm):
+@pytest.mark.parametrize("loss_norm,floored", [("token", False), ("record", False), ("token", True)])
+def test_forward_backward_loss_norm_matches_formula(loss_norm, floored):
     """train_sft.forward_backward over two micro-batches of random text rows (padding, random supervised spans,
     one row with none) against the formula on the full logits: "token" = summed NLL / supervised tokens,
-    "record" = the mean over records (with a supervised token) of each record's mean NLL; loss and gradient."""
+    "record" = the mean over records (with a supervised token) of each record's mean NLL, "token" with a random
+    loss_floor F = each record's mean NLL weighted by max(its tokens, F); loss and gradient."""
     import contextlib
     import torch
     import common
@@ -209,6 +210,7 @@ def test_forward_backward_loss_norm_matches_formula(loss_norm):
     seed = int(torch.randint(0, 10_000, ()))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    floor = int(torch.randint(4, 14, (), generator=gen)) if floored else 0  # between the spans' lengths
     model = VidEmo(tiny_config()).float()
     micro = []
     for b in range(2):
@@ -234,14 +236,20 @@ def test_forward_backward_loss_norm_matches_formula(loss_norm):
         for r in range(tgt.shape[0]):
             if sel[r].any():
                 per_rec.append(-lp[r].sum() / sel[r].sum()); toks.append((-lp[r].sum(), int(sel[r].sum())))
-    ref = torch.stack(per_rec).mean() if loss_norm == "record" else sum(t for t, _ in toks) / sum(n for _, n in toks)
+    if loss_norm == "record":
+        ref = torch.stack(per_rec).mean()
+    elif floored:
+        w = [max(n, floor) for _, n in toks]
+        ref = sum(wi * t / n for wi, (t, n) in zip(w, toks)) / sum(w)
+    else:
+        ref = sum(t for t, _ in toks) / sum(n for _, n in toks)
     ref.backward()
     ref_grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     g = vars(TS)
     saved = {k: g[k] for k in common._config_keys(g)}
     try:
-        common.configure(g, [f"--loss_norm={loss_norm}", "--logprobs_backend=torch"])
+        common.configure(g, [f"--loss_norm={loss_norm}", f"--loss_floor={floor}", "--logprobs_backend=torch"])
         loss, _ = TS.forward_backward(model, model, micro, torch.device("cpu"), contextlib.nullcontext(), 1)
     finally:
         g.update(saved)
@@ -256,3 +264,6 @@ def test_loss_norm_refuses_an_unknown_value(tmp_path):
     r = subprocess.run([sys.executable, "train_sft.py", "--loss_norm=sample", f"--out_dir={tmp_path}/o"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "loss_norm" in r.stderr and "token or record" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "train_sft.py", "--loss_norm=record", "--loss_floor=8",
+                        f"--out_dir={tmp_path}/o"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "loss_floor" in r.stderr and "unless loss_norm=token" in r.stderr, r.stderr
