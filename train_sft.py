@@ -61,7 +61,7 @@ num_workers = 2
 video_cache_mb = 1024  # per process (each DataLoader worker): decoded clips kept in RAM, reused when a clip comes round
 # curriculum
 curriculum = True  # False = one shuffled mix of all levels (the baseline)
-stage_epochs = (2.6, 1.5, 2.8)  # epochs over each level's records: attribute, expression, emotion (emotion: chosen on val)
+stage_epochs = (2.6, 1.3, 4.0)  # epochs over each level's records: attribute, expression, emotion (chosen on val, docs/method.md §3o)
 replay = 0.6  # fraction of each later-stage batch replayed from earlier stages
 mix_first = 0.0  # fraction of every stage's samples trained first as one shuffled mix (0 = pure curriculum)
 # model from scratch (ignored with init_from=DIR)
