@@ -223,8 +223,9 @@ def test_split_advantage_parts_and_boundary(tiny_data, qwen_tokenizer_dir, which
     recs = D.load_records_as(os.path.join(tiny_data, "train.jsonl"), "reasoning")
     w = {"tree": rng.uniform(0.5, 2), "format": rng.uniform(0, 1), "accuracy": rng.uniform(0.5, 2)}
     seqs, lengths, wants, n_split = [], [], [], 0
-    split = [r for r in recs if r.get("answer_format") == "reasoning" and R.task_metric(r["task"]) != "tree"]
-    rest = [r for r in recs if not (r.get("answer_format") == "reasoning" and R.task_metric(r["task"]) != "tree")]
+    splits = [r.get("answer_format") == "reasoning" and R.task_metric(r["task"]) != "tree" for r in recs]
+    split = [r for r, k in zip(recs, splits) if k]
+    rest = [r for r, k in zip(recs, splits) if not k]
     for r in rng.sample(split, min(12, len(split))) + rng.sample(rest, 12):  # both kinds on every draw
         text = r["messages"][-1]["content"]
         cut = text[:rng.randint(0, len(text))] if rng.random() < 0.4 else text  # truncated completions too
