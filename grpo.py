@@ -215,16 +215,21 @@ def completion_logps(model, batch, temperature, with_entropy=False, reencode=Fal
 
 class GroupScorer(nn.Module):
     """completion_logps as a module, so that DDP wraps it: the per-group re-encoding of the videos then runs inside
-    the wrapped forward, and every gradient it produces is reduced like the rest."""
+    the wrapped forward, and every gradient it produces is reduced like the rest. `sft` (collated records with labels)
+    is scored in the same forward, as the SFT loss scores it: one backward then carries both losses."""
 
     def __init__(self, model, temperature, reencode, backend="auto", shared_prefix=True):
         super().__init__()
         self.model, self.temperature, self.reencode, self.backend = model, temperature, reencode, backend
         self.shared_prefix = shared_prefix
 
-    def forward(self, batch, with_entropy=False):
-        return completion_logps(self.model, batch, self.temperature, with_entropy, self.reencode, self.backend,
-                                self.shared_prefix)
+    def forward(self, batch, with_entropy=False, sft=None):
+        out = (None, None) if batch is None else completion_logps(self.model, batch, self.temperature, with_entropy,
+                                                                   self.reencode, self.backend, self.shared_prefix)
+        if sft is None:
+            return out
+        # collated SFT records with labels (train_rl's replay): log-probs [n] of their labels at temperature 1
+        return (*out, self.model(**sft, logprobs_backend=self.backend))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

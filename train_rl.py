@@ -92,6 +92,12 @@ w_format = 0.1  # enters the total only for the tree (fine-grained caption) task
 split_advantage = False
 w_agree = 0.0  # > 0: reasoning answers also earn "agree" for being what the data answers behind their own emotion line
 tree_lambda = 1.0  # R_tree = exp(-lambda * TED / |T_ref|)
+# SFT replay: beside the GRPO loss, the cross-entropy of stage-1 training records of the tasks stage 2 does not
+# reward, so that the policy does not unlearn them (docs/method.md)
+replay_tasks = ("appearance_recognition", "appearance_caption", "action_recognition", "action_caption", "identity",
+                "head_pose", "au_detection", "emotion_caption")
+replay_per_step = 0  # SFT records per optimizer step over all ranks (0 = no replay)
+replay_coef = 1.0  # loss = GRPO loss + replay_coef * mean NLL over the replayed records' answer tokens
 # optimisation
 max_steps = 1200  # val still rises at 800 (docs/method.md §3k)
 lr = 1e-4
@@ -133,7 +139,7 @@ wandb_project = ""
 RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokenizer_dir", "tasks", "answer_format",
                    "reasoning_tasks", "fps", "max_frames", "min_pixels", "max_pixels", "num_generations",
                    "prompts_per_step", "grad_accum", "train_vision", "beta", "seed", "lora_rank", "lora_alpha",
-                   "lora_targets")
+                   "lora_targets", "replay_tasks", "replay_per_step")
 
 
 def check_config(world, dev):
@@ -167,10 +173,14 @@ def check_config(world, dev):
          "auto, triton, torch or naive"),
         ("answer_format", answer_format, answer_format in ("auto",) + D.ANSWER_FORMATS, "auto, direct or reasoning"),
         ("prompts_per_step", prompts_per_step, grad_accum < 1 or prompts_per_step % (world * grad_accum) == 0,
-         f"divisible by world size x grad_accum = {world} x {grad_accum} (each rank owns whole groups)")])
-    unknown = [t for t in tasks if t not in R.TASK_METRIC]
-    if unknown:
-        raise common.ConfigError(f"config key 'tasks': unknown task(s) {unknown}; known: {sorted(R.TASK_METRIC)}")
+         f"divisible by world size x grad_accum = {world} x {grad_accum} (each rank owns whole groups)"),
+        ("replay_per_step", replay_per_step, replay_per_step >= 0 and replay_per_step % (world * grad_accum) == 0,
+         f">= 0 and divisible by world size x grad_accum = {world} x {grad_accum} (0 = no replay)"),
+        ("replay_coef", replay_coef, replay_coef >= 0, ">= 0")])
+    for key, names in (("tasks", tasks), ("replay_tasks", replay_tasks)):
+        unknown = [t for t in names if t not in R.TASK_METRIC]
+        if unknown:
+            raise common.ConfigError(f"config key '{key}': unknown task(s) {unknown}; known: {sorted(R.TASK_METRIC)}")
     for k in config_weights():
         if k not in R.DEFAULT_WEIGHTS:
             raise common.ConfigError(f"config key 'w_{k}': reward.py has no term {k!r}; its terms: "
@@ -221,6 +231,17 @@ def load_val_records(path):
     return [r for rs in by_task.values() for r in rs[:eval_val_records or None]]
 
 
+def load_replay_records(path):
+    """The SFT records stage 2 replays: train records of replay_tasks, in the answer format ([] when replay is off)."""
+    if not replay_per_step:
+        return []
+    records = [r for r in D.load_records_as(path, answer_format, reasoning_tasks) if r.get("task") in replay_tasks]
+    if not records:
+        raise common.InputError(f"config key 'replay_tasks': no records of {list(replay_tasks)} in {path} "
+                                f"(--replay_per_step=0 turns the replay off)")
+    return records
+
+
 def load_task_records(path):
     """The records of the RL tasks (all that reward.py scores when `tasks` is empty), in the answer format."""
     return [r for r in D.load_records_as(path, answer_format, reasoning_tasks) if r.get("task") in (tasks or R.TASK_METRIC)]
@@ -233,7 +254,7 @@ def load_task_records(path):
 def load_resume(ckpt_path, config, world):
     """--resume: (checkpoint dir, trainer state) of this run's last checkpoint, written by train_rl.py at this world
     size (the prompt streams are per rank)."""
-    found, state = trainer.load_resume(ckpt_path, config, RESUME_BREAKING)
+    found, state = trainer.load_resume(ckpt_path, config, RESUME_BREAKING, before={"replay_per_step": 0})
     if "data_pos" not in state or "world_size" not in state:
         raise common.InputError(f"--resume: {found} was not written by train_rl.py (no prompt-stream position); "
                                 f"start stage 2 from it with --init_from={found} instead")
@@ -284,27 +305,45 @@ def load_reference(init_dir, dev, use_bf16):
 # the parts of a step
 
 
-def next_prompts(n, stream, records, tokenizer, root, video_kwargs, cache, skipped):
-    """n encoded prompts from this rank's stream; unusable records are counted in `skipped` and replaced by the next."""
+def draw(n, stream, records, encode, skipped, path):
+    """n encoded records from this rank's stream; unusable ones (encode raises SkipRecord) are counted in `skipped`
+    and replaced by the next -> [(record, encoded)]."""
     out, misses = [], 0
     while len(out) < n:
         i = stream.next()
         rec = records[i]
         try:
-            enc = D.encode_prompt(rec, tokenizer, root, video_kwargs, cache=cache)
-            if enc.get("video_grid_thw") is None or len(enc["video_grid_thw"]) != 1:
-                raise D.SkipRecord("train_rl needs exactly one video per record")
+            enc = encode(rec)
             enc.update(index=i, task=rec.get("task"), level=rec.get("level"))
         except D.SkipRecord as e:
             skipped[str(e)] = skipped.get(str(e), 0) + 1
             misses += 1
             if misses > len(records):
                 top = collections.Counter(skipped).most_common(3)
-                raise common.InputError(f"{train_file}: every record was skipped; top reasons: {top}. Check "
+                raise common.InputError(f"{path}: every record was skipped; top reasons: {top}. Check "
                                         f"--video_root and the records") from None
             continue
         out.append((rec, enc))
     return out
+
+
+def next_prompts(n, stream, records, tokenizer, root, video_kwargs, cache, skipped):
+    """n encoded prompts from this rank's stream (unusable records are skipped and counted)."""
+    def encode(rec):
+        enc = D.encode_prompt(rec, tokenizer, root, video_kwargs, cache=cache)
+        if enc.get("video_grid_thw") is None or len(enc["video_grid_thw"]) != 1:
+            raise D.SkipRecord("train_rl needs exactly one video per record")
+        return enc
+    return draw(n, stream, records, encode, skipped, train_file or "train_file")
+
+
+def next_replay(n, stream, records, tokenizer, root, video_kwargs, cache, skipped, dev):
+    """n SFT records from this rank's replay stream, right padded with their labels, on dev (the model's inputs)."""
+    items = draw(n, stream, records, lambda rec: D.encode_record(rec, tokenizer, root, video_kwargs=video_kwargs,
+                                                                  cache=cache), skipped, train_file or "train_file")
+    b = D.collate([e for _, e in items], D.special_ids(tokenizer)[1])
+    keys = ("input_ids", "attention_mask", "labels", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+    return {k: b[k].to(dev) if torch.is_tensor(b[k]) else b[k] for k in keys}
 
 
 @torch.no_grad()
@@ -415,29 +454,47 @@ def reference_pass(micro, policy, ref_model, reencode, autocast):
                                                backend=logprobs_backend, shared_prefix=shared_prefix)[0]
 
 
-def update(net, policy, params, optimizer, micro, objective, guard, step, passes, autocast, world, dev):
+def update(net, policy, params, optimizer, micro, objective, guard, step, passes, autocast, world, dev, replay=None):
     """4. `passes` (mu, or 0 when no group has signal) policy updates over the rollout batch, each over the
-    grad_accum micro-batches -> (sums of the logged statistics, grad norm of the last update)."""
-    s = dict(loss=0.0, n_stats=0, ent=0.0, ent_n=0, logp_diff=0.0, n_diff=0, **{k: 0.0 for k in grpo.LOSS_STATS})
+    grad_accum micro-batches; with `replay` (one next_replay batch per micro-batch) each micro-batch's loss also holds
+    replay_coef x its share of the mean NLL over every replayed answer token of the step (all ranks), in the same
+    forward and backward -> (sums of the logged statistics, grad norm of the last update)."""
+    s = dict(loss=0.0, n_stats=0, ent=0.0, ent_n=0, logp_diff=0.0, n_diff=0, replay_nll=0.0, replay_passes=0,
+             **{k: 0.0 for k in grpo.LOSS_STATS})
     grad_norm = torch.zeros(())
     old_logps = [None] * len(micro)  # [n_kept, Tc] per micro-batch, from update pass 0
+    n_tok = 0.0
+    if replay:  # the forward scores each row's labels after its first token
+        n_tok = grpo.reduce_sum({"n": sum(float((b["labels"][:, 1:] != -100).sum()) for b in replay)}, dev)["n"]
     policy.train()
     for it in range(passes):
         pass_loss = 0.0
+        s["replay_passes"] += 1 if replay else 0
         for i, mb in enumerate(micro):
             sub, weight = objective.batch(mb)  # the kept groups; weight 0: a DDP rank's placeholder group
-            if sub is None:
+            sft = replay[i] if replay else None
+            if sub is None and sft is None:
                 continue
             last = i == len(micro) - 1
             if fsdp and world > 1:  # reduce-scatter the gradients on the last micro-batch only
                 policy.set_requires_gradient_sync(last)
             with (net.no_sync() if world > 1 and not fsdp and not last else contextlib.nullcontext()), autocast:
-                logps, ent = net(sub, with_entropy=it == 0)  # [n, Tc] through the DDP-wrapped forward
-                if it == 0:  # the old policy's log-probs (mu = 1: ratio 1, the gradient of plain PG)
-                    old_logps[i] = logps.detach()
-                loss, st = objective(logps, old_logps[i], sub)
-                (loss * weight).backward()
-            if weight == 0.0:
+                # [n, Tc] completion log-probs (and [n_sft] replayed-label log-probs) in one DDP-wrapped forward
+                logps, ent, *sft_logp = net(sub, with_entropy=it == 0, sft=sft)
+                total = 0.0
+                if sub is not None:
+                    if it == 0:  # the old policy's log-probs (mu = 1: ratio 1, the gradient of plain PG)
+                        old_logps[i] = logps.detach()
+                    loss, st = objective(logps, old_logps[i], sub)
+                    total = loss * weight
+                if sft is not None:
+                    nll = -sft_logp[0].float().sum() / max(n_tok, 1.0)  # this micro-batch's share of the mean
+                    total = total + replay_coef * nll * world  # DDP / FSDP average gradients over ranks
+                total.backward()
+            if sft is not None:
+                s["replay_nll"] += nll.item()
+                pass_loss += replay_coef * nll.item()
+            if sub is None or weight == 0.0:
                 continue
             s["loss"] += loss.item()
             pass_loss += loss.item()
@@ -484,6 +541,8 @@ def step_metrics(done, step_lr, micro, total_all, zero_std, bad, kept, upd, grad
                 "completion_len_max": lengths_all.max().item(), "frac_truncated": trunc_all.mean().item()})
     row.update({k: S[k] / world for k in times})  # mean over ranks
     row["rollout_tok_per_s"] = lengths_all.sum().item() / max(row["t_generate"], 1e-9)
+    if S["replay_passes"]:  # the shares of the micro-batches and ranks sum to each pass's mean
+        row["replay_nll"] = S["replay_nll"] / (S["replay_passes"] / world)
     if S["n_diff"]:  # |log-prob of the sampler - of the training forward|, same weights: should be ~1e-6
         row["rollout_logp_diff"] = S["logp_diff"] / S["n_diff"]
     for j, k in enumerate(names):
@@ -508,6 +567,7 @@ def print_step(row, mb):
           f"loss {row['loss']:+.4f} | kl {row.get('kl', 0):.4f} | ent {row.get('entropy', 0):.3f} | "
           f"len {row['completion_len_mean']:.1f} | zero-std {row['frac_reward_zero_std']:.2f} | "
           f"gen {row['t_generate']:.1f}s score {row['t_score']:.1f}s upd {row['t_update']:.1f}s"
+          + (f" | replay nll {row['replay_nll']:.3f}" if "replay_nll" in row else "")
           + (f" | {row['reward_nonfinite']} non-finite rewards" if "reward_nonfinite" in row else ""), flush=True)
     if sample_table_every > 0 and (done % sample_table_every == 0 or done == 1):
         G = num_generations
@@ -518,15 +578,17 @@ def print_step(row, mb):
                                         "reference": R.reference_text(mb.records[i // G], missing="")} for i in picks])
 
 
-def save(policy, optimizer, stream, done, world, config, weights_dtype, init_dir, tokenizer, dev):
+def save(policy, optimizer, stream, done, world, config, weights_dtype, init_dir, tokenizer, dev,
+         replay_stream=None):
     """6. The HF checkpoint (merged LoRA by default) + everything an exact resume needs (rank 0 writes; every rank's
-    data position is saved)."""
+    data positions are saved)."""
     pos = grpo.gather_rows(torch.tensor([stream.pos], device=dev)).cpu().tolist()
+    rpos = grpo.gather_rows(torch.tensor([replay_stream.pos if replay_stream else 0], device=dev)).cpu().tolist()
     msd = common.full_state_dict(policy, fsdp) if not lora_rank else None  # a collective under FSDP
     osd = common.optimizer_state_dict(policy, optimizer, fsdp)
     if common.rank() == 0:
-        state = {"step": done, "optimizer": osd, "rng": common.rng_state(), "data_pos": pos, "world_size": world,
-                 "config": config}
+        state = {"step": done, "optimizer": osd, "rng": common.rng_state(), "data_pos": pos, "replay_pos": rpos,
+                 "world_size": world, "config": config}
         write = lora.checkpoint_writer(policy, state, msd, weights_dtype, lora_save,
                                        trainer.adapter_base(init_from, init_dir), lora_targets)
         common.save_checkpoint(os.path.join(out_dir, "ckpt"), write, tokenizer, state)
@@ -588,6 +650,7 @@ def main():
     records = load_task_records(train_path)
     if not records:
         raise common.InputError(f"no records of tasks {tasks} in {train_path}")
+    replay_records = load_replay_records(train_path)  # [] when replay_per_step = 0
     table = R.answer_table(records) if w_agree > 0 else None  # {task: {emotion line: answer}} for the agree term
     root = video_root or None  # None: each record's videos resolve against its own file's folder (data.py)
     video_cache, val_cache = D.VideoCache(256), D.VideoCache(256)  # decoded clips, reused when they come round again
@@ -604,16 +667,20 @@ def main():
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = trainer.adamw(params, lr, (beta1, beta2), weight_decay, dev)
     start_step, stream = 0, grpo.PromptStream(len(records), seed, rank, world)
+    replay_stream = grpo.PromptStream(max(len(replay_records), 1), seed + 1, rank, world)  # its own order
     if state is not None:
         common.load_optimizer_state(policy, optimizer, state["optimizer"], fsdp)
         common.set_rng_state(state["rng"])
         start_step, stream.pos = state["step"], state["data_pos"][rank]
+        replay_stream.pos = state.get("replay_pos", [0] * world)[rank]
     objective = grpo.Objective(beta, epsilon, epsilon_high or epsilon, loss_type, max_completion_length, grad_accum,
                                world)
     guard = trainer.NonFiniteGuard(ckpt_path, start_step if resume else None, hint="lower lr or check the rewards")
     common.print0(f"GRPO: {sum(p.numel() for p in params) / 1e6:.2f}M trainable params | {len(records)} records "
                   f"of {len(set(r.get('task') for r in records))} tasks | {prompts_per_step} prompts x G={G} per step "
-                  f"| world {world} | beta {beta} | loss {loss_type} | init {init_dir}")
+                  f"| world {world} | beta {beta} | loss {loss_type} | init {init_dir}"
+                  + (f" | replay {replay_per_step} of {len(replay_records)} SFT records per step x {replay_coef}"
+                     if replay_records else ""))
     val_records = load_val_records(val_path)
 
     # ---- train
@@ -629,7 +696,8 @@ def main():
         t_step, done = time.time(), step + 1
         if stop.should_stop(dev):  # every rank at the same step: `step` steps are done
             if guard.last_saved != step:
-                save(policy, optimizer, stream, step, world, config, weights_dtype, init_dir, tokenizer, dev)
+                save(policy, optimizer, stream, step, world, config, weights_dtype, init_dir, tokenizer, dev,
+                     replay_stream)
             stop.exit(trainer.resume_command())
         # 1. rollout, per micro-batch. Sampling depends only on (seed, step, global micro-batch index): exact on
         # resume, and W ranks with grad_accum=a sample what one process with grad_accum=W*a does (1 prompt each)
@@ -647,14 +715,18 @@ def main():
         t0 = time.time()
         reference_pass(micro, policy, ref_model, reencode, autocast)
         t_ref = time.time() - t0
-        # 4. policy updates (none when every group had equal rewards everywhere: nothing to learn from)
+        # 4. policy updates (none when every group had equal rewards everywhere: nothing to learn from), with the
+        # replayed SFT records' cross-entropy beside the GRPO loss
         t0 = time.time()
+        replay = [next_replay(replay_per_step // (world * grad_accum), replay_stream, replay_records, tokenizer, root,
+                              video_kwargs, video_cache, skipped, dev)
+                  for _ in range(grad_accum)] if replay_records else None  # one SFT batch per micro-batch
         kept = objective.begin(micro, dev)
         step_lr = common.lr_at(step, max_steps, lr, min_lr, warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
         upd, grad_norm = update(net, policy, params, optimizer, micro, objective, guard, step,
-                                num_iterations if kept else 0, autocast, world, dev)
+                                num_iterations if kept else 0, autocast, world, dev, replay)
         times = {"t_generate": t_gen, "t_score": t_score, "t_ref": t_ref, "t_update": time.time() - t0}
         # 5. metrics
         row = step_metrics(done, step_lr, micro, total_all, zero_std, bad, kept, upd, grad_norm, times, objective,
@@ -667,7 +739,7 @@ def main():
             print_step(row, micro[0])
         # 6. checkpoint
         if (save_every > 0 and done % save_every == 0) or done == max_steps or done == stop_at_step:
-            save(policy, optimizer, stream, done, world, config, weights_dtype, init_dir, tokenizer, dev)
+            save(policy, optimizer, stream, done, world, config, weights_dtype, init_dir, tokenizer, dev, replay_stream)
             guard.saved(done)
         if done == stop_at_step:
             common.print0(f"stop_at_step={stop_at_step}: stopping; continue with --resume=True")

@@ -50,7 +50,7 @@ def policy_of(setup):
     return p.float()
 
 
-def one_step(rl, setup, policy, optimizer, seed=0, steps=1):
+def one_step(rl, setup, policy, optimizer, seed=0, steps=1, replay=None):
     """The loop body of train_rl.main for one process: rollout, advantages, reference pass, update, metrics."""
     tok, _, build = setup
     records = rl.load_task_records(build / "train.jsonl")
@@ -70,7 +70,7 @@ def one_step(rl, setup, policy, optimizer, seed=0, steps=1):
     guard = RL.trainer.NonFiniteGuard("nowhere")
     net = grpo.GroupScorer(policy, rl.temperature, reencode=True, backend=rl.logprobs_backend)
     upd, grad_norm = rl.update(net, policy, params, optimizer, micro, objective, guard, 0,
-                               rl.num_iterations if kept else 0, NO_AUTOCAST, 1, CPU)
+                               rl.num_iterations if kept else 0, NO_AUTOCAST, 1, CPU, replay)
     row = rl.step_metrics(1, rl.lr, micro, total_all, zero_std, bad, kept, upd, grad_norm,
                           {"t_generate": 1.0, "t_score": 0.0, "t_ref": 0.0, "t_update": 0.0}, objective, CPU)
     return micro, row
@@ -110,6 +110,51 @@ def test_the_two_rewards_give_opposite_gradients(rl, setup, monkeypatch):
         grads[sign] = torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
     assert grads[1.0].abs().sum() > 0
     torch.testing.assert_close(grads[-1.0], -grads[1.0], rtol=1e-4, atol=1e-7)
+
+
+def replay_batch(rl, setup, n):
+    tok, _, build = setup
+    records = rl.load_replay_records(build / "train.jsonl")
+    assert {r["task"] for r in records} <= set(rl.replay_tasks) and records
+    video_kwargs = dict(fps=rl.fps, max_frames=rl.max_frames, min_pixels=rl.min_pixels, max_pixels=rl.max_pixels)
+    stream = grpo.PromptStream(len(records), 1, 0, 1)
+    return [rl.next_replay(n, stream, records, tok, None, video_kwargs, None, {}, CPU) for _ in range(rl.grad_accum)]
+
+
+def test_replay_adds_the_sft_cross_entropy_to_the_step(rl, setup, monkeypatch):
+    """Same rollout with and without SFT replay: the step's gradient differs by exactly replay_coef x the gradient of
+    the mean NLL of the replayed answer tokens, computed from the full logits with log_softmax (the formula), and the
+    logged replay_nll is that mean."""
+    monkeypatch.setattr(R, "terms", lambda c, r, lam=1.0, table=None: {"accuracy": c.count("a") / 10})
+    coef = 0.7
+    monkeypatch.setattr(rl, "replay_per_step", 6)
+    monkeypatch.setattr(rl, "replay_coef", coef)
+    monkeypatch.setattr(rl, "grad_clip", 0.0)  # the raw gradients: clipping would scale the two sums apart
+    replay = replay_batch(rl, setup, 3)  # 3 records per micro-batch, 2 micro-batches
+    assert [b["labels"].shape[0] for b in replay] == [3, 3]
+    grads, rows = {}, {}
+    for with_replay in (False, True):
+        policy = policy_of(setup)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+        monkeypatch.setattr(opt, "zero_grad", lambda set_to_none=True: None)
+        _, rows[with_replay] = one_step(rl, setup, policy, opt, replay=replay if with_replay else None)
+        grads[with_replay] = [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                              for p in policy.parameters()]
+    ref = policy_of(setup)
+    token_lp = []
+    for batch in replay:
+        logits = ref(**{k: v for k, v in batch.items() if k != "labels"})  # [B, L, V]
+        labels = batch["labels"][:, 1:]  # [B, L-1]: the token at position t is predicted at t - 1
+        lp = torch.log_softmax(logits[:, :-1].float(), -1)  # the SFT loss: temperature 1, not the sampler's
+        token_lp.append(lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0][labels != -100])
+    nll = -torch.cat(token_lp).mean()  # one mean over every replayed token of the step
+    (coef * nll).backward()
+    assert rows[True]["replay_nll"] == pytest.approx(nll.item(), rel=1e-5) and "replay_nll" not in rows[False]
+    assert rows[True]["loss"] == pytest.approx(rows[False]["loss"], rel=1e-5)  # the logged loss stays the GRPO one
+    for g1, g0, p in zip(grads[True], grads[False], ref.parameters()):
+        want = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(g1 - g0, want, rtol=1e-3, atol=1e-6)
+    assert sum(float(p.grad.abs().sum()) for p in ref.parameters() if p.grad is not None) > 0
 
 
 def test_a_reward_term_added_in_reward_py_is_weighted_logged_and_optimised(rl, setup, monkeypatch):
