@@ -96,8 +96,8 @@ tree_lambda = 1.0  # R_tree = exp(-lambda * TED / |T_ref|)
 # reward, so that the policy does not unlearn them (docs/method.md)
 replay_tasks = ("appearance_recognition", "appearance_caption", "action_recognition", "action_caption", "identity",
                 "head_pose", "au_detection", "emotion_caption")
-replay_per_step = 0  # SFT records per optimizer step over all ranks (0 = no replay)
-replay_coef = 1.0  # loss = GRPO loss + replay_coef * mean NLL over the replayed records' answer tokens
+replay_per_micro = 2  # SFT records beside each micro-batch on each rank (0 = no replay; docs/method.md §3p)
+replay_coef = 1.0  # loss = GRPO loss + replay_coef * mean NLL over the step's replayed answer tokens
 # optimisation
 max_steps = 1200  # val still rises at 800 (docs/method.md §3k)
 lr = 1e-4
@@ -139,7 +139,7 @@ wandb_project = ""
 RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokenizer_dir", "tasks", "answer_format",
                    "reasoning_tasks", "fps", "max_frames", "min_pixels", "max_pixels", "num_generations",
                    "prompts_per_step", "grad_accum", "train_vision", "beta", "seed", "lora_rank", "lora_alpha",
-                   "lora_targets", "replay_tasks", "replay_per_step")
+                   "lora_targets", "replay_tasks")
 
 
 def check_config(world, dev):
@@ -174,8 +174,7 @@ def check_config(world, dev):
         ("answer_format", answer_format, answer_format in ("auto",) + D.ANSWER_FORMATS, "auto, direct or reasoning"),
         ("prompts_per_step", prompts_per_step, grad_accum < 1 or prompts_per_step % (world * grad_accum) == 0,
          f"divisible by world size x grad_accum = {world} x {grad_accum} (each rank owns whole groups)"),
-        ("replay_per_step", replay_per_step, replay_per_step >= 0 and replay_per_step % (world * grad_accum) == 0,
-         f">= 0 and divisible by world size x grad_accum = {world} x {grad_accum} (0 = no replay)"),
+        ("replay_per_micro", replay_per_micro, replay_per_micro >= 0, ">= 0 (0 = no replay)"),
         ("replay_coef", replay_coef, replay_coef >= 0, ">= 0")])
     for key, names in (("tasks", tasks), ("replay_tasks", replay_tasks)):
         unknown = [t for t in names if t not in R.TASK_METRIC]
@@ -232,13 +231,14 @@ def load_val_records(path):
 
 
 def load_replay_records(path):
-    """The SFT records stage 2 replays: train records of replay_tasks, in the answer format ([] when replay is off)."""
-    if not replay_per_step:
+    """The SFT records stage 2 replays: train records of replay_tasks, in the answer format ([] when replay is off,
+    or when the file has none of those tasks: a note says so)."""
+    if not replay_per_micro:
         return []
     records = [r for r in D.load_records_as(path, answer_format, reasoning_tasks) if r.get("task") in replay_tasks]
     if not records:
-        raise common.InputError(f"config key 'replay_tasks': no records of {list(replay_tasks)} in {path} "
-                                f"(--replay_per_step=0 turns the replay off)")
+        common.print0(f"note: no records of replay_tasks {list(replay_tasks)} in {path}: stage 2 runs without SFT "
+                      f"replay")
     return records
 
 
@@ -254,7 +254,7 @@ def load_task_records(path):
 def load_resume(ckpt_path, config, world):
     """--resume: (checkpoint dir, trainer state) of this run's last checkpoint, written by train_rl.py at this world
     size (the prompt streams are per rank)."""
-    found, state = trainer.load_resume(ckpt_path, config, RESUME_BREAKING, before={"replay_per_step": 0})
+    found, state = trainer.load_resume(ckpt_path, config, RESUME_BREAKING, before={"replay_per_micro": 0})
     if "data_pos" not in state or "world_size" not in state:
         raise common.InputError(f"--resume: {found} was not written by train_rl.py (no prompt-stream position); "
                                 f"start stage 2 from it with --init_from={found} instead")
@@ -650,7 +650,7 @@ def main():
     records = load_task_records(train_path)
     if not records:
         raise common.InputError(f"no records of tasks {tasks} in {train_path}")
-    replay_records = load_replay_records(train_path)  # [] when replay_per_step = 0
+    replay_records = load_replay_records(train_path)  # [] when replay_per_micro = 0
     table = R.answer_table(records) if w_agree > 0 else None  # {task: {emotion line: answer}} for the agree term
     root = video_root or None  # None: each record's videos resolve against its own file's folder (data.py)
     video_cache, val_cache = D.VideoCache(256), D.VideoCache(256)  # decoded clips, reused when they come round again
@@ -679,8 +679,8 @@ def main():
     common.print0(f"GRPO: {sum(p.numel() for p in params) / 1e6:.2f}M trainable params | {len(records)} records "
                   f"of {len(set(r.get('task') for r in records))} tasks | {prompts_per_step} prompts x G={G} per step "
                   f"| world {world} | beta {beta} | loss {loss_type} | init {init_dir}"
-                  + (f" | replay {replay_per_step} of {len(replay_records)} SFT records per step x {replay_coef}"
-                     if replay_records else ""))
+                  + (f" | replay {replay_per_micro} of {len(replay_records)} SFT records per micro-batch x "
+                     f"{replay_coef}" if replay_records else ""))
     val_records = load_val_records(val_path)
 
     # ---- train
@@ -716,11 +716,10 @@ def main():
         reference_pass(micro, policy, ref_model, reencode, autocast)
         t_ref = time.time() - t0
         # 4. policy updates (none when every group had equal rewards everywhere: nothing to learn from), with the
-        # replayed SFT records' cross-entropy beside the GRPO loss
+        # replayed SFT records' cross-entropy beside the GRPO loss (one batch of them per micro-batch)
         t0 = time.time()
-        replay = [next_replay(replay_per_step // (world * grad_accum), replay_stream, replay_records, tokenizer, root,
-                              video_kwargs, video_cache, skipped, dev)
-                  for _ in range(grad_accum)] if replay_records else None  # one SFT batch per micro-batch
+        replay = [next_replay(replay_per_micro, replay_stream, replay_records, tokenizer, root, video_kwargs,
+                              video_cache, skipped, dev) for _ in range(grad_accum)] if replay_records else None
         kept = objective.begin(micro, dev)
         step_lr = common.lr_at(step, max_steps, lr, min_lr, warmup_steps)
         for group in optimizer.param_groups:

@@ -588,8 +588,8 @@ def test_dynamic_sampling_skips_a_step_with_no_signal(emosynth_tiny, tmp_path):
     (dict(init_from="no_such_ckpt"), "train_sft.py"),
     (dict(tasks=("emotion_singel",)), "unknown task"),
     (dict(prompts_per_step=3), "prompts_per_step"),
-    (dict(replay_per_step=3), "replay_per_step"),
-    (dict(replay_per_step=2, replay_tasks=("head_pos",)), "replay_tasks"),
+    (dict(replay_per_micro=-1), "replay_per_micro"),
+    (dict(replay_tasks=("head_pos",)), "replay_tasks"),
     (dict(val_file="no_val.jsonl", eval_every=10), "val_file"),
     (dict(resume=True, out_dir="fresh"), "resume"),
 ])
@@ -605,7 +605,7 @@ def test_missing_sft_checkpoint_and_bad_config_errors(emosynth_tiny, tmp_path, k
 # keep-mask shared by all passes), dynamic sampling, batch-level reward scaling, SFT replay (its own stream, one
 # replayed record beside each micro-batch, in its forward and backward); one prompt per micro-batch
 RUN_KW = dict(beta=0.04, num_iterations=2, video_prune_rate=0.5, dynamic_sampling=True, scale_rewards="batch",
-              prompts_per_step=2, grad_accum=2, max_completion_length=8, sample_table_every=0, replay_per_step=2)
+              prompts_per_step=2, grad_accum=2, max_completion_length=8, sample_table_every=0, replay_per_micro=1)
 COMPARE = ("loss", "grad_norm", "kl", "reward", "reward_std", "entropy", "clip_region", "completion_len_mean",
            "replay_nll")
 

@@ -127,10 +127,10 @@ def test_replay_adds_the_sft_cross_entropy_to_the_step(rl, setup, monkeypatch):
     logged replay_nll is that mean."""
     monkeypatch.setattr(R, "terms", lambda c, r, lam=1.0, table=None: {"accuracy": c.count("a") / 10})
     coef = 0.7
-    monkeypatch.setattr(rl, "replay_per_step", 6)
+    monkeypatch.setattr(rl, "replay_per_micro", 3)
     monkeypatch.setattr(rl, "replay_coef", coef)
     monkeypatch.setattr(rl, "grad_clip", 0.0)  # the raw gradients: clipping would scale the two sums apart
-    replay = replay_batch(rl, setup, 3)  # 3 records per micro-batch, 2 micro-batches
+    replay = replay_batch(rl, setup, rl.replay_per_micro)  # 3 records beside each of the 2 micro-batches
     assert [b["labels"].shape[0] for b in replay] == [3, 3]
     grads, rows = {}, {}
     for with_replay in (False, True):
