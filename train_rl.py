@@ -1,7 +1,7 @@
 """Stage 2 of VidEmo: affective-tree reinforcement learning with a hand-written GRPO loop.
 
     python train_rl.py                                    # EmoSynth default, from out/sft_emosynth/ckpt, CPU ok
-    python train_rl.py config/rl_emosynth.py --num_generations=4 --beta=0.0 --loss_type=dapo
+    python train_rl.py config/rl_emosynth.py --num_generations=4 --beta=0.04 --loss_type=dapo
     torchrun --standalone --nproc_per_node=8 train_rl.py --init_from=out/sft_qwen25vl_7b/ckpt --train_file=... --lr=1e-6
 
 One step is the numbered loop at the bottom of `main()`, each part a function of this file: every rank takes its
@@ -31,7 +31,7 @@ from model import VidEmo
 # ----------------------------------------------------------------------------------------------------------------------
 # defaults (every key can be overridden by a config file or --key=value; `--help` lists them)
 out_dir = "out/rl_emosynth"
-init_from = "out/sft_emosynth/ckpt"  # the SFT checkpoint (HF-format dir); also the frozen reference model
+init_from = "out/sft_emosynth/ckpt"  # the SFT checkpoint (HF-format dir); also the frozen reference when beta > 0
 resume = False  # continue from out_dir/ckpt (policy, optimizer, step, data position); the reference stays init_from
 # data
 data_dir = "data/emosynth/build"
@@ -74,7 +74,7 @@ shared_prefix = True
 prompts_per_step = 8  # prompts per optimizer step over all ranks (x G completions); each rank owns whole groups
 grad_accum = 2  # micro-batches per rank per step (each prompts_per_step // (world * grad_accum) prompts)
 num_iterations = 1  # mu: policy updates per rollout batch (old logps = update pass 0's, detached)
-beta = 0.04  # KL coefficient (0 = no reference model at all)
+beta = 0.0  # KL coefficient (0 = no reference model at all; VidEmo's recipe 0.04; docs/method.md §3r)
 epsilon = 0.2  # eps_low
 epsilon_high = 0.0  # eps_high; 0 = same as epsilon (DAPO uses 0.28)
 loss_type = "grpo"  # grpo | bnpo | dr_grpo | dapo
@@ -99,7 +99,7 @@ replay_tasks = ("appearance_recognition", "appearance_caption", "action_recognit
 replay_per_micro = 2  # SFT records beside each micro-batch on each rank (0 = no replay; docs/method.md §3p)
 replay_coef = 1.0  # loss = GRPO loss + replay_coef * mean NLL over the step's replayed answer tokens
 # optimisation
-max_steps = 1200  # val still rises at 800 (docs/method.md §3k)
+max_steps = 1400  # without the reference pass, 1,400 steps cost what 1,200 did with it (docs/method.md §3r)
 lr = 1e-4
 min_lr = 1e-5
 warmup_steps = 10

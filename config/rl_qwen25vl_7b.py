@@ -20,6 +20,7 @@ max_completion_length = 1024
 prompts_per_step = 128
 grad_accum = 16  # 128 prompts / (8 GPUs x 16) = 1 prompt (8 completions) per micro-batch
 dynamic_sampling = False
+beta = 0.04  # the KL of VidEmo's recipe (ms-swift / TRL defaults); the EmoSynth default runs without it
 train_vision = False
 max_steps = 1000
 lr = 1e-6
