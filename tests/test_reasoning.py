@@ -293,7 +293,8 @@ def test_swapped_trees_train_the_answer_behind_them(tiny_data):
         if a.get("answer_format") != "reasoning":
             assert b is a
     tok = D.load_tokenizer(os.path.join(tiny_data, "tokenizer"))
-    for b in random.Random(seed).sample([b for b in out if b.get("think_unscored")], 3):
+    swapped_all = [b for b in out if b.get("think_unscored")]  # one small chosen task can have fewer than 3
+    for b in random.Random(seed).sample(swapped_all, min(3, len(swapped_all))):
         item, whole = D.encode_record(b, tok), D.encode_record(dict(b, think_unscored=False), tok)
         assert item["input_ids"].tolist() == whole["input_ids"].tolist()
         sup = item["labels"][item["labels"] != D.IGNORE_INDEX].tolist()
