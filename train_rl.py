@@ -99,7 +99,7 @@ replay_tasks = ("appearance_recognition", "appearance_caption", "action_recognit
 replay_per_micro = 2  # SFT records beside each micro-batch on each rank (0 = no replay; docs/method.md §3p)
 replay_coef = 1.0  # loss = GRPO loss + replay_coef * mean NLL over the step's replayed answer tokens
 # optimisation
-max_steps = 1400  # without the reference pass, 1,400 steps cost what 1,200 did with it (docs/method.md §3r)
+max_steps = 1400  # without the reference pass, about the wall time of 1,200 with it (docs/method.md §3r)
 lr = 1e-4
 min_lr = 1e-5
 warmup_steps = 10

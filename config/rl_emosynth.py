@@ -2,7 +2,7 @@
 # stage-1 checkpoint that `python train_sft.py` writes. Listed here to edit and copy:
 #   python train_rl.py config/rl_emosynth.py --beta=0.04 --max_steps=1200 --loss_type=dapo --epsilon_high=0.28
 out_dir = "out/rl_emosynth"
-init_from = "out/sft_emosynth/ckpt"  # policy init and frozen reference
+init_from = "out/sft_emosynth/ckpt"  # policy init (and the frozen reference when beta > 0)
 data_dir = "data/emosynth/build"
 # the affective tree (TED reward) and every emotion QA task (answer + tree + format under the reasoning format)
 tasks = ("fine_grained_caption", "emotion_single", "emotion_multi", "emotion_fine", "sentiment_single", "sentiment_fine",
@@ -34,7 +34,7 @@ w_tree = 1.0
 w_format = 0.1
 tree_lambda = 1.0
 # a ~1M-parameter model takes a far larger step than the 1e-6 used for 7B models (docs/results.md)
-max_steps = 1400  # 1,200 with the KL's reference pass cost the same wall time (docs/method.md §3r)
+max_steps = 1400  # about the wall time of 1,200 with the KL's reference pass (docs/method.md §3r)
 lr = 1e-4
 min_lr = 1e-5
 warmup_steps = 10
