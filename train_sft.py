@@ -89,6 +89,7 @@ beta2 = 0.99
 grad_clip = 1.0
 loss_norm = "token"  # token: mean over every supervised token | record: mean of each record's token mean
 loss_floor = 0  # token only: a record with fewer supervised tokens weighs as one with loss_floor (lifts short answers)
+intensity_weight = 1.0  # loss weight of a target token that states an intensity (the token before " intensity")
 freeze_vision = False  # the ViT blocks + patch embed
 freeze_merger = False
 freeze_llm = False
@@ -220,7 +221,7 @@ RESUME_BREAKING = ("init_from", "data_dir", "train_file", "video_root", "tokeniz
 
 # what a key meant before it existed, for checkpoints written by older versions (their config lacks it)
 BEFORE = {"lr_schedule": "run", "mix_first": 0.0, "answer_format": "direct", "tree_swap": 0.0, "tree_swap_tasks": (),
-          "tree_swap_video": True, "loss_norm": "token", "loss_floor": 0}
+          "tree_swap_video": True, "loss_norm": "token", "loss_floor": 0, "intensity_weight": 1.0}
 
 
 def check_config():
@@ -234,6 +235,7 @@ def check_config():
         ("loss_norm", loss_norm, loss_norm in ("token", "record"), "token or record"),
         ("loss_floor", loss_floor, loss_floor >= 0 and (loss_floor == 0 or loss_norm == "token"),
          ">= 0, and 0 unless loss_norm=token"),
+        ("intensity_weight", intensity_weight, intensity_weight > 0, "> 0 (1 = every token alike)"),
         ("stage_epochs", stage_epochs, len(stage_epochs) == 3 and all(e >= 0 for e in stage_epochs),
          "three epoch counts >= 0 (attribute, expression, emotion)"),
         ("fps", fps, fps > 0, "> 0"), ("max_frames", max_frames, max_frames >= 2, ">= 2"),
@@ -354,12 +356,27 @@ def lr_for(step, sampler, total_steps):
     return common.lr_at(step, total_steps, lr, min_lr, warmup_steps)
 
 
-def forward_backward(net, model, micro, dev, autocast, world):
+def intensity_id(tokenizer):
+    """The first token of " intensity": the target token before it states an intensity ("sadness (high intensity)")."""
+    return tokenizer.encode(" intensity", add_special_tokens=False)[0]
+
+
+def token_weights(labels, key_id):
+    """[B, L] labels -> [n] weight of each supervised target (row-major, as the forward returns their log-probs):
+    intensity_weight where the next target token is key_id, else 1."""
+    tgt = labels[:, 1:]  # [B, L-1] the targets the forward scores
+    key = torch.zeros_like(tgt, dtype=torch.bool)
+    key[:, :-1] = tgt[:, 1:] == key_id
+    return torch.where(key, intensity_weight, 1.0)[tgt != -100]
+
+
+def forward_backward(net, model, micro, dev, autocast, world, key_id=None):
     """The summed gradient of the micro-batches' NLL, normalised globally (any world size / accumulation gives the
     same loss) -> (step loss, tokens processed on this rank). Record r with n_r supervised tokens weighs W_r, each of
     its tokens W_r / n_r, and the sum is divided by sum(W_r): loss_norm "token" W_r = max(n_r, loss_floor) (floor 0:
     the NLL summed over every supervised token / their count); "record" W_r = 1 (each record's mean token NLL averaged
-    over records: a 2-token answer weighs as much as a 75-token tree)."""
+    over records: a 2-token answer weighs as much as a 75-token tree). With intensity_weight != 1 (and key_id given)
+    the token that states an intensity counts intensity_weight times in its record's sum; the normaliser is unchanged."""
     scored = [b["labels"][:, 1:] != -100 for b in micro]  # [B, L-1] each: the tokens the forward scores, row-major
     per = [m.sum(1) for m in scored]  # [B] each: supervised tokens per record
     weight = [(n > 0).float() if loss_norm == "record" else n.clamp(min=loss_floor).float() * (n > 0) for n in per]
@@ -377,9 +394,12 @@ def forward_backward(net, model, micro, dev, autocast, world):
                 model.set_requires_gradient_sync(sync)
             with autocast:
                 logp = net(**model_inputs(batch))  # [n] log-probs of the supervised tokens
-            if loss_norm == "record" or loss_floor:
-                tok_w = (w / n.clamp(min=1)).repeat_interleave(n).to(dev)  # [n] W_r / n_r
-                nll = -(logp.float() * tok_w).sum()
+            keyed = intensity_weight != 1 and key_id is not None
+            if loss_norm == "record" or loss_floor or keyed:
+                tok_w = (w / n.clamp(min=1)).repeat_interleave(n)  # [n] W_r / n_r (1 for the plain token mean)
+                if keyed:
+                    tok_w = tok_w * token_weights(batch["labels"].cpu(), key_id)
+                nll = -(logp.float() * tok_w.to(dev)).sum()
             else:
                 nll = -logp.sum()
             loss = nll / n_norm.clamp(min=1) * world  # DDP / FSDP average gradients over ranks
@@ -443,6 +463,7 @@ def main():
     build_emosynth_if_missing(train_path, master)
     tokenizer = tokenizer_for(init_dir)
     _, pad_id = special_ids(tokenizer)
+    key_id = intensity_id(tokenizer)
     train_records, sampler, train_set, val_loader = load_data(train_path, val_path, tokenizer, pad_id, rank, world)
     total_steps = max_steps or len(sampler) // grad_accum
     model = model if model is not None else scratch_model(tokenizer)
@@ -491,7 +512,7 @@ def main():
             step_lr = lr_for(step, sampler, total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = step_lr
-            step_loss, n_local = forward_backward(net, model, micro, dev, autocast, world)
+            step_loss, n_local = forward_backward(net, model, micro, dev, autocast, world, key_id)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else torch.zeros(())
             if not guard.ok(step, step_loss, grad_norm, optimizer):
                 continue

@@ -195,12 +195,16 @@ def test_mix_first_and_per_stage_lr(tiny_data, tmp_path):
         assert rows[a]["lr"] == lr / 2  # warmup restarts at every stage
 
 
-@pytest.mark.parametrize("loss_norm,floored", [("token", False), ("record", False), ("token", True)])
-def test_forward_backward_loss_norm_matches_formula(loss_norm, floored):
+@pytest.mark.parametrize("loss_norm,floored,keyed", [("token", False, False), ("record", False, False),
+                                                      ("token", True, False), ("token", False, True),
+                                                      ("record", False, True)])
+def test_forward_backward_loss_norm_matches_formula(loss_norm, floored, keyed):
     """train_sft.forward_backward over two micro-batches of random text rows (padding, random supervised spans,
     one row with none) against the formula on the full logits: "token" = summed NLL / supervised tokens,
     "record" = the mean over records (with a supervised token) of each record's mean NLL, "token" with a random
-    loss_floor F = each record's mean NLL weighted by max(its tokens, F); loss and gradient."""
+    loss_floor F = each record's mean NLL weighted by max(its tokens, F); keyed: a random intensity_weight on the
+    target planted right before a key token (" intensity") in each supervised span, the normaliser unchanged;
+    loss and gradient."""
     import contextlib
     import torch
     import common
@@ -211,14 +215,21 @@ def test_forward_backward_loss_norm_matches_formula(loss_norm, floored):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     floor = int(torch.randint(4, 14, (), generator=gen)) if floored else 0  # between the spans' lengths
+    iw = float(torch.empty(()).uniform_(2, 8, generator=gen)) if keyed else 1.0
+    key_id = 500  # outside the random text ids [0, 500)
     model = VidEmo(tiny_config()).float()
-    micro = []
+    micro, planted = [], []
     for b in range(2):
         seqs, spans = [], []
         for r in range(3):
             n = int(torch.randint(6, 20, (), generator=gen))
             k = 0 if (b, r) == (1, 2) else int(torch.randint(1, n - 2, (), generator=gen))  # supervised tail
-            seqs.append(text_ids(n, gen)); spans.append(k)
+            s = text_ids(n, gen)
+            if keyed and k >= 2:  # the key token inside the span, not its first token: the token before it weighs iw
+                p = n - k + int(torch.randint(1, k, (), generator=gen))
+                s[p] = key_id
+                planted.append((b, r, p - 1))
+            seqs.append(s); spans.append(k)
         ids, mask = pad_batch(seqs, side="right")
         labels = torch.full_like(ids, -100)
         for r, (s, k) in enumerate(zip(seqs, spans)):
@@ -228,11 +239,14 @@ def test_forward_backward_loss_norm_matches_formula(loss_norm, floored):
     # the formula, on full logits (log_softmax over the vocabulary)
     model.zero_grad()
     per_rec, toks = [], []
-    for batch in micro:
+    for b, batch in enumerate(micro):
         logp = torch.log_softmax(model(batch["input_ids"], batch["attention_mask"]).float(), -1)[:, :-1]  # [B, L-1, V]
         tgt = batch["labels"][:, 1:]
         sel = tgt != -100
         lp = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * sel  # [B, L-1]
+        for bb, r, pos in planted:  # the target at input position pos is scored at logit row pos - 1
+            if bb == b:
+                lp[r, pos - 1] = lp[r, pos - 1] * iw
         for r in range(tgt.shape[0]):
             if sel[r].any():
                 per_rec.append(-lp[r].sum() / sel[r].sum()); toks.append((-lp[r].sum(), int(sel[r].sum())))
@@ -249,8 +263,9 @@ def test_forward_backward_loss_norm_matches_formula(loss_norm, floored):
     g = vars(TS)
     saved = {k: g[k] for k in common._config_keys(g)}
     try:
-        common.configure(g, [f"--loss_norm={loss_norm}", f"--loss_floor={floor}", "--logprobs_backend=torch"])
-        loss, _ = TS.forward_backward(model, model, micro, torch.device("cpu"), contextlib.nullcontext(), 1)
+        common.configure(g, [f"--loss_norm={loss_norm}", f"--loss_floor={floor}", f"--intensity_weight={iw}",
+                             "--logprobs_backend=torch"])
+        loss, _ = TS.forward_backward(model, model, micro, torch.device("cpu"), contextlib.nullcontext(), 1, key_id)
     finally:
         g.update(saved)
     assert loss == pytest.approx(ref.item(), rel=1e-5)
@@ -267,3 +282,6 @@ def test_loss_norm_refuses_an_unknown_value(tmp_path):
     r = subprocess.run([sys.executable, "train_sft.py", "--loss_norm=record", "--loss_floor=8",
                         f"--out_dir={tmp_path}/o"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "loss_floor" in r.stderr and "unless loss_norm=token" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "train_sft.py", "--intensity_weight=0", f"--out_dir={tmp_path}/o"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "intensity_weight" in r.stderr and "> 0" in r.stderr, r.stderr
