@@ -396,10 +396,10 @@ def forward_backward(net, model, micro, dev, autocast, world, key_id=None):
                 logp = net(**model_inputs(batch))  # [n] log-probs of the supervised tokens
             keyed = intensity_weight != 1 and key_id is not None
             if loss_norm == "record" or loss_floor or keyed:
-                tok_w = (w / n.clamp(min=1)).repeat_interleave(n)  # [n] W_r / n_r (1 for the plain token mean)
+                tok_w = (w / n.clamp(min=1)).repeat_interleave(n).to(dev)  # [n] W_r / n_r (1 for the plain token mean)
                 if keyed:
-                    tok_w = tok_w * token_weights(batch["labels"].cpu(), key_id)
-                nll = -(logp.float() * tok_w.to(dev)).sum()
+                    tok_w = tok_w * token_weights(batch["labels"], key_id)  # on the device: no host sync
+                nll = -(logp.float() * tok_w).sum()
             else:
                 nll = -logp.sum()
             loss = nll / n_norm.clamp(min=1) * world  # DDP / FSDP average gradients over ranks
