@@ -491,6 +491,20 @@ def special_ids(tokenizer):
     return tokenizer.convert_tokens_to_ids(IM_END), tokenizer.pad_token_id
 
 
+def intensity_id(tokenizer):
+    """The first token of " intensity": the target token before it states an intensity ("sadness (high intensity)")."""
+    return tokenizer.encode(" intensity", add_special_tokens=False)[0]
+
+
+def token_weights(labels, key_id, weight):
+    """[B, L] labels -> [n] loss weight of each supervised target (row-major, the order in which the forward returns
+    their log-probs): `weight` where the next target token is key_id (the token that states an intensity), else 1."""
+    tgt = labels[:, 1:]  # [B, L-1] the targets the forward scores
+    key = torch.zeros_like(tgt, dtype=torch.bool)
+    key[:, :-1] = tgt[:, 1:] == key_id
+    return torch.where(key, float(weight), 1.0)[tgt != -100]
+
+
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
 
 

@@ -98,6 +98,7 @@ replay_tasks = ("appearance_recognition", "appearance_caption", "action_recognit
                 "head_pose", "au_detection", "emotion_caption")
 replay_per_micro = 2  # SFT records beside each micro-batch on each rank (0 = no replay; docs/method.md §3p)
 replay_coef = 1.0  # loss = GRPO loss + replay_coef * mean NLL over the step's replayed answer tokens
+replay_intensity_weight = 1.0  # a replayed token that states an intensity counts this many times in that NLL's sum
 # optimisation
 max_steps = 1400  # without the reference pass, about the wall time of 1,200 with it (docs/method.md §3r)
 lr = 1e-4
@@ -175,7 +176,8 @@ def check_config(world, dev):
         ("prompts_per_step", prompts_per_step, grad_accum < 1 or prompts_per_step % (world * grad_accum) == 0,
          f"divisible by world size x grad_accum = {world} x {grad_accum} (each rank owns whole groups)"),
         ("replay_per_micro", replay_per_micro, replay_per_micro >= 0, ">= 0 (0 = no replay)"),
-        ("replay_coef", replay_coef, replay_coef >= 0, ">= 0")])
+        ("replay_coef", replay_coef, replay_coef >= 0, ">= 0"),
+        ("replay_intensity_weight", replay_intensity_weight, replay_intensity_weight > 0, "> 0 (1 = every token alike)")])
     for key, names in (("tasks", tasks), ("replay_tasks", replay_tasks)):
         unknown = [t for t in names if t not in R.TASK_METRIC]
         if unknown:
@@ -454,18 +456,24 @@ def reference_pass(micro, policy, ref_model, reencode, autocast):
                                                backend=logprobs_backend, shared_prefix=shared_prefix)[0]
 
 
-def update(net, policy, params, optimizer, micro, objective, guard, step, passes, autocast, world, dev, replay=None):
+def update(net, policy, params, optimizer, micro, objective, guard, step, passes, autocast, world, dev, replay=None,
+           key_id=None):
     """4. `passes` (mu, or 0 when no group has signal) policy updates over the rollout batch, each over the
     grad_accum micro-batches; with `replay` (one next_replay batch per micro-batch) each micro-batch's loss also holds
     replay_coef x its share of the mean NLL over every replayed answer token of the step (all ranks), in the same
-    forward and backward -> (sums of the logged statistics, grad norm of the last update)."""
+    forward and backward; with replay_intensity_weight != 1 (and key_id, data.intensity_id) the token that states an
+    intensity counts that many times in the sum, the count is unchanged -> (sums of the logged statistics, grad norm
+    of the last update)."""
     s = dict(loss=0.0, n_stats=0, ent=0.0, ent_n=0, logp_diff=0.0, n_diff=0, replay_nll=0.0, replay_passes=0,
              **{k: 0.0 for k in grpo.LOSS_STATS})
     grad_norm = torch.zeros(())
     old_logps = [None] * len(micro)  # [n_kept, Tc] per micro-batch, from update pass 0
     n_tok = 0.0
+    tok_w = [None] * len(micro)  # [n_sft] per micro-batch: the replayed tokens' loss weights (None: all 1)
     if replay:  # the forward scores each row's labels after its first token
         n_tok = grpo.reduce_sum({"n": sum(float((b["labels"][:, 1:] != -100).sum()) for b in replay)}, dev)["n"]
+        if replay_intensity_weight != 1 and key_id is not None:
+            tok_w = [D.token_weights(b["labels"], key_id, replay_intensity_weight) for b in replay]
     policy.train()
     for it in range(passes):
         pass_loss = 0.0
@@ -488,7 +496,8 @@ def update(net, policy, params, optimizer, micro, objective, guard, step, passes
                     loss, st = objective(logps, old_logps[i], sub)
                     total = loss * weight
                 if sft is not None:
-                    nll = -sft_logp[0].float().sum() / max(n_tok, 1.0)  # this micro-batch's share of the mean
+                    lp = sft_logp[0].float() if tok_w[i] is None else sft_logp[0].float() * tok_w[i]  # [n_sft]
+                    nll = -lp.sum() / max(n_tok, 1.0)  # this micro-batch's share of the mean
                     total = total + replay_coef * nll * world  # DDP / FSDP average gradients over ranks
                 total.backward()
             if sft is not None:
@@ -680,7 +689,8 @@ def main():
                   f"of {len(set(r.get('task') for r in records))} tasks | {prompts_per_step} prompts x G={G} per step "
                   f"| world {world} | beta {beta} | loss {loss_type} | init {init_dir}"
                   + (f" | replay {replay_per_micro} of {len(replay_records)} SFT records per micro-batch x "
-                     f"{replay_coef}" if replay_records else ""))
+                     f"{replay_coef}" + (f" (intensity token x {replay_intensity_weight})"
+                                         if replay_intensity_weight != 1 else "") if replay_records else ""))
     val_records = load_val_records(val_path)
 
     # ---- train
@@ -725,7 +735,7 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = step_lr
         upd, grad_norm = update(net, policy, params, optimizer, micro, objective, guard, step,
-                                num_iterations if kept else 0, autocast, world, dev, replay)
+                                num_iterations if kept else 0, autocast, world, dev, replay, D.intensity_id(tokenizer))
         times = {"t_generate": t_gen, "t_score": t_score, "t_ref": t_ref, "t_update": time.time() - t0}
         # 5. metrics
         row = step_metrics(done, step_lr, micro, total_all, zero_std, bad, kept, upd, grad_norm, times, objective,

@@ -24,8 +24,8 @@ import common
 import evaluation
 import lora
 import trainer
-from data import (REASONING_TASKS, CurriculumSampler, EmoDataset, collate, curriculum_level, load_records_as,
-                  load_tokenizer, special_ids, swap_trees)
+from data import (REASONING_TASKS, CurriculumSampler, EmoDataset, collate, curriculum_level, intensity_id,
+                  load_records_as, load_tokenizer, special_ids, swap_trees, token_weights)
 from model import VidEmo, scratch_config
 from reward import LEVELS
 
@@ -356,20 +356,6 @@ def lr_for(step, sampler, total_steps):
     return common.lr_at(step, total_steps, lr, min_lr, warmup_steps)
 
 
-def intensity_id(tokenizer):
-    """The first token of " intensity": the target token before it states an intensity ("sadness (high intensity)")."""
-    return tokenizer.encode(" intensity", add_special_tokens=False)[0]
-
-
-def token_weights(labels, key_id):
-    """[B, L] labels -> [n] weight of each supervised target (row-major, as the forward returns their log-probs):
-    intensity_weight where the next target token is key_id, else 1."""
-    tgt = labels[:, 1:]  # [B, L-1] the targets the forward scores
-    key = torch.zeros_like(tgt, dtype=torch.bool)
-    key[:, :-1] = tgt[:, 1:] == key_id
-    return torch.where(key, intensity_weight, 1.0)[tgt != -100]
-
-
 def forward_backward(net, model, micro, dev, autocast, world, key_id=None):
     """The summed gradient of the micro-batches' NLL, normalised globally (any world size / accumulation gives the
     same loss) -> (step loss, tokens processed on this rank). Record r with n_r supervised tokens weighs W_r, each of
@@ -398,7 +384,7 @@ def forward_backward(net, model, micro, dev, autocast, world, key_id=None):
             if loss_norm == "record" or loss_floor or keyed:
                 tok_w = (w / n.clamp(min=1)).repeat_interleave(n).to(dev)  # [n] W_r / n_r (1 for the plain token mean)
                 if keyed:
-                    tok_w = tok_w * token_weights(batch["labels"], key_id)  # on the device: no host sync
+                    tok_w = tok_w * token_weights(batch["labels"], key_id, intensity_weight)  # on the device
                 nll = -(logp.float() * tok_w).sum()
             else:
                 nll = -logp.sum()

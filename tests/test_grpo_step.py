@@ -70,7 +70,7 @@ def one_step(rl, setup, policy, optimizer, seed=0, steps=1, replay=None):
     guard = RL.trainer.NonFiniteGuard("nowhere")
     net = grpo.GroupScorer(policy, rl.temperature, reencode=True, backend=rl.logprobs_backend)
     upd, grad_norm = rl.update(net, policy, params, optimizer, micro, objective, guard, 0,
-                               rl.num_iterations if kept else 0, NO_AUTOCAST, 1, CPU, replay)
+                               rl.num_iterations if kept else 0, NO_AUTOCAST, 1, CPU, replay, D.intensity_id(tok))
     row = rl.step_metrics(1, rl.lr, micro, total_all, zero_std, bad, kept, upd, grad_norm,
                           {"t_generate": 1.0, "t_score": 0.0, "t_ref": 0.0, "t_update": 0.0}, objective, CPU)
     return micro, row
@@ -121,14 +121,20 @@ def replay_batch(rl, setup, n):
     return [rl.next_replay(n, stream, records, tok, None, video_kwargs, None, {}, CPU) for _ in range(rl.grad_accum)]
 
 
-def test_replay_adds_the_sft_cross_entropy_to_the_step(rl, setup, monkeypatch):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_replay_adds_the_sft_cross_entropy_to_the_step(rl, setup, monkeypatch, weighted):
     """Same rollout with and without SFT replay: the step's gradient differs by exactly replay_coef x the gradient of
     the mean NLL of the replayed answer tokens, computed from the full logits with log_softmax (the formula), and the
-    logged replay_nll is that mean."""
+    logged replay_nll is that mean. Weighted: a random replay_intensity_weight w on each target token followed by
+    " intensity" (the intensity word of an emotion caption) makes it count w times in the sum, not in the count."""
     monkeypatch.setattr(R, "terms", lambda c, r, lam=1.0, table=None: {"accuracy": c.count("a") / 10})
     coef = 0.7
+    w = float(torch.empty(()).uniform_(2.0, 6.0)) if weighted else 1.0
     monkeypatch.setattr(rl, "replay_per_micro", 3)
     monkeypatch.setattr(rl, "replay_coef", coef)
+    monkeypatch.setattr(rl, "replay_intensity_weight", w)
+    if weighted:  # captions that state an intensity
+        monkeypatch.setattr(rl, "replay_tasks", ("emotion_caption",))
     monkeypatch.setattr(rl, "grad_clip", 0.0)  # the raw gradients: clipping would scale the two sums apart
     replay = replay_batch(rl, setup, rl.replay_per_micro)  # 3 records beside each of the 2 micro-batches
     assert [b["labels"].shape[0] for b in replay] == [3, 3]
@@ -141,13 +147,24 @@ def test_replay_adds_the_sft_cross_entropy_to_the_step(rl, setup, monkeypatch):
         grads[with_replay] = [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
                               for p in policy.parameters()]
     ref = policy_of(setup)
-    token_lp = []
+    tok = setup[0]
+    key = tok.encode(" intensity", add_special_tokens=False)[0]
+    token_lp, token_w, keyed = [], [], []
     for batch in replay:
         logits = ref(**{k: v for k, v in batch.items() if k != "labels"})  # [B, L, V]
         labels = batch["labels"][:, 1:]  # [B, L-1]: the token at position t is predicted at t - 1
         lp = torch.log_softmax(logits[:, :-1].float(), -1)  # the SFT loss: temperature 1, not the sampler's
         token_lp.append(lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0][labels != -100])
-    nll = -torch.cat(token_lp).mean()  # one mean over every replayed token of the step
+        for row in labels.tolist():  # row-major, one weight per supervised target
+            for t, y in enumerate(row):
+                if y != -100:
+                    is_key = t + 1 < len(row) and row[t + 1] == key
+                    token_w.append(w if is_key else 1.0)
+                    keyed += [tok.decode([y]).strip()] if is_key else []
+    lp_all, w_all = torch.cat(token_lp), torch.tensor(token_w)
+    nll = -(lp_all * w_all).sum() / len(token_w)  # one sum over every replayed token of the step, / their count
+    if weighted:  # the weighted tokens are the intensity words, and there are some
+        assert keyed and set(keyed) <= {"low", "medium", "high"}, keyed
     (coef * nll).backward()
     assert rows[True]["replay_nll"] == pytest.approx(nll.item(), rel=1e-5) and "replay_nll" not in rows[False]
     assert rows[True]["loss"] == pytest.approx(rows[False]["loss"], rel=1e-5)  # the logged loss stays the GRPO one
