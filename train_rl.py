@@ -660,6 +660,7 @@ def main():
     if not records:
         raise common.InputError(f"no records of tasks {tasks} in {train_path}")
     replay_records = load_replay_records(train_path)  # [] when replay_per_micro = 0
+    key_id = D.intensity_id(tokenizer)  # the token after an intensity word (replay_intensity_weight)
     table = R.answer_table(records) if w_agree > 0 else None  # {task: {emotion line: answer}} for the agree term
     root = video_root or None  # None: each record's videos resolve against its own file's folder (data.py)
     video_cache, val_cache = D.VideoCache(256), D.VideoCache(256)  # decoded clips, reused when they come round again
@@ -735,7 +736,7 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = step_lr
         upd, grad_norm = update(net, policy, params, optimizer, micro, objective, guard, step,
-                                num_iterations if kept else 0, autocast, world, dev, replay, D.intensity_id(tokenizer))
+                                num_iterations if kept else 0, autocast, world, dev, replay, key_id)
         times = {"t_generate": t_gen, "t_score": t_score, "t_ref": t_ref, "t_update": time.time() - t0}
         # 5. metrics
         row = step_metrics(done, step_lr, micro, total_all, zero_std, bad, kept, upd, grad_norm, times, objective,
