@@ -1008,6 +1008,11 @@ def encode_record(record, tokenizer, video_root=None, max_seq_len=None, video_kw
     return _encode(record, tokenizer, video_root, max_seq_len, video_kwargs, cache, prompt_only=False)
 
 
+def answer_ids(answer, tokenizer):
+    """The target ids of an assistant answer as encode_record's labels hold them: its text and <|im_end|>."""
+    return tokenizer.encode(answer + IM_END, add_special_tokens=False)
+
+
 def encode_prompt(record, tokenizer, video_root=None, video_kwargs=None, max_seq_len=None, cache=None):
     """The prompt for generation: everything before the final assistant turn plus the generation prompt
     ('<|im_start|>assistant\\n'); its ids equal the first ids of encode_record's. Returns the same dict without

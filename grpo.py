@@ -267,7 +267,8 @@ class Rollout:
     records: list = per("prompt")
     texts: list = per("row")
     scores: list = per("row")  # reward.score's dict of each completion
-    gen_logps: torch.Tensor = per("row")  # [B*G, Tc] the sampler's log-probs
+    gen_logps: torch.Tensor = per("row")  # [B*G, Tc] the sampler's log-probs (NaN on a guided row)
+    guided: torch.Tensor = per("row")  # [B*G] bool: rows holding the record's reference answer (guide_groups)
     total: torch.Tensor = per("row")  # [B*G] reward
     parts: torch.Tensor = per("row")  # [B*G, 2] (reasoning reward, answer reward) with split_advantage, or None
     boundary: torch.Tensor = per("row")  # [B*G] where each completion's reasoning ends (think_boundary), or None
@@ -323,6 +324,36 @@ def group_batch(ids, attn, seqs, video_embeds, grid, sec, keep, G, counts, eos_i
         inputs=seqs.masked_fill(stops & (seqs != eos_id), pad_id),  # placeholders out of the input (masked anyway)
         valid=valid, cmask=valid & ~truncated[:, None] if mask_truncated else valid, lengths=valid.sum(1).cpu(),
         truncated=truncated.cpu())
+
+
+def guide_groups(seqs, gen_logps, total, ref_ids, ref_total, G, pad_id):
+    """Guidance by the reference (an off-policy completion in the group, as in LUFFY): where none of a group's G
+    samples reaches the reward of the record's own reference answer, its last sample (as random as any) is replaced
+    by that answer. A group that fails the same way on every sample (all-equal rewards: no advantage, no gradient)
+    then learns, and the contrast falls on the tokens where the samples leave the reference (an intensity word).
+    seqs [B*G, Tc] sampled ids, gen_logps [B*G, Tc], total [B*G] rewards; ref_ids B lists of token ids (None: no
+    guidance for that prompt), ref_total [B] the references' rewards -> (seqs [B*G, Tc'], gen_logps [B*G, Tc'] NaN on
+    the guided rows, guided [B*G] bool), Tc' = max(Tc, longest reference placed)."""
+    guided = torch.zeros(seqs.shape[0], dtype=torch.bool)
+    for b, ids in enumerate(ref_ids):
+        if ids is not None and float(total[b * G:(b + 1) * G].max()) < float(ref_total[b]) - 1e-6:
+            guided[b * G + G - 1] = True
+    if not guided.any():
+        return seqs, gen_logps, guided
+    width = max([seqs.shape[1]] + [len(ref_ids[i // G]) for i in guided.nonzero().flatten().tolist()])
+    out = torch.full((seqs.shape[0], width), pad_id, dtype=seqs.dtype, device=seqs.device)
+    out[:, :seqs.shape[1]] = seqs
+    lp = None
+    if gen_logps is not None:
+        lp = gen_logps.new_zeros(seqs.shape[0], width)
+        lp[:, :gen_logps.shape[1]] = gen_logps
+    for i in guided.nonzero().flatten().tolist():
+        ids = torch.tensor(ref_ids[i // G], dtype=seqs.dtype, device=seqs.device)
+        out[i] = pad_id
+        out[i, :len(ids)] = ids
+        if lp is not None:
+            lp[i] = float("nan")
+    return out, lp, guided
 
 
 def completion_mask(stops):

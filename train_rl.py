@@ -41,7 +41,8 @@ val_file = ""  # default: data_dir/val.jsonl ("none": no held-out curve); its re
 video_root = ""  # default: the folder of each record's data file
 tokenizer_dir = ""  # default: init_from
 # train on records of these tasks (empty = all that reward.py can score): the affective tree and every emotion QA
-# task, so the answers of the tasks answered directly are rewarded too and not unlearnt (chosen on val, docs/method.md)
+# task, so the answers of the tasks answered directly are rewarded too and not unlearnt (chosen on val, docs/method.md);
+# a task named k times is drawn k times as often (prompt_pool)
 tasks = ("fine_grained_caption", "emotion_single", "emotion_multi", "emotion_fine", "sentiment_single", "sentiment_fine",
          "micro_expression", "emotion_transition")
 # direct | reasoning: records of reasoning_tasks answer as <think>affective tree</think><answer>...</answer> (train,
@@ -92,6 +93,10 @@ w_format = 0.1  # enters the total only for the tree (fine-grained caption) task
 split_advantage = False
 w_agree = 0.0  # > 0: reasoning answers also earn "agree" for being what the data answers behind their own emotion line
 tree_lambda = 1.0  # R_tree = exp(-lambda * TED / |T_ref|)
+# guidance: in a group of these tasks where no sample reaches the reward of the record's own reference answer, the
+# last sample is replaced by that answer (grpo.guide_groups): a group that misreads the same way on all G samples
+# (equal rewards, no gradient) still learns, from the tokens where its samples leave the reference (docs/method.md)
+guide_tasks = ()
 # SFT replay: beside the GRPO loss, the cross-entropy of stage-1 training records of the tasks stage 2 does not
 # reward, so that the policy does not unlearn them (docs/method.md)
 replay_tasks = ("appearance_recognition", "appearance_caption", "action_recognition", "action_caption", "identity",
@@ -178,7 +183,7 @@ def check_config(world, dev):
         ("replay_per_micro", replay_per_micro, replay_per_micro >= 0, ">= 0 (0 = no replay)"),
         ("replay_coef", replay_coef, replay_coef >= 0, ">= 0"),
         ("replay_intensity_weight", replay_intensity_weight, replay_intensity_weight > 0, "> 0 (1 = every token alike)")])
-    for key, names in (("tasks", tasks), ("replay_tasks", replay_tasks)):
+    for key, names in (("tasks", tasks), ("replay_tasks", replay_tasks), ("guide_tasks", guide_tasks)):
         unknown = [t for t in names if t not in R.TASK_METRIC]
         if unknown:
             raise common.ConfigError(f"config key '{key}': unknown task(s) {unknown}; known: {sorted(R.TASK_METRIC)}")
@@ -242,6 +247,13 @@ def load_replay_records(path):
         common.print0(f"note: no records of replay_tasks {list(replay_tasks)} in {path}: stage 2 runs without SFT "
                       f"replay")
     return records
+
+
+def prompt_pool(records):
+    """The training prompts: a task named k times in `tasks` has each of its records k times in the pool, so it gets
+    k times its share of the prompts (every record once when `tasks` names each task once, or is empty)."""
+    times = collections.Counter(tasks)
+    return [r for r in records for _ in range(times.get(r.get("task"), 1))]
 
 
 def load_task_records(path):
@@ -372,18 +384,32 @@ def rollout(policy, prompts, gen, tokenizer, dev, autocast, reencode, table=None
             return_logprobs=True, generator=gen, decode=decode,  # [B*G, Tc]: sample j of prompt b is row b*G + j
             share_prompt_kv=shared_prefix)  # eager decode: each prompt's keys/values once per group
     t_gen = time.time() - t0
-    mb = grpo.group_batch(ids, attn, seqs, video_embeds, grid, sec, keep, num_generations,
-                          policy.vision_token_counts(grid), eos_id, pad_id, placeholders, mask_truncated_completions,
-                          b["pixel_values_videos"].to(dev) if reencode else None)
     # score: decode each completion (up to and including EOS) and apply the rule-based rewards: reward.score is also
     # eval's metric, so GRPO maximises exactly the number the evaluation reports
     t0 = time.time()
-    mb.records = [r for r, _ in prompts]
-    mb.texts = tokenizer.batch_decode([s[:n].tolist() for s, n in zip(seqs.cpu(), mb.lengths.tolist())],
-                                      skip_special_tokens=True)
+    records = [r for r, _ in prompts]
+    stops = torch.isin(seqs, torch.tensor([eos_id, *placeholders], device=seqs.device))
+    lengths = grpo.completion_mask(stops)[0].sum(1).tolist()  # [B*G] tokens up to and including the first stop
+    texts = tokenizer.batch_decode([s[:n].tolist() for s, n in zip(seqs.cpu(), lengths)], skip_special_tokens=True)
     extra = {"table": table} if table else {}  # only with w_agree > 0: a swapped-in score(c, r, w, lam) still fits
-    mb.scores = [R.score(t, mb.records[i // num_generations], config_weights(), lam=tree_lambda, **extra)
-                 for i, t in enumerate(mb.texts)]
+    scores = [R.score(t, records[i // num_generations], config_weights(), lam=tree_lambda, **extra)
+              for i, t in enumerate(texts)]
+    guided = None
+    if guide_tasks:  # a group of guide_tasks that misses its reference's reward gets the reference as a completion
+        ref_ids = [D.answer_ids(e["answer"], tokenizer)[:max_completion_length]
+                   if r.get("task") in guide_tasks and e.get("answer") else None for r, e in prompts]
+        ref_texts = [tokenizer.decode(t, skip_special_tokens=True) if t else None for t in ref_ids]
+        ref_scores = [R.score(t, r, config_weights(), lam=tree_lambda, **extra) if t is not None else None
+                      for t, r in zip(ref_texts, records)]
+        seqs, gen_logps, guided = grpo.guide_groups(
+            seqs, gen_logps, torch.tensor([sc["total"] for sc in scores]), ref_ids,
+            torch.tensor([sc["total"] if sc else float("-inf") for sc in ref_scores]), num_generations, pad_id)
+        for i in guided.nonzero().flatten().tolist():
+            texts[i], scores[i] = ref_texts[i // num_generations], ref_scores[i // num_generations]
+    mb = grpo.group_batch(ids, attn, seqs, video_embeds, grid, sec, keep, num_generations,
+                          policy.vision_token_counts(grid), eos_id, pad_id, placeholders, mask_truncated_completions,
+                          b["pixel_values_videos"].to(dev) if reencode else None)
+    mb.records, mb.texts, mb.scores, mb.guided = records, texts, scores, guided
     mb.total = torch.tensor([s["total"] for s in mb.scores], dtype=torch.float32)  # [B*G]
     if split_advantage:  # two rewards per completion and where its reasoning ends
         mb.parts = torch.tensor([R.split_total(s, mb.records[i // num_generations], config_weights())
@@ -516,8 +542,10 @@ def update(net, policy, params, optimizer, micro, objective, guard, step, passes
                 s["ent_n"] += int(m.sum())
                 if sub.gen_logps is not None:  # generator vs training forward: the same policy here
                     glp = sub.gen_logps[:, :m.shape[1]].to(logps.dtype)
-                    s["logp_diff"] += float((glp - logps.detach())[m].abs().mean())
-                    s["n_diff"] += 1
+                    ok = m & ~glp.isnan()  # a guided row was not sampled
+                    if ok.any():
+                        s["logp_diff"] += float((glp - logps.detach())[ok].abs().mean())
+                        s["n_diff"] += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else torch.zeros(())
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         if world > 1:  # every rank must take the same decision
@@ -562,6 +590,9 @@ def step_metrics(done, step_lr, micro, total_all, zero_std, bad, kept, upd, grad
             row[f"reward/{k}/std"] = col.std().item() if col.numel() > 1 else 0.0
     if dynamic_sampling:
         row["groups_kept"] = kept / G
+    if guide_tasks:  # the share of groups that got their reference as a completion
+        guided = torch.cat([mb.guided.float() for mb in micro]).sum().to(dev)
+        row["frac_guided"] = float(grpo.gather_rows(guided[None]).sum()) / (total_all.numel() / G)
     if bad.any():
         row["reward_nonfinite"] = int(bad.sum())
     if kept == 0:  # every group had equal rewards everywhere: no update
@@ -656,7 +687,7 @@ def main():
     except (OSError, ValueError) as e:
         raise common.InputError(f"tokenizer {tokenizer_dir or init_dir}: {common.first_line(e)}") from None
     video_kwargs = dict(fps=fps, max_frames=max_frames, min_pixels=min_pixels, max_pixels=max_pixels)
-    records = load_task_records(train_path)
+    records = prompt_pool(load_task_records(train_path))
     if not records:
         raise common.InputError(f"no records of tasks {tasks} in {train_path}")
     replay_records = load_replay_records(train_path)  # [] when replay_per_micro = 0

@@ -591,6 +591,7 @@ def test_dynamic_sampling_skips_a_step_with_no_signal(emosynth_tiny, tmp_path):
     (dict(replay_per_micro=-1), "replay_per_micro"),
     (dict(replay_intensity_weight=0.0), "replay_intensity_weight"),
     (dict(replay_tasks=("head_pos",)), "replay_tasks"),
+    (dict(guide_tasks=("emotion_singel",)), "guide_tasks"),
     (dict(val_file="no_val.jsonl", eval_every=10), "val_file"),
     (dict(resume=True, out_dir="fresh"), "resume"),
 ])

@@ -349,3 +349,79 @@ def test_rollout_select_slices_every_per_row_field():
     assert sub.ref is None and sub.keep is None
     kinds = {f.metadata.get("per") for f in dataclasses.fields(grpo.Rollout)}
     assert kinds <= {"row", "prompt", "prompt_tokens", "prompt_video", "const"}  # every field declares its kind
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# guidance: the record's reference answer as a completion of a group that never reaches its reward
+
+
+def test_answer_ids_are_the_labels_encode_record_trains_on(setup):
+    """data.answer_ids(answer) == the ids encode_record labels (the answer and <|im_end|>), direct and reasoning."""
+    tok, _, build = setup
+    for fmt in ("direct", "reasoning"):
+        for rec in D.load_records_as(build / "train.jsonl", fmt):
+            enc = D.encode_record(rec, tok)
+            target = enc["labels"][enc["labels"] != -100].tolist()
+            assert D.answer_ids(R.reference_text(rec), tok) == target, (fmt, rec["task"])
+
+
+def test_guide_groups_replaces_the_last_sample_of_a_failing_group_only():
+    """Fresh random rewards: a group with no sample at its reference's reward gets the reference ids in its last row
+    (padded, wider when the reference is longer, NaN sampler log-probs there); a group that reaches it, and a prompt
+    without a reference, are left as sampled."""
+    torch.manual_seed(1)
+    G, T, pad = 3, 4, 0
+    seqs = torch.randint(1, 50, (3 * G, T))
+    logps = -torch.rand(3 * G, T)
+    total = torch.rand(3 * G) * 0.9  # below 0.9 everywhere
+    total[G + 1] = 1.0  # group 1 reaches its reference's reward
+    refs = [[7, 8, 9, 10, 11, 12], [5, 6], [1, 2]]
+    out, lp, guided = grpo.guide_groups(seqs, logps, total, [refs[0], refs[1], None], torch.tensor([1.0, 1.0, 1.0]),
+                                        G, pad)
+    assert guided.tolist() == [False, False, True] + [False] * 6
+    assert out.shape == (3 * G, 6) and out[G - 1].tolist() == refs[0]
+    keep = [i for i in range(3 * G) if i != G - 1]
+    assert torch.equal(out[keep, :T], seqs[keep]) and (out[keep, T:] == pad).all()
+    assert lp[G - 1].isnan().all() and torch.equal(lp[keep, :T], logps[keep])
+    same = grpo.guide_groups(seqs, logps, total, [None, refs[1], None], torch.ones(3), G, pad)
+    assert same[0] is seqs and not same[2].any()
+
+
+def test_a_guided_step_raises_the_reference_answer(rl, setup, monkeypatch):
+    """A tiny random policy never writes the emotion_single answer, so every group's G rewards are equal (no signal
+    without guidance). With guide_tasks each group's last row is the record's reference (its ids, text and score),
+    the only positive advantage of its group, and the step raises the reference's log-probability under the policy."""
+    tok, _, _ = setup
+    monkeypatch.setattr(RL, "guide_tasks", ("emotion_single",))
+    monkeypatch.setattr(RL, "max_completion_length", 24)
+    monkeypatch.setattr(RL, "dynamic_sampling", True)
+    policy = policy_of(setup)
+    micro, row = one_step(rl, setup, policy, torch.optim.SGD(policy.parameters(), lr=0.05))
+    G = rl.num_generations
+    assert row["frac_guided"] == 1.0 and row["groups_kept"] == len(micro) and math.isfinite(row["rollout_logp_diff"])
+    for mb in micro:
+        ref = R.reference_text(mb.records[0])
+        ids = D.answer_ids(ref, tok)
+        assert mb.guided.tolist() == [False] * (G - 1) + [True]
+        assert mb.targets[G - 1, :len(ids)].tolist() == ids and mb.lengths[G - 1] == len(ids)
+        assert mb.texts[G - 1] == ref and mb.total[G - 1] == R.score(ref, mb.records[0])["total"]
+        assert mb.total[:G - 1].max() < mb.total[G - 1] and mb.adv[G - 1] > 0 and (mb.adv[:G - 1] < 0).all()
+
+    def ref_logp(p):
+        with torch.no_grad():
+            return sum(float(grpo.completion_logps(p, mb, RL.temperature, reencode=True)[0][G - 1][mb.cmask[G - 1]]
+                             .sum()) for mb in micro)
+    assert ref_logp(policy) > ref_logp(policy_of(setup))
+
+
+def test_a_task_named_twice_is_drawn_twice_as_often(rl, setup, monkeypatch):
+    """prompt_pool: each record of a task named k times in `tasks` is in the pool k times, the others once."""
+    _, _, build = setup
+    monkeypatch.setattr(RL, "tasks", ("emotion_single", "fine_grained_caption", "fine_grained_caption"))
+    records = rl.load_task_records(build / "train.jsonl")
+    pool = rl.prompt_pool(records)
+    for task, k in (("emotion_single", 1), ("fine_grained_caption", 2)):
+        mine = [r for r in records if r["task"] == task]
+        assert mine and [r for r in pool if r["task"] == task] == [r for r in mine for _ in range(k)]
+    monkeypatch.setattr(RL, "tasks", ())
+    assert rl.prompt_pool(records) == records
