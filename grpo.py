@@ -32,7 +32,8 @@ def grpo_advantages(rewards, group_size, scale_rewards="group"):
     if rewards.numel() % group_size:
         raise ValueError(f"grpo_advantages: {rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)  # [B, G]
-    centred = (grouped - grouped.mean(1, keepdim=True)).view(-1)  # [B*G]
+    same = (grouped == grouped[:, :1]).all(1, keepdim=True)  # [B, 1]: a float32 mean of equal values can be off by 1 ulp
+    centred = (grouped - grouped.mean(1, keepdim=True)).masked_fill(same, 0.0).view(-1)  # [B*G]
     if scale_rewards == "group":
         std = grouped.std(1).repeat_interleave(group_size)  # [B*G]
     elif scale_rewards == "batch":

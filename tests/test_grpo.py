@@ -765,3 +765,26 @@ def test_e2e_lora_reference_is_the_base_and_resume_is_exact(emosynth_tiny, tmp_p
     a, b = VidEmo.from_pretrained(tmp_path / "a" / "ckpt"), VidEmo.from_pretrained(init)
     moved = {n for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()) if not torch.equal(p, q)}
     assert moved and all(n.startswith("layers.") and n.endswith("_proj.weight") for n in moved), moved
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("B", [1, 5])
+def test_a_group_of_equal_rewards_has_zero_advantage_and_is_flat(scale, B):
+    """Fresh random float32 rewards, some groups all one value (a float32 mean of equal values can miss it by an ulp,
+    and their std is then ~1e-7, not 0): those groups get advantage exactly 0 and train_rl.flat_groups flags them,
+    and only them, at one group and at several."""
+    import train_rl as RL
+    torch.manual_seed(B)
+    G = 8
+    rewards = torch.rand(B, G) * 3
+    equal = torch.arange(B) % 2 == 0  # [B]
+    rewards[equal] = torch.rand(int(equal.sum()), 1) * 3 + 0.1  # 2.1-like values, not powers of two
+    adv = grpo.grpo_advantages(rewards.flatten(), G, scale).view(B, G)
+    assert (adv[equal] == 0).all()
+    ref = rewards - rewards.double().mean(1, keepdim=True).float()  # the other groups: the formula
+    if scale == "group":
+        ref = ref / (rewards.std(1, keepdim=True) + 1e-4)
+    elif scale == "batch":
+        ref = ref / (rewards.flatten().std() + 1e-4)
+    torch.testing.assert_close(adv[~equal], ref[~equal], rtol=1e-5, atol=1e-5)
+    assert RL.flat_groups(rewards.flatten(), G).tolist() == equal.tolist()
