@@ -32,7 +32,7 @@ def grpo_advantages(rewards, group_size, scale_rewards="group"):
     if rewards.numel() % group_size:
         raise ValueError(f"grpo_advantages: {rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)  # [B, G]
-    same = (grouped == grouped[:, :1]).all(1, keepdim=True)  # [B, 1]: a float32 mean of equal values can be off by 1 ulp
+    same = flat_groups(rewards, group_size)[:, None]  # [B, 1]: a float32 mean of equal values can be off by 1 ulp
     centred = (grouped - grouped.mean(1, keepdim=True)).masked_fill(same, 0.0).view(-1)  # [B*G]
     if scale_rewards == "group":
         std = grouped.std(1).repeat_interleave(group_size)  # [B*G]
@@ -43,6 +43,13 @@ def grpo_advantages(rewards, group_size, scale_rewards="group"):
     else:
         raise ValueError(f"scale_rewards must be group, batch or none (got {scale_rewards!r})")
     return centred / (std + 1e-4)
+
+
+def flat_groups(rewards, G):
+    """rewards [n] -> [n / G] bool: the groups whose G rewards are all equal (exactly: the float32 std of equal
+    values can be 1e-7, not 0)."""
+    grouped = rewards.view(-1, G)  # [groups, G]
+    return (grouped == grouped[:, :1]).all(1)
 
 
 def token_advantages(adv_think, adv_answer, boundary, T):

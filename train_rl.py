@@ -419,12 +419,6 @@ def rollout(policy, prompts, gen, tokenizer, dev, autocast, reencode, table=None
     return mb, t_gen, time.time() - t0
 
 
-def flat_groups(rewards, G):
-    """rewards [n] -> [n / G] bool: the groups whose G rewards are all equal."""
-    grouped = rewards.view(-1, G)  # [groups, G]; equal values exactly (their float32 std can be 1e-7, not 0)
-    return (grouped == grouped[:, :1]).all(1)
-
-
 def advantages(micro, rank, world, dev):
     """2. Group-relative advantages over the rewards gathered from every rank (groups never straddle ranks; "batch"
     std is global): sets each micro-batch's `adv` and, with dynamic sampling, `use` (the groups whose rewards differ).
@@ -440,14 +434,15 @@ def advantages(micro, rank, world, dev):
     if bad.any():
         total_all = torch.where(bad, torch.zeros_like(total_all), total_all)
     adv = grpo.grpo_advantages(total_all, G, scale_rewards)[mine]
-    zero_std = flat_groups(total_all, G)  # all G rewards equal: advantage ~0 (TRL)
+    zero_std = grpo.flat_groups(total_all, G)  # all G rewards equal: advantage 0
     flat = zero_std
     if split_advantage:  # the reasoning and answer rewards, each group-relative: [n_local] twice
         parts_all = grpo.gather_rows(torch.cat([mb.parts for mb in micro]).to(dev)).cpu()  # [world * n_local, 2]
         parts_all = torch.where(bad[:, None], torch.zeros_like(parts_all), parts_all)
         adv_think = grpo.grpo_advantages(parts_all[:, 0].contiguous(), G, scale_rewards)[mine]
         adv_answer = grpo.grpo_advantages(parts_all[:, 1].contiguous(), G, scale_rewards)[mine]
-        flat = flat_groups(parts_all[:, 0], G) & flat_groups(parts_all[:, 1], G)  # a group learns if either differs
+        # a group learns if either reward differs
+        flat = grpo.flat_groups(parts_all[:, 0], G) & grpo.flat_groups(parts_all[:, 1], G)
     bad_group = bad.view(-1, G).any(1)  # [groups]
     if dynamic_sampling:
         use = (~(flat | bad_group)).repeat_interleave(G)[mine]

@@ -771,9 +771,8 @@ def test_e2e_lora_reference_is_the_base_and_resume_is_exact(emosynth_tiny, tmp_p
 @pytest.mark.parametrize("B", [1, 5])
 def test_a_group_of_equal_rewards_has_zero_advantage_and_is_flat(scale, B):
     """Fresh random float32 rewards, some groups all one value (a float32 mean of equal values can miss it by an ulp,
-    and their std is then ~1e-7, not 0): those groups get advantage exactly 0 and train_rl.flat_groups flags them,
+    and their std is then ~1e-7, not 0): those groups get advantage exactly 0 and grpo.flat_groups flags them,
     and only them, at one group and at several."""
-    import train_rl as RL
     torch.manual_seed(B)
     G = 8
     rewards = torch.rand(B, G) * 3
@@ -787,4 +786,4 @@ def test_a_group_of_equal_rewards_has_zero_advantage_and_is_flat(scale, B):
     elif scale == "batch":
         ref = ref / (rewards.flatten().std() + 1e-4)
     torch.testing.assert_close(adv[~equal], ref[~equal], rtol=1e-5, atol=1e-5)
-    assert RL.flat_groups(rewards.flatten(), G).tolist() == equal.tolist()
+    assert grpo.flat_groups(rewards.flatten(), G).tolist() == equal.tolist()
